@@ -1,0 +1,44 @@
+# geogate: two commands on a fresh machine.
+#   make run    creates .venv, installs everything, runs the embedded default world
+#   make test   installs what tests need and runs the whole suite
+# GPU=1 installs onnxruntime-gpu instead of onnxruntime (never both: they share a folder).
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+GPU    ?= 0
+ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
+ORT_OTHER := $(if $(filter 1,$(GPU)),onnxruntime,onnxruntime-gpu)
+STAMP  := $(VENV)/.installed-$(ORT_EXTRA)
+
+.PHONY: run test lint install install-test system-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@# CPU and GPU builds are mutually exclusive: remove the other one first.
+	@if $(PIP) show -q $(ORT_OTHER) >/dev/null 2>&1; then $(PIP) uninstall -y -q $(ORT_OTHER) onnxruntime onnxruntime-gpu; fi
+	$(PIP) install -q -e ".[$(ORT_EXTRA),test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+run: install
+	$(VENV)/bin/geogate up
+
+test: install system-deps
+	ORT_DISABLE_TELEMETRY=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+clean:
+	rm -rf $(VENV) .geogate

@@ -1,0 +1,1 @@
+"""geogate gateway: the KServe v2 front door, routing, admin API, CLI and local world."""

@@ -1,0 +1,352 @@
+"""The deployment's one declarative TOML file (DESIGN.md, Configuration).
+
+Every process reads the same file and picks its own part with ``--region`` / ``--site``.
+Each section is a frozen dataclass; the loader walks the TOML tables against the dataclass
+fields, so an unknown key or a value of the wrong type or range is an error that names the
+key path (``regions[0].pools[1].kind``) and the bad value.
+
+Ownership: each section's dataclass is owned by the part that reads it; add fields with
+defaults so DESIGN.md's example stays a complete, valid config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file problem, always naming the key path and the offending value."""
+
+
+def _check(path: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {message}")
+
+
+def _one_of(*choices: str):
+    def check(path: str, value: Any) -> None:
+        _check(path, value in choices, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+    return check
+
+
+def _positive(path: str, value: Any) -> None:
+    _check(path, value > 0, f"must be > 0, got {value!r}")
+
+
+def _non_negative(path: str, value: Any) -> None:
+    _check(path, value >= 0, f"must be >= 0, got {value!r}")
+
+
+def _fraction(path: str, value: Any) -> None:
+    _check(path, 0.0 <= value <= 1.0, f"must be between 0 and 1, got {value!r}")
+
+
+def _host_port(path: str, value: Any) -> None:
+    host, sep, port = str(value).rpartition(":")
+    _check(path, bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
+           f"must be HOST:PORT, got {value!r}")
+
+
+def _ip_address(path: str, value: Any) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{path}: not an IP address: {value!r}") from None
+
+
+def _cidr(path: str, value: Any) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"{path}: not a CIDR network: {value!r}") from None
+
+
+def _replica_url(path: str, value: Any) -> None:
+    scheme, sep, rest = str(value).partition("://")
+    _check(path, sep == "://" and scheme in ("http", "grpc", "https", "grpcs"),
+           f"replica URL must be http://HOST:PORT or grpc://HOST:PORT, got {value!r}")
+    _host_port(path, rest.rstrip("/"))
+
+
+def _location(path: str, value: Any) -> None:
+    _check(path, len(value) == 2, f"must be [latitude, longitude], got {value!r}")
+    lat, lon = value
+    _check(path, -90 <= lat <= 90 and -180 <= lon <= 180, f"latitude/longitude out of range: {value!r}")
+
+
+def _each(check):
+    def check_all(path: str, values: Any) -> None:
+        for i, v in enumerate(values):
+            check(f"{path}[{i}]", v)
+
+    return check_all
+
+
+def _v(check, **kw):
+    """Field metadata carrying a validator."""
+    return field(metadata={"check": check}, **kw)
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DeploymentSection:
+    name: str = "geogate"
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    url: str = "file://.geogate/store"
+    # S3 only; AWS_* environment variables are used when these are empty.
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_id_env: str = "AWS_ACCESS_KEY_ID"
+    secret_access_key_env: str = "AWS_SECRET_ACCESS_KEY"
+
+
+@dataclass(frozen=True)
+class RoutingSection:
+    mode: str = _v(_one_of("local-first", "nearest-to-client"), default="local-first")
+    cutover: str = _v(_one_of("global", "per-site"), default="global")
+    # Envoy's overprovisioning factor: a region with healthy fraction h takes min(1, factor*h).
+    overprovisioning_factor: float = _v(_positive, default=1.4)
+    # A recovered region takes traffic back only after being healthy this long.
+    failback_hold_ms: int = _v(_non_negative, default=5000)
+    trusted_proxies: list[str] = _v(_each(_cidr), default_factory=list)
+    geoip_database: str = ""
+
+
+@dataclass(frozen=True)
+class HealthSection:
+    interval_ms: int = _v(_positive, default=1000)
+    timeout_ms: int = _v(_positive, default=500)
+    rise: int = _v(_positive, default=2)
+    fall: int = _v(_positive, default=2)
+    # Passive outlier detection (Envoy's outlier_detection, in spirit).
+    consecutive_failures: int = _v(_positive, default=3)
+    base_ejection_ms: int = _v(_positive, default=5000)
+    max_ejection_ms: int = _v(_positive, default=60000)
+    max_ejection_percent: int = _v(lambda p, v: _check(p, 0 <= v <= 100, f"must be 0..100, got {v!r}"),
+                                   default=50)
+    # Below this healthy fraction a pool is in panic mode: route over every replica.
+    panic_threshold: float = _v(_fraction, default=0.5)
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    default_timeout_ms: int = _v(_positive, default=30000)
+    per_try_timeout_ms: int = _v(_non_negative, default=0)  # 0: no per-try limit but the deadline
+    max_attempts: int = _v(_positive, default=3)
+    retry_budget_percent: float = _v(_non_negative, default=20.0)
+    retry_budget_min_per_s: float = _v(_non_negative, default=10.0)
+    retry_backoff_base_ms: int = _v(_non_negative, default=5)
+    retry_backoff_max_ms: int = _v(_non_negative, default=100)
+    hedge_after_percentile: float = _v(_non_negative, default=0.0)  # 0: hedging off
+    max_body_bytes: int = _v(_positive, default=64 * 1024 * 1024)
+    max_concurrent_requests: int = _v(_positive, default=4096)
+    upstream_connections_per_replica: int = _v(_positive, default=64)
+    discovery_interval_ms: int = _v(_positive, default=5000)
+    drain_timeout_ms: int = _v(_non_negative, default=15000)
+    metrics: str = ""  # HOST:PORT for a separate /metrics listener; empty: only on admin
+
+
+@dataclass(frozen=True)
+class AdminSection:
+    token: str = ""
+    token_env: str = "GEOGATE_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class SyncSection:
+    poll_interval_ms: int = _v(_positive, default=2000)
+    load_timeout_ms: int = _v(_positive, default=120000)
+    keep_previous: int = _v(_non_negative, default=1)
+
+
+@dataclass(frozen=True)
+class DnsSection:
+    listen: str = _v(_host_port, default="127.0.0.1:5353")
+    zone: str = "geogate.test."
+    service: str = "infer.geogate.test."
+    ttl: int = _v(_non_negative, default=20)
+    answers: int = _v(lambda p, v: _check(p, v in (1, 2), f"must be 1 or 2, got {v!r}"), default=1)
+    check_interval_ms: int = _v(_positive, default=500)
+    check_timeout_ms: int = _v(_positive, default=400)
+    fall: int = _v(_positive, default=2)
+    rise: int = _v(_positive, default=3)
+
+
+@dataclass(frozen=True)
+class PoolSection:
+    name: str
+    kind: str = _v(_one_of("geogate", "triton"), default="geogate")
+    replicas: list[str] = _v(_each(_replica_url), default_factory=list)
+    discover: str = ""  # dns+srv://_grpc._tcp.eu.example.  (scheme of the SRV service: see geo.srv)
+    discover_scheme: str = _v(_one_of("http", "grpc"), default="grpc")
+    discover_resolver: str = ""  # HOST:PORT of the DNS server to ask; empty: the system's
+    weights: dict[str, int] = field(default_factory=dict)  # replica URL -> weight (default 1)
+    repository: str = ""
+    metrics_scrape: bool = False
+
+
+@dataclass(frozen=True)
+class RegionSection:
+    name: str
+    location: list[float] = _v(_location, default_factory=lambda: [0.0, 0.0])
+    http: str = _v(_host_port, default="127.0.0.1:8000")
+    grpc: str = _v(_host_port, default="127.0.0.1:8001")
+    admin: str = _v(_host_port, default="127.0.0.1:8002")
+    addresses: list[str] = _v(_each(_ip_address), default_factory=list)
+    client_cidrs: list[str] = _v(_each(_cidr), default_factory=list)
+    pools: list[PoolSection] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Config:
+    deployment: DeploymentSection = field(default_factory=DeploymentSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    admin: AdminSection = field(default_factory=AdminSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    dns: DnsSection = field(default_factory=DnsSection)
+    regions: list[RegionSection] = field(default_factory=list)
+    # Where the file was read from: relative paths in it are relative to this directory.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def region(self, name: str) -> RegionSection:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        known = ", ".join(r.name for r in self.regions) or "none"
+        raise ConfigError(f"--region/--site: no region named {name!r} (known: {known})")
+
+    def resolve_path(self, path: str) -> str:
+        """A path from the config, made absolute against the config file's directory."""
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
+
+    def admin_token(self) -> str:
+        return self.admin.token or os.environ.get(self.admin.token_env, "")
+
+
+# ---------------------------------------------------------------- loader
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(path: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(path, isinstance(value, dict), f"must be a table, got {value!r}")
+        return _build(path, tp, value)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        _check(path, isinstance(value, list), f"must be a list, got {value!r}")
+        return [_convert(f"{path}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        _check(path, isinstance(value, dict), f"must be a table, got {value!r}")
+        return {str(k): _convert(f"{path}.{k}", val_tp, v) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return _convert(path, alt, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: unexpected value {value!r}")
+    if tp is float:
+        _check(path, isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(path, isinstance(value, int) and not isinstance(value, bool), f"must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(path, isinstance(value, bool), f"must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        _check(path, isinstance(value, str), f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _build(path: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key (known keys here: {', '.join(sorted(fields))})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key_path = f"{path}.{name}" if path else name
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key_path}: required key is missing")
+            continue
+        value = _convert(key_path, hints[name], table[name])
+        check = f.metadata.get("check")
+        if check:
+            check(key_path, value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    seen_regions: set[str] = set()
+    for i, region in enumerate(cfg.regions):
+        _check(f"regions[{i}].name", region.name not in seen_regions, f"duplicate region {region.name!r}")
+        seen_regions.add(region.name)
+        seen_pools: set[str] = set()
+        for j, pool in enumerate(region.pools):
+            p = f"regions[{i}].pools[{j}]"
+            _check(f"{p}.name", pool.name not in seen_pools, f"duplicate pool {pool.name!r}")
+            seen_pools.add(pool.name)
+            _check(p, bool(pool.replicas) != bool(pool.discover),
+                   "give exactly one of 'replicas' (a list of URLs) or 'discover' (dns+srv://NAME)")
+            if pool.discover:
+                _check(f"{p}.discover", pool.discover.startswith("dns+srv://")
+                       and len(pool.discover) > len("dns+srv://"),
+                       f"must be dns+srv://NAME, got {pool.discover!r}")
+            for url in pool.weights:
+                _check(f"{p}.weights", url in pool.replicas, f"weight for unknown replica {url!r}")
+    scheme = cfg.store.url.partition("://")[0]
+    _check("store.url", scheme in ("file", "s3"), f"must start with file:// or s3://, got {cfg.store.url!r}")
+
+
+def parse_config(text: str, *, base_dir: str = ".", source: str = "<string>") -> Config:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    cfg = _build("", Config, table)
+    cfg = dataclasses.replace(cfg, base_dir=base_dir)
+    _cross_checks(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(p)!r}: {exc.strerror}") from None
+    try:
+        return parse_config(text, base_dir=str(p.resolve().parent), source=str(p))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

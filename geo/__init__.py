@@ -1,0 +1,1 @@
+"""geogate geo: locations, client geolocation, region ordering, GeoDNS, SRV discovery."""

@@ -1,0 +1,1 @@
+"""geogate health: active checks, passive outlier detection, region health aggregation."""

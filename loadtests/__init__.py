@@ -1,0 +1,1 @@
+"""geogate loadtests: load generator, benchmarks against peers, chaos scenarios."""

@@ -1,0 +1,1 @@
+"""geogate replicas: the ONNX Runtime replica server, model store and sync agent."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Debian packages the test suite drives as real peers (dig, haproxy, unbound, ...).
+# Installs only what is missing, so a second run is instant.
+set -euo pipefail
+need=()
+command -v dig >/dev/null || need+=(bind9-dnsutils)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v unbound >/dev/null || need+=(unbound)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing system packages: ${need[*]} (run as root or: sudo apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+fi
