@@ -257,7 +257,7 @@ def _convert(path: str, tp: Any, value: Any) -> Any:
         _check(path, isinstance(value, list), f"must be a list, got {value!r}")
         return [_convert(f"{path}[{i}]", item_tp, v) for i, v in enumerate(value)]
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        _key_tp, val_tp = typing.get_args(tp)
         _check(path, isinstance(value, dict), f"must be a table, got {value!r}")
         return {str(k): _convert(f"{path}.{k}", val_tp, v) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):

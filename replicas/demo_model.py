@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ def demo_weights(size: str, version: int) -> list[tuple[np.ndarray, np.ndarray]]
     rng = np.random.default_rng(_seed(size, version))
     layers = []
     widths = spec.layer_widths
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
         if i == len(widths) - 2:
