@@ -1,0 +1,119 @@
+"""Multi-region routing: which region serves a request, and where it fails over to.
+
+    order regions     local-first: local, then peers by measured RTT (EWMA of health probes),
+                      then distance; nearest-to-client: by the client's location
+    health per region local: healthy fraction of the local pools; peers: their gateways'
+                      readiness and replica counts (geo.region_health), each through a
+                      FailbackHold so a recovered region takes traffic back only after
+                      `routing.failback_hold_ms` of continuous health (no flapping)
+    spill             Envoy priority levels: a region with healthy fraction h takes
+                      min(1, 1.4 h) of the traffic reaching it, the rest goes down the order
+    targets           the region drawn by those shares first, then the other healthy regions
+                      in order (failover), then the unhealthy ones (panic: try everything once)
+
+A request that arrived with ``geogate-hops >= 1`` came from a peer: it is served locally only,
+so requests never loop or ping-pong between two sick regions.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from gateway.config import Config
+from gateway.router import TARGET_LOCAL, TARGET_PEER, Target
+from geo.client_locator import Location
+from geo.region_health import RegionHealthMonitor
+from geo.region_order import MODE_LOCAL_FIRST, FailbackHold, order_regions, spill_shares
+
+# Region order and shares are recomputed at most this often for local-first routing (they
+# depend only on health and RTT, which change on the probe cadence, not per request).
+PLAN_CACHE_S = 0.05
+
+
+class RegionPlan:
+    """Ordered regions and the share of traffic each takes, at one moment."""
+
+    __slots__ = ("healthy", "ordered", "shares")
+
+    def __init__(self, ordered: list[str], shares: dict[str, float], healthy: dict[str, bool]) -> None:
+        self.ordered = ordered
+        self.shares = shares
+        self.healthy = healthy
+
+    def draw_first(self, rng: random.Random) -> str:
+        x = rng.random()
+        acc = 0.0
+        for name in self.ordered:
+            acc += self.shares.get(name, 0.0)
+            if x < acc:
+                return name
+        return self.ordered[0]
+
+
+class MultiRegionRouter:
+    def __init__(self, cfg: Config, local_region: str, *, local_fraction: Callable[[], float],
+                 peers: RegionHealthMonitor | None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.local_region = local_region
+        self.mode = cfg.routing.mode
+        self.factor = cfg.routing.overprovisioning_factor
+        self.local_fraction = local_fraction
+        self.peers = peers
+        self.hold = FailbackHold(cfg.routing.failback_hold_ms, clock=clock)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._local_only = (Target(TARGET_LOCAL, local_region),)
+        self._targets = {r.name: (Target(TARGET_LOCAL, r.name) if r.name == local_region
+                                  else Target(TARGET_PEER, r.name, r.http))
+                         for r in cfg.regions}
+        self._cached: RegionPlan | None = None
+        self._cached_at = -1.0
+
+    # ------------------------------------------------------------ state
+
+    def region_fractions(self) -> dict[str, float]:
+        """Healthy fraction per region, before the failback hold."""
+        fractions = {self.local_region: self.local_fraction()}
+        if self.peers is not None:
+            for name, state in self.peers.states.items():
+                if name != self.local_region:
+                    fractions[name] = state.healthy_fraction()
+        return fractions
+
+    def plan(self, client: Location | None = None) -> RegionPlan:
+        now = self._clock()
+        cacheable = self.mode == MODE_LOCAL_FIRST or client is None
+        if cacheable and self._cached is not None and now - self._cached_at < PLAN_CACHE_S:
+            return self._cached
+        fractions = self.region_fractions()
+        healthy = {name: self.hold.observe(name, h > 0.0, now) for name, h in fractions.items()}
+        effective = {name: (h if healthy[name] else 0.0) for name, h in fractions.items()}
+        rtt = self.peers.rtt_s() if self.peers is not None else {}
+        rtt[self.local_region] = 0.0
+        ordered = order_regions(self.local_region, self.cfg.regions, client=client, rtt_s=rtt, mode=self.mode)
+        plan = RegionPlan(ordered, spill_shares(ordered, effective, self.factor), healthy)
+        if cacheable:
+            self._cached, self._cached_at = plan, now
+        return plan
+
+    # ------------------------------------------------------------ per request
+
+    def targets(self, model: str, version: str | None, hops: int, *,
+                client: Location | None = None) -> tuple[Target, ...]:
+        if hops >= 1 or len(self.cfg.regions) <= 1:
+            return self._local_only
+        plan = self.plan(client)
+        first = plan.draw_first(self._rng)
+        rest_healthy = [n for n in plan.ordered if n != first and plan.healthy.get(n)]
+        rest_unhealthy = [n for n in plan.ordered if n != first and not plan.healthy.get(n)]
+        return tuple(self._targets[n] for n in (first, *rest_healthy, *rest_unhealthy) if n in self._targets)
+
+    def snapshot(self) -> dict:
+        plan = self.plan()
+        return {"mode": self.mode, "order": plan.ordered,
+                "shares": {k: round(v, 4) for k, v in plan.shares.items()},
+                "healthy": plan.healthy,
+                "held_s": {n: round(self.hold.held_for_s(n), 2) for n in plan.ordered}}

@@ -1,0 +1,103 @@
+"""Multi-region routing decisions: spill shares, failover order, hold-down, no second hop."""
+
+import random
+from collections import Counter
+
+from gateway.config import parse_config
+from gateway.region_router import MultiRegionRouter
+from geo.region_health import RegionHealth
+
+CONFIG = """
+[routing]
+failback_hold_ms = 2000
+[[regions]]
+name = "eu-west"
+location = [53.35, -6.26]
+http = "127.0.0.1:1000"
+[[regions]]
+name = "us-east"
+location = [38.9, -77.0]
+http = "127.0.0.1:2000"
+[[regions]]
+name = "ap-south"
+location = [19.08, 72.88]
+http = "127.0.0.1:3000"
+"""
+
+
+class Peers:
+    """The two peer regions' health as a RegionHealthMonitor would hold it."""
+
+    def __init__(self):
+        self.states = {n: RegionHealth(n, f"http://{n}") for n in ("us-east", "ap-south")}
+        for s in self.states.values():
+            s.healthy = True
+            s.summary = {"replicas": {"healthy": 2, "total": 2}}
+        self.states["us-east"].rtt_ewma_s = 0.010
+        self.states["ap-south"].rtt_ewma_s = 0.050
+
+    def rtt_s(self):
+        return {n: s.rtt_ewma_s for n, s in self.states.items()}
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(local_fraction):
+    clock = Clock()
+    peers = Peers()
+    router = MultiRegionRouter(parse_config(CONFIG), "eu-west", local_fraction=lambda: local_fraction[0],
+                               peers=peers, rng=random.Random(7), clock=clock)
+    return router, peers, clock
+
+
+def first_regions(router, n=4000, hops=0):
+    return Counter(router.targets("demo", None, hops)[0].region for _ in range(n))
+
+
+def test_healthy_local_serves_everything_and_fails_over_by_rtt():
+    router, _, _ = make([1.0])
+    assert first_regions(router) == {"eu-west": 4000}
+    order = [t.region for t in router.targets("demo", None, 0)]
+    assert order == ["eu-west", "us-east", "ap-south"]  # failover follows measured RTT
+    assert router.targets("demo", None, 0)[1].kind == "peer"
+
+
+def test_partial_degradation_spills_in_proportion():
+    router, _, _ = make([0.5])  # half the local replicas down: 0.7 stays, 0.3 spills
+    counts = first_regions(router, n=10000)
+    assert abs(counts["eu-west"] / 10000 - 0.7) < 0.03
+    assert abs(counts["us-east"] / 10000 - 0.3) < 0.03
+    assert counts["ap-south"] == 0
+
+
+def test_full_outage_fails_over_then_returns_after_hold():
+    local = [0.0]
+    router, _, clock = make(local)
+    router.plan()
+    assert first_regions(router) == {"us-east": 4000}
+    local[0] = 1.0
+    clock.t += 1.0  # recovered, first seen healthy now
+    assert first_regions(router) == {"us-east": 4000}
+    clock.t += 1.0  # still within the 2 s hold-down
+    assert first_regions(router) == {"us-east": 4000}
+    clock.t += 1.1  # 2.1 s after it was first seen healthy again (hold is 2 s)
+    assert first_regions(router) == {"eu-west": 4000}
+
+
+def test_forwarded_request_is_only_served_locally():
+    router, _, _ = make([0.0])
+    targets = router.targets("demo", None, hops=1)
+    assert [t.region for t in targets] == ["eu-west"]
+
+
+def test_nothing_healthy_still_tries_every_region():
+    router, peers, _ = make([0.0])
+    for s in peers.states.values():
+        s.healthy = False
+    assert sorted(t.region for t in router.targets("demo", None, 0)) == ["ap-south", "eu-west", "us-east"]
