@@ -12,7 +12,7 @@ ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 ORT_OTHER := $(if $(filter 1,$(GPU)),onnxruntime,onnxruntime-gpu)
 STAMP  := $(VENV)/.installed-$(ORT_EXTRA)
 
-.PHONY: run test lint install install-test system-deps clean
+.PHONY: run test lint install system-deps triton-env clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,14 @@ install: $(STAMP)
 system-deps:
 	@bash scripts/system-deps.sh
 
+# A real NVIDIA Triton 2.51 server (from the nvidia-pytriton wheel) in its own .venv-triton.
+triton-env:
+	@bash scripts/triton-env.sh >/dev/null
+
 run: install
 	$(VENV)/bin/geogate up
 
-test: install system-deps
+test: install system-deps triton-env
 	ORT_DISABLE_TELEMETRY=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
@@ -41,4 +45,4 @@ lint: install
 	$(VENV)/bin/ruff format --check . || true
 
 clean:
-	rm -rf $(VENV) .geogate
+	rm -rf $(VENV) .venv-triton .geogate

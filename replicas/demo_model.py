@@ -151,6 +151,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write no config.pbtxt (the replica completes it from the ONNX graph)")
     parser.add_argument("--no-batching", action="store_true", help="config without dynamic_batching")
     parser.add_argument("--instances", type=int, default=1, help="instance_group count")
+    parser.add_argument("--format", choices=("onnx", "python-backend"), default="onnx",
+                        help="onnx (geogate replicas, Triton onnxruntime backend) or python-backend "
+                             "(the same model for Triton's python backend)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,6 +161,13 @@ def run(args: argparse.Namespace) -> int:
     for v in versions:
         if v < 1:
             raise SystemExit(f"--version must be >= 1, got {v}")
+        if args.format == "python-backend":
+            from replicas.demo_python_backend import write_python_backend_entry
+
+            path = write_python_backend_entry(args.outdir, v, size=args.size, name=args.name,
+                                              with_config=not args.no_config)
+            print(f"wrote {path / str(v) / 'model.py'}")
+            continue
         path = write_repository_entry(args.outdir, v, size=args.size, name=args.name,
                                       with_config=not args.no_config, batching=not args.no_batching,
                                       instances=args.instances)

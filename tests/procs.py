@@ -123,3 +123,40 @@ class ReplicaProc(Proc):
     def wait_ready(self, timeout_s: float = 60.0) -> ReplicaProc:
         self.wait_until(lambda: http_ok(f"http://{self.http_url}/v2/health/ready"), timeout_s)
         return self
+
+
+TRITON_WRAPPER = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "tritonserver-geogate"
+
+
+class TritonProc(Proc):
+    """A real NVIDIA Triton server (built by `make triton-env`) in explicit model-control mode,
+    listening on 127.0.0.1 only."""
+
+    def __init__(self, repository: str, *, load: tuple[str, ...] = (), http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None):
+        if not TRITON_WRAPPER.exists():
+            raise RuntimeError(f"{TRITON_WRAPPER} missing: run `make triton-env` first")
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.repository = repository
+        args = [str(TRITON_WRAPPER), "--model-repository", repository, "--model-control-mode", "explicit",
+                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
+                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+                "--log-verbose", "0", "--exit-timeout-secs", "10"]
+        for model in load:
+            args += ["--load-model", model]
+        super().__init__(args, name=f"triton-{self.http_port}")
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout_s: float = 90.0) -> TritonProc:
+        self.wait_until(lambda: http_ok(f"http://{self.http_url}/v2/health/ready"), timeout_s)
+        return self
