@@ -1,0 +1,85 @@
+"""What happened to one request sent to a replica, in the terms routing and health care about.
+
+Both the retry policy (is it safe and useful to try another replica?) and passive outlier
+detection (does this count against the replica?) read the same classification, so HTTP statuses
+and gRPC codes are mapped once, here.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import grpc
+
+
+class Outcome(enum.Enum):
+    SUCCESS = "success"
+    CONNECT_FAILURE = "connect_failure"  # could not open a connection: nothing was sent
+    RESET = "reset"  # the connection died mid-request
+    TIMEOUT = "timeout"  # no answer within the per-try timeout
+    UNAVAILABLE = "unavailable"  # HTTP 503 / gRPC UNAVAILABLE: the replica says "not now"
+    SERVER_ERROR = "server_error"  # other 5xx / INTERNAL / UNKNOWN ...: the replica failed
+    CLIENT_ERROR = "client_error"  # 4xx / INVALID_ARGUMENT / NOT_FOUND ...: the request's fault
+
+    @property
+    def retryable(self) -> bool:
+        """Another replica may well succeed (inference requests are idempotent)."""
+        return self in _RETRYABLE
+
+    @property
+    def is_failure(self) -> bool:
+        """Counts against the replica (passive outlier detection). A client error never does."""
+        return self not in (Outcome.SUCCESS, Outcome.CLIENT_ERROR)
+
+
+_RETRYABLE = frozenset({Outcome.CONNECT_FAILURE, Outcome.RESET, Outcome.TIMEOUT, Outcome.UNAVAILABLE})
+
+HTTP_SERVICE_UNAVAILABLE = 503
+HTTP_GATEWAY_TIMEOUT = 504
+HTTP_REQUEST_TIMEOUT = 408
+HTTP_TOO_MANY_REQUESTS = 429
+
+
+def classify_http_status(status: int) -> Outcome:
+    """An upstream HTTP status as an Outcome.
+
+    429 is treated like 503 (the replica is overloaded, another one may have room), 408/504 as a
+    timeout; every other 4xx is the request's fault.
+    """
+    if 200 <= status < 400:
+        return Outcome.SUCCESS
+    if status in (HTTP_SERVICE_UNAVAILABLE, HTTP_TOO_MANY_REQUESTS):
+        return Outcome.UNAVAILABLE
+    if status in (HTTP_GATEWAY_TIMEOUT, HTTP_REQUEST_TIMEOUT):
+        return Outcome.TIMEOUT
+    if 400 <= status < 500:
+        return Outcome.CLIENT_ERROR
+    return Outcome.SERVER_ERROR
+
+
+_GRPC_CODES: dict[grpc.StatusCode, Outcome] = {
+    grpc.StatusCode.OK: Outcome.SUCCESS,
+    grpc.StatusCode.UNAVAILABLE: Outcome.UNAVAILABLE,
+    # The replica is out of capacity: like HTTP 429, try elsewhere.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Outcome.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Outcome.TIMEOUT,
+    grpc.StatusCode.INTERNAL: Outcome.SERVER_ERROR,
+    grpc.StatusCode.UNKNOWN: Outcome.SERVER_ERROR,
+    grpc.StatusCode.DATA_LOSS: Outcome.SERVER_ERROR,
+    grpc.StatusCode.UNIMPLEMENTED: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.INVALID_ARGUMENT: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.NOT_FOUND: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.ALREADY_EXISTS: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.PERMISSION_DENIED: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.UNAUTHENTICATED: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.FAILED_PRECONDITION: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.OUT_OF_RANGE: Outcome.CLIENT_ERROR,
+    # The client cancelled: not the replica's fault.
+    grpc.StatusCode.CANCELLED: Outcome.CLIENT_ERROR,
+    grpc.StatusCode.ABORTED: Outcome.SERVER_ERROR,
+}
+
+
+def classify_grpc_code(code: grpc.StatusCode) -> Outcome:
+    """An upstream gRPC status code as an Outcome (unknown codes count as server errors)."""
+    return _GRPC_CODES.get(code, Outcome.SERVER_ERROR)
