@@ -158,6 +158,7 @@ class GatewaySection:
     discovery_interval_ms: int = _v(_positive, default=5000)
     drain_timeout_ms: int = _v(_non_negative, default=15000)
     metrics: str = ""  # HOST:PORT for a separate /metrics listener; empty: only on admin
+    access_log: bool = True  # one JSON line per inference request on stderr
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,12 @@ class SyncSection:
     poll_interval_ms: int = _v(_positive, default=2000)
     load_timeout_ms: int = _v(_positive, default=120000)
     keep_previous: int = _v(_non_negative, default=1)
+    # Cap on each download's rate (0: unlimited), to spare a site's WAN link.
+    download_rate_limit_bytes_per_s: int = _v(_non_negative, default=0)
+    # A site whose status heartbeat is older than this counts as down for global cutover.
+    site_stale_after_ms: int = _v(_positive, default=15000)
+    # How often gateways' version resolvers re-read release records and site status.
+    resolver_poll_interval_ms: int = _v(_positive, default=1000)
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,20 @@ class DnsSection:
     check_timeout_ms: int = _v(_positive, default=400)
     fall: int = _v(_positive, default=2)
     rise: int = _v(_positive, default=3)
+    # Zone apex records.  ns: NS names (empty: "ns1.<zone>"); ns_addresses: A/AAAA answered
+    # for in-zone NS names (glue; empty: none).  SOA: mname empty = first NS name, rname empty =
+    # "hostmaster.<zone>"; soa_minimum_s is the negative-caching TTL (RFC 2308).
+    ns: list[str] = field(default_factory=list)
+    ns_addresses: list[str] = _v(_each(_ip_address), default_factory=list)
+    soa_mname: str = ""
+    soa_rname: str = ""
+    soa_serial: int = _v(_non_negative, default=1)
+    soa_refresh_s: int = _v(_positive, default=3600)
+    soa_retry_s: int = _v(_positive, default=600)
+    soa_expire_s: int = _v(_positive, default=604800)
+    soa_minimum_s: int = _v(_non_negative, default=20)
+    # HOST:PORT for /metrics and /geogate/v1/dns (region health as DNS sees it); empty: off.
+    metrics: str = _v(lambda p, v: v == "" or _host_port(p, v), default="")
 
 
 @dataclass(frozen=True)

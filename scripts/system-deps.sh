@@ -6,6 +6,8 @@ need=()
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v unbound >/dev/null || need+=(unbound)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # status page browser test (Playwright drives it)
+command -v bird >/dev/null || need+=(bird2)   # anycast test: the BGP peer ExaBGP announces to
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing system packages: ${need[*]} (run as root or: sudo apt-get install ${need[*]})" >&2
