@@ -218,6 +218,17 @@ class PoolSection:
     weights: dict[str, int] = field(default_factory=dict)  # replica URL -> weight (default 1)
     repository: str = ""
     metrics_scrape: bool = False
+    # Where the load-signal scraper (gateway.load_signals) reads each replica's Prometheus
+    # /metrics: metrics_ports maps a replica URL to its metrics port (several replicas on one
+    # host); otherwise metrics_port on the replica's host; 0: the default for the kind (a geogate
+    # replica reached over HTTP serves /metrics on that port, anything else on 8002, the default
+    # metrics port of Triton and of `geogate replica`).
+    metrics_port: int = _v(lambda p, v: _check(p, 0 <= v < 65536, f"must be a port 0..65535, got {v!r}"),
+                           default=0)
+    metrics_ports: dict[str, int] = _v(
+        lambda p, v: [_check(f"{p}.{k}", 0 < port < 65536, f"must be a port 1..65535, got {port!r}")
+                      for k, port in v.items()], default_factory=dict)
+    metrics_interval_ms: int = _v(_positive, default=500)  # how often each replica is scraped
 
 
 @dataclass(frozen=True)
@@ -233,6 +244,57 @@ class RegionSection:
 
 
 @dataclass(frozen=True)
+class CapacitySection:
+    """Elastic capacity and overload handling (gateway.capacity, gateway.admission,
+    gateway.load_spill, gateway.autoscaler)."""
+
+    # Per-replica concurrency limit: > 0 configured; 0 learned from the latency knee.
+    replica_concurrency_limit: int = _v(_non_negative, default=0)
+    initial_concurrency_limit: int = _v(_positive, default=8)  # while learning
+    max_concurrency_limit: int = _v(_positive, default=256)
+    # Latency above knee_factor x the replica's minimum latency means it is queueing inside.
+    latency_knee_factor: float = _v(lambda p, v: _check(p, v > 1.0, f"must be > 1, got {v!r}"), default=2.0)
+    # Desired replicas: keep average in-flight at this fraction of the pools' limits.
+    target_utilization: float = _v(lambda p, v: _check(p, 0.0 < v <= 1.0, f"must be in (0, 1], got {v!r}"),
+                                   default=0.7)
+    min_replicas: int = _v(_positive, default=1)
+    max_replicas: int = _v(_positive, default=10)
+    in_flight_window_s: float = _v(_positive, default=10.0)  # averaging window of in-flight samples
+    scale_up_window_s: float = _v(_non_negative, default=3.0)
+    scale_down_window_s: float = _v(_non_negative, default=60.0)  # HPA's stabilization window
+    sample_interval_ms: int = _v(_positive, default=250)
+    # Admission (priority classes): a class is refused above its utilization or queueing bound.
+    default_priority: str = _v(_one_of("critical", "standard", "sheddable"), default="standard")
+    sheddable_max_utilization: float = _v(_positive, default=1.0)
+    sheddable_max_queue_ms: float = _v(_non_negative, default=50.0)
+    standard_max_utilization: float = _v(_positive, default=2.0)
+    standard_max_queue_ms: float = _v(_non_negative, default=500.0)
+    # Load-aware spill to a peer region: enter above spill_queue_ms of expected local queueing,
+    # leave below spill_queue_ms * spill_exit_fraction, staying at least spill_min_dwell_ms.
+    spill_queue_ms: float = _v(_positive, default=100.0)
+    spill_exit_fraction: float = _v(lambda p, v: _check(p, 0.0 < v < 1.0, f"must be in (0, 1), got {v!r}"),
+                                    default=0.7)
+    spill_min_dwell_ms: int = _v(_non_negative, default=2000)
+    spill_ramp_step: float = _v(lambda p, v: _check(p, 0.0 < v <= 1.0, f"must be in (0, 1], got {v!r}"),
+                                default=0.25)
+    # Local autoscaler (`geogate up --autoscale`, gateway.autoscaler): it answers DNS on this
+    # HOST:PORT and scales every pool whose discover_resolver is this address (empty: off).
+    autoscale_dns: str = _v(lambda p, v: v == "" or _host_port(p, v), default="")
+    autoscale_interval_ms: int = _v(_positive, default=1000)
+    # Longest wait for the gateway to stop using a replica removed from DNS before stopping it.
+    autoscale_drain_wait_ms: int = _v(_positive, default=30000)
+
+    def __post_init__(self) -> None:
+        _check("capacity.max_replicas", self.max_replicas >= self.min_replicas,
+               f"must be >= capacity.min_replicas ({self.min_replicas}), got {self.max_replicas}")
+        _check("capacity.standard_max_utilization",
+               self.standard_max_utilization >= self.sheddable_max_utilization,
+               "must be >= capacity.sheddable_max_utilization (sheddable traffic is refused first)")
+        _check("capacity.standard_max_queue_ms", self.standard_max_queue_ms >= self.sheddable_max_queue_ms,
+               "must be >= capacity.sheddable_max_queue_ms (sheddable traffic is refused first)")
+
+
+@dataclass(frozen=True)
 class Config:
     deployment: DeploymentSection = field(default_factory=DeploymentSection)
     store: StoreSection = field(default_factory=StoreSection)
@@ -243,6 +305,7 @@ class Config:
     sync: SyncSection = field(default_factory=SyncSection)
     dns: DnsSection = field(default_factory=DnsSection)
     regions: list[RegionSection] = field(default_factory=list)
+    capacity: CapacitySection = field(default_factory=CapacitySection)
     # Where the file was read from: relative paths in it are relative to this directory.
     base_dir: str = field(default=".", metadata={"internal": True})
 
