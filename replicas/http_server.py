@@ -1,0 +1,263 @@
+"""KServe v2 over HTTP (aiohttp on uvloop), as Triton serves it, plus /metrics and the test fault switch.
+
+Content-Type is never used to decide how to read a body (clients disagree on it); the binary
+extension is recognised by the `Inference-Header-Content-Length` header alone. Gzip/deflate
+request bodies (`Content-Encoding`) are inflated by aiohttp before the size limit applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+
+from replicas.infer_errors import InferError, invalid
+from replicas.inference_service import FaultSwitch, InferenceService
+from replicas.model_config import message_to_json_dict
+from replicas.replica_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from replicas.replica_metrics import ReplicaMetrics
+from replicas.repository import LoadError, ModelRepository
+from replicas.server_info import server_metadata, statistics_response
+from replicas.v2_codec import decode_http, encode_http
+
+log = logging.getLogger("geogate.replica.http")
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MODEL_VERSION_HEADER = "geogate-model-version"
+REQUEST_ID_HEADERS = ("geogate-request-id", "x-request-id")
+JSON = "application/json"
+OCTET = "application/octet-stream"
+FAULTS_PATH = "/geogate/test/faults"
+NOT_READY_STATUS = 400
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"error": message}), content_type=JSON)
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(obj), content_type=JSON)
+
+
+def request_id_of(headers) -> str:
+    for name in REQUEST_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            return value
+    return ""
+
+
+class HttpApi:
+    def __init__(self, service: InferenceService, repository: ModelRepository, metrics: ReplicaMetrics,
+                 *, max_body_bytes: int, faults: FaultSwitch | None):
+        self.service = service
+        self.repository = repository
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.faults = faults
+
+    def build_app(self) -> web.Application:
+        # aiohttp enforces client_max_size on read(); we turn its error into Triton-style JSON.
+        app = web.Application(client_max_size=self.max_body_bytes)
+        r = app.router
+        # aiohttp tries routes in order: the hot path first.
+        r.add_post("/v2/models/{model}/infer", self.infer)
+        r.add_post("/v2/models/{model}/versions/{version}/infer", self.infer)
+        r.add_get("/v2", self.server_metadata)
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.ready)
+        r.add_get("/v2/models/stats", self.stats)
+        r.add_get("/v2/models/{model}/stats", self.stats)
+        r.add_get("/v2/models/{model}/versions/{version}/stats", self.stats)
+        r.add_get("/v2/models/{model}", self.model_metadata)
+        r.add_get("/v2/models/{model}/versions/{version}", self.model_metadata)
+        r.add_get("/v2/models/{model}/ready", self.model_ready)
+        r.add_get("/v2/models/{model}/versions/{version}/ready", self.model_ready)
+        r.add_get("/v2/models/{model}/config", self.model_config)
+        r.add_get("/v2/models/{model}/versions/{version}/config", self.model_config)
+        r.add_post("/v2/repository/index", self.repository_index)
+        r.add_post("/v2/repository/models/{model}/load", self.load)
+        r.add_post("/v2/repository/models/{model}/unload", self.unload)
+        r.add_get("/metrics", self.metrics_handler)
+        if self.faults is not None:
+            r.add_post(FAULTS_PATH, self.set_faults)
+            r.add_get(FAULTS_PATH, self.get_faults)
+        return app
+
+    def build_metrics_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_handler)
+        return app
+
+    # ------------------------------------------------------------------ health and metadata
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response(server_metadata())
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready, reason = self.repository.readiness()
+        if ready:
+            return web.Response(status=200)
+        # Triton answers 400 when not ready; the body says why (for operators and the gateway's logs).
+        return error_response(NOT_READY_STATUS, f"server is not ready: {reason}")
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        try:
+            h = self.repository.get(request.match_info["model"], request.match_info.get("version", ""))
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        versions = self.repository.ready_versions(h.model) if not request.match_info.get("version") \
+            else [h.version_str]
+        return json_response(h.signature.metadata(versions))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        try:
+            self.repository.get(request.match_info["model"], request.match_info.get("version", ""))
+        except InferError as exc:
+            return error_response(400, exc.message)
+        return web.Response(status=200)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        try:
+            h = self.repository.get(request.match_info["model"], request.match_info.get("version", ""))
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        return json_response(h.config_json)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        model = request.match_info.get("model", "")
+        version = request.match_info.get("version", "")
+        try:
+            response = statistics_response(self.repository, model, version)
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        return json_response(message_to_json_dict(response))
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    # ------------------------------------------------------------------ inference (hot path)
+
+    async def _body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise InferError(413, f"request body of {length} bytes is over the limit of "
+                                  f"{self.max_body_bytes} bytes")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise InferError(413, f"request body is over the limit of {self.max_body_bytes} bytes") from None
+        except (OSError, ValueError, RequestPayloadError, HttpProcessingError) as exc:  # bad gzip, truncated
+            raise invalid(f"failed to read the request body: {exc}") from None
+
+    async def infer(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        headers = request.headers
+        rid = request_id_of(headers)
+        try:
+            body = await self._body(request)
+            raw_length = headers.get(HEADER_LENGTH)
+            header_length = None
+            if raw_length is not None:
+                try:
+                    header_length = int(raw_length)
+                except ValueError:
+                    raise invalid(f"{HEADER_LENGTH} must be an integer, got {raw_length!r}") from None
+            handle, (payload, json_length) = await self.service.infer(
+                "http", info["model"], info.get("version", ""),
+                lambda sig: decode_http(body, header_length, sig), encode_http, rid)
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        if json_length is None:
+            return web.Response(body=payload, content_type=JSON,
+                                headers={MODEL_VERSION_HEADER: handle.version_str})
+        return web.Response(body=payload, content_type=OCTET,
+                            headers={MODEL_VERSION_HEADER: handle.version_str, HEADER_LENGTH: str(json_length)})
+
+    # ------------------------------------------------------------------ model repository extension
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        body = await self._body(request)
+        if not body.strip():
+            return {}
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise invalid(f"failed to parse the request JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise invalid("the request JSON must be an object")
+        return obj
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        try:
+            obj = await self._json_body(request)
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        return json_response(self.repository.index(ready_only=bool(obj.get("ready", False))))
+
+    async def load(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        try:
+            obj = await self._json_body(request)
+            params = obj.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise invalid("'parameters' must be an object")
+            config = None
+            for key, value in params.items():
+                if key == "config":
+                    if not isinstance(value, str):
+                        raise invalid("parameters.config must be a string holding the model config as JSON")
+                    config = value
+                elif key.startswith("file:"):
+                    raise invalid(f"load parameter '{key}': file overrides are not supported by geogate "
+                                  "replicas; put the files in the repository")
+                else:
+                    raise invalid(f"unknown load parameter '{key}'")
+            log.info("load requested", extra={"fields": {"model": model, "config_override": config is not None}})
+            await self.repository.load(model, config)
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        except LoadError as exc:
+            return error_response(400, str(exc))
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        try:
+            await self._json_body(request)  # may carry unload_dependents; nothing depends here
+            log.info("unload requested", extra={"fields": {"model": model}})
+            await self.repository.unload(model)
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        except LoadError as exc:
+            return error_response(400, str(exc))
+        return web.Response(status=200)
+
+    # ------------------------------------------------------------------ test faults
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        assert self.faults is not None
+        try:
+            obj = await self._json_body(request)
+            delay_ms, status, hang = obj.get("delay_ms", 0), obj.get("status", 0), obj.get("hang", False)
+            if type(delay_ms) is not int or type(status) is not int or type(hang) is not bool:
+                raise invalid("faults: delay_ms and status must be integers, hang a boolean")
+            self.faults.set(delay_ms=delay_ms, status=status, hang=hang)
+        except InferError as exc:
+            return error_response(exc.http_status, exc.message)
+        except ValueError as exc:
+            return error_response(400, f"faults: {exc}")
+        log.warning("test faults changed", extra={"fields": self.faults.describe()})
+        return json_response(self.faults.describe())
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        assert self.faults is not None
+        return json_response(self.faults.describe())
+

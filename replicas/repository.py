@@ -1,0 +1,315 @@
+"""The model repository: Triton layout on disk, which versions are loaded, load/unload/index.
+
+Layout (Triton's): ROOT/<model>/config.pbtxt (optional) and ROOT/<model>/<version>/model.onnx,
+versions being positive integers. The version policy (config or load override) picks versions:
+`latest { num_versions: n }` (Triton's default, n = 1), `all`, or `specific { versions: [...] }`.
+
+Loading never interrupts serving: new sessions are created off the event loop while the
+current ones keep answering, then swapped in; versions that leave the policy stop receiving
+requests at once and are closed when their in-flight requests are done. A version whose files
+and config did not change is kept as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from replicas import model_config as mcfg
+from replicas.infer_errors import invalid, not_found
+from replicas.onnx_runner import OrtRunner
+from replicas.replica_metrics import ReplicaMetrics
+from replicas.version_handle import VersionHandle
+
+log = logging.getLogger("geogate.replica.repository")
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+REASON_UNLOADED = "unloaded"
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+
+class LoadError(Exception):
+    """A load request that failed; the message is what the index and the API answer."""
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    serving: dict[int, VersionHandle] = field(default_factory=dict)
+    latest: VersionHandle | None = None
+    states: dict[int, tuple[str, str]] = field(default_factory=dict)
+    desired: bool = False
+    error: str = ""  # model-level failure (bad config, no versions), shown in the index
+
+    def set_serving(self, serving: dict[int, VersionHandle]) -> None:
+        self.serving = serving
+        self.latest = serving[max(serving)] if serving else None
+
+
+def _fingerprint(cfg: mc.ModelConfig) -> bytes:
+    """What decides whether a loaded version can be kept: the config without the version policy
+    and without what we add ourselves (execution provider)."""
+    c = mc.ModelConfig()
+    c.CopyFrom(cfg)
+    c.ClearField("version_policy")
+    c.parameters.pop(mcfg.EXECUTION_PROVIDER_PARAMETER, None)
+    return c.SerializeToString(deterministic=True)
+
+
+def select_versions(policy: mc.ModelVersionPolicy, available: list[int]) -> list[int]:
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return sorted(available)
+    if which == "specific":
+        wanted = set(policy.specific.versions)
+        return sorted(v for v in available if v in wanted)
+    n = policy.latest.num_versions if which == "latest" else 1
+    return sorted(available)[-max(1, n):] if available else []
+
+
+class ModelRepository:
+    def __init__(self, root: Path, *, metrics: ReplicaMetrics, intra_op_threads: int = 1,
+                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
+        self.root = root
+        self.metrics = metrics
+        self.intra_op_threads = intra_op_threads
+        self.drain_timeout_s = drain_timeout_s
+        self._models: dict[str, ModelEntry] = {}
+        # Loads run one at a time off the event loop (they are CPU- and memory-heavy).
+        self._load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self.started = False
+        self.draining = False
+
+    # ------------------------------------------------------------------ lookups (hot path)
+
+    def get(self, name: str, version: str = "") -> VersionHandle:
+        entry = self._models.get(name)
+        if entry is None or entry.latest is None:
+            if entry is not None and entry.desired and entry.states:
+                raise not_found(f"Request for unknown model: '{name}' has no available versions")
+            raise not_found(f"Request for unknown model: '{name}' is not found")
+        if not version:
+            return entry.latest
+        try:
+            v = int(version)
+        except ValueError:
+            raise invalid(f"model version must be an integer, got '{version}'") from None
+        handle = entry.serving.get(v)
+        if handle is None:
+            raise not_found(f"Request for unknown model: '{name}' version {v} is not found")
+        return handle
+
+    def ready_versions(self, name: str) -> list[str]:
+        entry = self._models.get(name)
+        return [str(v) for v in sorted(entry.serving)] if entry else []
+
+    def handles(self) -> list[VersionHandle]:
+        return [h for e in self._models.values() for _, h in sorted(e.serving.items())]
+
+    def model_handles(self, name: str) -> list[VersionHandle]:
+        entry = self._models.get(name)
+        return [h for _, h in sorted(entry.serving.items())] if entry else []
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): ready only when every model that should be loaded has a serving version."""
+        if self.draining:
+            return False, "shutting down"
+        if not self.started:
+            return False, "loading the model repository"
+        for entry in self._models.values():
+            if entry.desired and entry.latest is None:
+                loading = any(s == LOADING for s, _ in entry.states.values())
+                why = "loading" if loading else (entry.error or "no version could be loaded")
+                return False, f"model '{entry.name}' is not ready: {why}"
+        return True, "ready"
+
+    # ------------------------------------------------------------------ repository layout
+
+    def model_names(self) -> list[str]:
+        on_disk = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")} \
+            if self.root.is_dir() else set()
+        return sorted(on_disk | set(self._models))
+
+    @staticmethod
+    def available_versions(model_dir: Path, filename: str) -> list[int]:
+        out = []
+        if not model_dir.is_dir():
+            return out
+        for p in model_dir.iterdir():
+            if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file():
+                out.append(int(p.name))
+        return sorted(out)
+
+    def index(self, *, ready_only: bool = False) -> list[dict[str, str]]:
+        rows = []
+        for name in self.model_names():
+            entry = self._models.get(name)
+            if entry is None or (not entry.states and not entry.error):
+                if not ready_only:
+                    rows.append({"name": name, "version": "", "state": "", "reason": ""})
+                continue
+            if not entry.states:
+                if not ready_only:
+                    rows.append({"name": name, "version": "", "state": UNAVAILABLE, "reason": entry.error})
+                continue
+            for v in sorted(entry.states):
+                state, reason = entry.states[v]
+                if ready_only and state != READY:
+                    continue
+                rows.append({"name": name, "version": str(v), "state": state, "reason": reason})
+        return rows
+
+    # ------------------------------------------------------------------ load / unload
+
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self._models.get(name)
+        if entry is None:
+            entry = self._models[name] = ModelEntry(name)
+        return entry
+
+    async def load_all(self) -> None:
+        """Startup: load every model of the repository; failures are logged and indexed."""
+        for name in self.model_names():
+            try:
+                await self.load(name)
+            except LoadError as exc:
+                log.error("model failed to load", extra={"fields": {"model": name, "reason": str(exc)}})
+        self.started = True
+
+    def _build(self, name: str, version: int, base: mc.ModelConfig, from_file: bool, mbs_given: bool,
+               fingerprint: bytes, file_stamp: tuple[int, int]) -> tuple[OrtRunner, mc.ModelConfig, frozenset]:
+        """Blocking: create the sessions of one version and complete its config from the graph."""
+        path = self.root / name / str(version) / (base.default_model_filename or mcfg.DEFAULT_MODEL_FILENAME)
+        count = mcfg.instance_count(base) if len(base.instance_group) else 1
+        runner = OrtRunner(path, count=count, want_gpu=mcfg.wants_gpu(base),
+                           intra_op_threads=self.intra_op_threads, label=f"{name}/{version}")
+        try:
+            cfg = mcfg.autocomplete(base, model_name=name, from_file=from_file, inputs=runner.inputs,
+                                    outputs=runner.outputs, max_batch_size_given=mbs_given,
+                                    on_gpu=runner.provider == "CUDAExecutionProvider")
+        except Exception:
+            runner.close()
+            raise
+        mcfg.set_execution_provider(cfg, runner.provider)
+        return runner, cfg, frozenset({fingerprint, _fingerprint(cfg)})
+
+    async def load(self, name: str, config_json: str | None = None) -> None:
+        """Load (or reload) a model: the versions its policy selects. Raises LoadError."""
+        if not name or "/" in name or name.startswith("."):
+            raise LoadError(f"invalid model name '{name}'")
+        model_dir = self.root / name
+        if not model_dir.is_dir() and name not in self._models:
+            raise LoadError(f"failed to load '{name}': no model directory '{name}' in the repository "
+                            f"{self.root}")
+        entry = self._entry(name)
+        async with entry.lock:
+            entry.desired = True
+            try:
+                base, from_file = mcfg.base_config(model_dir, config_json)
+                mbs_given = mcfg.max_batch_size_given(model_dir, config_json)
+            except (mcfg.ConfigError, OSError) as exc:
+                entry.error = f"failed to load '{name}': {exc}"
+                self.metrics.load_failures.labels(name).inc()
+                raise LoadError(entry.error) from None
+            filename = base.default_model_filename or mcfg.DEFAULT_MODEL_FILENAME
+            available = self.available_versions(model_dir, filename)
+            selected = select_versions(base.version_policy, available)
+            if not selected:
+                entry.error = (f"failed to load '{name}': no version matches the version policy "
+                               f"({base.version_policy.WhichOneof('policy_choice') or 'latest'}); versions "
+                               f"on disk with {filename}: {available}")
+                self.metrics.load_failures.labels(name).inc()
+                await self._retire(entry, set())
+                raise LoadError(entry.error)
+            entry.error = ""
+            fingerprint = _fingerprint(base)
+            old = dict(entry.serving)
+            keep: dict[int, VersionHandle] = {}
+            to_load: list[tuple[int, tuple[int, int]]] = []
+            for v in selected:
+                st = (model_dir / str(v) / filename).stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+                h = old.get(v)
+                if h is not None and fingerprint in h.fingerprints and h.file_stamp == stamp:
+                    keep[v] = h
+                else:
+                    to_load.append((v, stamp))
+                    if h is None:
+                        entry.states[v] = (LOADING, "")
+            loop = asyncio.get_running_loop()
+            fresh: dict[int, VersionHandle] = {}
+            failures: list[str] = []
+            for v, stamp in to_load:
+                try:
+                    runner, cfg, fps = await loop.run_in_executor(
+                        self._load_executor, self._build, name, v, base, from_file, mbs_given, fingerprint, stamp)
+                    fresh[v] = VersionHandle(model=name, version=v, config=cfg, runner=runner,
+                                             metrics=self.metrics, fingerprints=fps, file_stamp=stamp)
+                except Exception as exc:
+                    reason = f"failed to load '{name}' version {v}: {exc}"
+                    failures.append(reason)
+                    self.metrics.load_failures.labels(name).inc()
+                    log.error("version failed to load", extra={"fields": {"model": name, "version": v,
+                                                                          "reason": str(exc)}})
+                    if v in old:  # a failed reload keeps the version that serves
+                        keep[v] = old[v]
+                        entry.states[v] = (READY, reason)
+                    else:
+                        entry.states[v] = (UNAVAILABLE, reason)
+            entry.set_serving({**keep, **fresh})
+            for v, h in fresh.items():
+                entry.states[v] = (READY, "")
+                self.metrics.version_loaded(name, h.version_str, h.provider)
+                log.info("version ready", extra={"fields": {
+                    "model": name, "version": v, "execution_provider": h.provider,
+                    "max_batch_size": h.config.max_batch_size,
+                    "dynamic_batching": h.config.HasField("dynamic_batching"),
+                    "instances": h.runner.count}})
+            await self._retire(entry, {id(h) for h in entry.serving.values()}, old)
+            if not entry.serving:
+                entry.error = "; ".join(failures) or f"failed to load '{name}'"
+                raise LoadError(entry.error)
+            if failures:
+                raise LoadError("; ".join(failures))
+
+    async def _retire(self, entry: ModelEntry, still_serving: set[int],
+                      old: dict[int, VersionHandle] | None = None) -> None:
+        """Drain and close handles that no longer serve (must hold entry.lock)."""
+        old = dict(entry.serving) if old is None else old
+        if not still_serving:
+            entry.set_serving({})
+        retired = [h for h in old.values() if id(h) not in still_serving]
+        for h in retired:
+            if h.version not in entry.serving:
+                entry.states[h.version] = (UNLOADING, "")
+        await asyncio.gather(*(h.drain_and_close(self.drain_timeout_s,
+                                                 forget_metrics=h.version not in entry.serving)
+                               for h in retired))
+        for h in retired:
+            if h.version not in entry.serving:
+                entry.states[h.version] = (UNAVAILABLE, REASON_UNLOADED)
+                log.info("version unloaded", extra={"fields": {"model": entry.name, "version": h.version}})
+
+    async def unload(self, name: str) -> None:
+        entry = self._models.get(name)
+        if entry is None:
+            if not (self.root / name).is_dir():
+                raise LoadError(f"failed to unload '{name}': no such model")
+            return
+        async with entry.lock:
+            entry.desired = False
+            await self._retire(entry, set())
+
+    async def close(self) -> None:
+        """Shutdown: drain and close every loaded version."""
+        for entry in self._models.values():
+            async with entry.lock:
+                await self._retire(entry, set())
+        self._load_executor.shutdown(wait=False)
+

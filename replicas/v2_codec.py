@@ -1,0 +1,240 @@
+"""KServe v2 inference requests and responses: HTTP JSON (+ binary tensor extension) and gRPC.
+
+Decoding checks each input against the model's signature as it goes (name, datatype, shape,
+byte count), so a bad request is refused before any tensor is copied. Binary inputs become
+numpy views of the request body (`np.frombuffer`, no copy); binary outputs are appended to the
+response as buffers (no `tobytes` copy before the final join).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from tritonclient.grpc import service_pb2
+
+from replicas.infer_errors import invalid
+from replicas.signature import ModelSignature
+
+ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+# orjson serializes these numpy dtypes natively; others (float16) go through tolist().
+_ORJSON_NUMPY_OK = frozenset("bool uint8 uint16 uint32 uint64 int8 int16 int32 int64 float32 float64".split())
+
+# gRPC typed `contents` field per datatype (FP16 travels only as raw bytes, as in Triton).
+GRPC_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    """A validated inference request, protocol-independent."""
+
+    id: str
+    feeds: dict[str, np.ndarray]
+    rows: int
+    key: tuple
+    outputs: list[RequestedOutput] | None  # None: all outputs
+    binary_default: bool
+
+
+def _finish(sig: ModelSignature, request_id: str, feeds: dict[str, np.ndarray],
+            shapes: dict[str, tuple[int, ...]], outputs: list[RequestedOutput] | None,
+            binary_default: bool) -> DecodedRequest:
+    sig.check_complete(feeds)
+    rows, key = sig.batch_rows_and_key(shapes)
+    return DecodedRequest(request_id, feeds, rows, key, outputs, binary_default)
+
+
+# ---------------------------------------------------------------------------------------- HTTP
+
+def decode_http(body: bytes, header_length: int | None, sig: ModelSignature) -> DecodedRequest:
+    """An HTTP infer body (JSON, or JSON + binary blobs when `header_length` is given)."""
+    if header_length is None:
+        header_bytes: Any = body
+        blob_offset = len(body)
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise invalid(f"Inference-Header-Content-Length {header_length} is outside the body "
+                          f"({len(body)} bytes)")
+        header_bytes = memoryview(body)[:header_length]
+        blob_offset = header_length
+    try:
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"failed to parse the request JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise invalid("the request JSON must be an object")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list):
+        raise invalid("the request JSON has no 'inputs' list")
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        request_id = str(request_id)
+    feeds: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in inputs:
+        if not isinstance(item, dict):
+            raise invalid("each entry of 'inputs' must be an object")
+        spec = sig.input_spec(item.get("name"))
+        if spec.name in feeds:
+            raise invalid(f"input '{spec.name}' is given more than once")
+        shape = spec.check_header(item.get("datatype"), item.get("shape"))
+        params = item.get("parameters")
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if header_length is None:
+                raise invalid(f"input '{spec.name}' has binary_data_size but the request has no "
+                              "Inference-Header-Content-Length header")
+            if type(size) is not int or size < 0:
+                raise invalid(f"input '{spec.name}' has an invalid binary_data_size {size!r}")
+            spec.check_byte_size(shape, size)
+            if blob_offset + size > len(body):
+                raise invalid(f"unexpected end of binary data for input '{spec.name}': needs {size} bytes "
+                              f"at offset {blob_offset}, the body has {len(body)}")
+            arr = np.frombuffer(body, dtype=spec.dtype, count=math.prod(shape), offset=blob_offset)
+            blob_offset += size
+            feeds[spec.name] = arr.reshape(shape)
+        else:
+            if "data" not in item:
+                raise invalid(f"input '{spec.name}' has neither 'data' nor a binary_data_size parameter")
+            feeds[spec.name] = _json_tensor(spec.name, item["data"], spec.dtype, shape)
+        shapes[spec.name] = shape
+    if blob_offset != len(body):
+        raise invalid(f"the request body has {len(body) - blob_offset} bytes of binary data that no "
+                      "input claims")
+    params = header.get("parameters")
+    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    outputs = None
+    wanted = header.get("outputs")
+    if wanted is not None:
+        if not isinstance(wanted, list):
+            raise invalid("'outputs' must be a list")
+        outputs = []
+        for out in wanted:
+            if not isinstance(out, dict):
+                raise invalid("each entry of 'outputs' must be an object")
+            name = out.get("name")
+            sig.check_output_name(name)
+            oparams = out.get("parameters")
+            binary = binary_default
+            if isinstance(oparams, dict):
+                if "classification" in oparams:
+                    raise invalid(f"output '{name}': the classification extension is not supported")
+                binary = bool(oparams.get("binary_data", binary_default))
+            outputs.append(RequestedOutput(name, binary))
+    return _finish(sig, request_id, feeds, shapes, outputs, binary_default)
+
+
+def _json_tensor(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        arr = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise invalid(f"input '{name}': 'data' cannot be read as {dtype.name}: {exc}") from None
+    expected = math.prod(shape)
+    if arr.size != expected:
+        raise invalid(f"input '{name}': 'data' has {arr.size} elements, the shape {list(shape)} needs "
+                      f"{expected}")
+    return arr.reshape(shape)
+
+
+def encode_http(sig: ModelSignature, request_id: str, outputs: list[tuple[str, np.ndarray, bool]]
+                ) -> tuple[bytes, int | None]:
+    """Response body and its Inference-Header-Content-Length (None when all outputs are JSON)."""
+    out_json = []
+    blobs: list[Any] = []
+    for name, arr, binary in outputs:
+        spec = sig.outputs[name]
+        entry: dict[str, Any] = {"name": name, "datatype": spec.datatype, "shape": list(arr.shape)}
+        if binary:
+            arr = np.ascontiguousarray(arr)
+            entry["parameters"] = {"binary_data_size": arr.nbytes}
+            blobs.append(arr.data)
+        else:
+            flat = arr.reshape(-1)
+            entry["data"] = flat if flat.dtype.name in _ORJSON_NUMPY_OK and flat.flags.c_contiguous \
+                else flat.tolist()
+        out_json.append(entry)
+    body: dict[str, Any] = {"model_name": sig.model, "model_version": sig.version_str}
+    if request_id:
+        body["id"] = request_id
+    body["outputs"] = out_json
+    header = orjson.dumps(body, option=ORJSON_OPTS)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def select_outputs(sig_output_names: list[str], computed: list[np.ndarray], req: DecodedRequest
+                   ) -> list[tuple[str, np.ndarray, bool]]:
+    """(name, array, binary) for what the request asked for, in the order it asked."""
+    if req.outputs is None:
+        return [(n, a, req.binary_default) for n, a in zip(sig_output_names, computed, strict=True)]
+    by_name = dict(zip(sig_output_names, computed, strict=True))
+    return [(o.name, by_name[o.name], o.binary) for o in req.outputs]
+
+
+# ---------------------------------------------------------------------------------------- gRPC
+
+def decode_grpc(request: service_pb2.ModelInferRequest, sig: ModelSignature) -> DecodedRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise invalid(f"expected {len(request.inputs)} raw_input_contents (one per input), got {len(raw)}")
+    feeds: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, item in enumerate(request.inputs):
+        spec = sig.input_spec(item.name)
+        if spec.name in feeds:
+            raise invalid(f"input '{spec.name}' is given more than once")
+        shape = spec.check_header(item.datatype, list(item.shape))
+        if raw:
+            blob = raw[i]
+            spec.check_byte_size(shape, len(blob))
+            arr = np.frombuffer(blob, dtype=spec.dtype)
+        else:
+            field = GRPC_CONTENTS_FIELD.get(spec.datatype)
+            if field is None or not item.HasField("contents"):
+                raise invalid(f"input '{spec.name}' has no data: datatype {spec.datatype} must be sent in "
+                              "raw_input_contents" if field is None else
+                              f"input '{spec.name}' has neither raw_input_contents nor contents")
+            values = getattr(item.contents, field)
+            expected = math.prod(shape)
+            if len(values) != expected:
+                raise invalid(f"input '{spec.name}': contents has {len(values)} elements, the shape "
+                              f"{list(shape)} needs {expected}")
+            arr = np.array(values, dtype=spec.dtype)
+        feeds[spec.name] = arr.reshape(shape)
+        shapes[spec.name] = shape
+    outputs = None
+    if request.outputs:
+        outputs = []
+        for out in request.outputs:
+            sig.check_output_name(out.name)
+            outputs.append(RequestedOutput(out.name, True))
+    return _finish(sig, request.id, feeds, shapes, outputs, True)
+
+
+def encode_grpc(sig: ModelSignature, request_id: str, outputs: list[tuple[str, np.ndarray, bool]]
+                ) -> service_pb2.ModelInferResponse:
+    """Outputs always travel in raw_output_contents (what Triton does and clients expect)."""
+    response = service_pb2.ModelInferResponse(model_name=sig.model, model_version=sig.version_str,
+                                              id=request_id)
+    for name, arr, _binary in outputs:
+        t = response.outputs.add()
+        t.name = name
+        t.datatype = sig.outputs[name].datatype
+        t.shape.extend(arr.shape)
+        response.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
+    return response
