@@ -1,0 +1,164 @@
+"""`geogate bench`: the load generator and chaos scenarios from the command line.
+
+    geogate bench load --url http://127.0.0.1:8000 --protocol http --rate 200 --duration 10 --out DIR
+    geogate bench load --url grpc://127.0.0.1:8001 --protocol grpc --concurrency 8 --duration 10 --out DIR
+    geogate bench load --url ... --schedule "0:100,10:500,20:100" --duration 30 --processes 2 --out DIR
+    geogate bench scenario replica-kill [--quick] --out DIR
+    geogate bench list
+
+Each run writes DIR/results.json and DIR/report.png and prints a summary. Traffic goes to
+127.0.0.1 only; every run stops by itself after --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loadtests.clients import PROTOCOLS
+
+DEFAULT_OUT = "loadtest-out"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND")
+    load = sub.add_parser("load", help="send load to one endpoint (open or closed loop)",
+                          description="Send KServe v2 inference load to one loopback endpoint and check every answer.")
+    load.add_argument("--url", required=True, help="base URL: http://127.0.0.1:8000 or grpc://127.0.0.1:8001")
+    load.add_argument("--protocol", choices=PROTOCOLS, default="http",
+                      help="http (JSON tensors), http-binary (binary tensor extension) or grpc")
+    shape = load.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--rate", type=float, help="open loop: requests per second (all processes together)")
+    shape.add_argument("--schedule", help='open loop with steps: "START_S:RATE,...", e.g. "0:100,10:500,20:100"')
+    shape.add_argument("--concurrency", type=int, help="closed loop: requests in flight (all processes together)")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds of load (default 10)")
+    load.add_argument("--processes", type=int, default=1,
+                      help="client processes, each with its own event loop and share of the load (default 1)")
+    load.add_argument("--model", default="demo", help="demo model to call: demo or demo-heavy (default demo)")
+    load.add_argument("--model-version", default="", help="ask for this version (default: the server's choice)")
+    load.add_argument("--assume-version", default=None,
+                      help="check answers against this version instead of the one the response names")
+    load.add_argument("--max-in-flight", type=int, default=None,
+                      help="open loop: sends beyond this many in flight fail as 'client overloaded' (default 1024)")
+    load.add_argument("--timeout-s", type=float, default=None, help="per-request timeout (default 10)")
+    load.add_argument("--grpc-channels", type=int, default=1, help="gRPC channels (connections) per process")
+    _common(load)
+
+    scen = sub.add_parser("scenario", help="run a chaos scenario (starts its own replicas and gateways)",
+                          description="Run a chaos scenario: real processes, load, timed faults, checks.")
+    scen.add_argument("name", help="scenario name (see `geogate bench list`)")
+    scen.add_argument("--quick", action="store_true", help="short, low-rate version (smoke test)")
+    scen.add_argument("--processes", type=int, default=None, help="client processes (default: the scenario's)")
+    _common(scen)
+
+    sub.add_parser("list", help="list the scenarios")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory for results.json and report.png "
+                                                      f"(default {DEFAULT_OUT})")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = getattr(args, "bench_command", None)
+    if cmd == "load":
+        return _run_load(args)
+    if cmd == "scenario":
+        return _run_scenario(args)
+    if cmd == "list":
+        return _list()
+    print("geogate bench: choose load, scenario or list (see --help)", file=sys.stderr)
+    return 2
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from loadtests.loadgen import (
+        DEFAULT_MAX_IN_FLIGHT,
+        DEFAULT_TIMEOUT_S,
+        LoadSpec,
+        SpecError,
+        parse_schedule,
+        run_load,
+    )
+    from loadtests.report import write_report
+    from loadtests.results import build_results, write_results
+
+    try:
+        spec = LoadSpec(url=args.url, protocol=args.protocol, model=args.model, duration_s=args.duration,
+                        rate=args.rate, concurrency=args.concurrency,
+                        schedule=parse_schedule(args.schedule) if args.schedule else None,
+                        processes=args.processes, model_version=args.model_version,
+                        assume_version=args.assume_version,
+                        max_in_flight=args.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
+                        timeout_s=args.timeout_s or DEFAULT_TIMEOUT_S, grpc_channels=args.grpc_channels)
+        spec.validate()
+    except (SpecError, ValueError) as exc:
+        print(f"geogate bench load: {exc}", file=sys.stderr)
+        return 2
+    try:
+        load = run_load(spec, progress=not args.no_progress)
+    except (RuntimeError, TimeoutError) as exc:  # a client process failed to start or hung
+        print(f"geogate bench load: {exc}", file=sys.stderr)
+        return 1
+    results = build_results(load.recorder, spec=spec.to_dict(), duration_s=spec.duration_s,
+                            started_at_unix_s=load.wall_start)
+    out = Path(args.out)
+    results_path = write_results(results, out / "results.json")
+    report_path = write_report(results, out / "report.png")
+    _print_summary(results)
+    print(f"results: {results_path}\nreport:  {report_path}")
+    return 0
+
+
+def _run_scenario(args: argparse.Namespace) -> int:
+    from loadtests import scenarios
+    from loadtests.scenario import run_scenario
+
+    try:
+        scenario = scenarios.get(args.name)
+    except KeyError as exc:
+        print(f"geogate bench scenario: {exc.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        outcome = run_scenario(scenario, args.out, quick=args.quick, progress=not args.no_progress,
+                               processes=args.processes)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        # setup failed (a process did not start or get ready); its processes are already killed
+        print(f"geogate bench scenario {args.name}: could not run: {exc}", file=sys.stderr)
+        return 1
+    _print_summary(outcome.results)
+    for c in outcome.checks:
+        print(f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+    print(f"scenario {outcome.name}: {'PASSED' if outcome.passed else 'FAILED'}")
+    print(f"results: {outcome.results_path}\nreport:  {outcome.report_path}")
+    return 0 if outcome.passed else 1
+
+
+def _list() -> int:
+    import importlib
+
+    from loadtests.scenarios import SCENARIOS
+
+    for name, module in SCENARIOS.items():
+        cls = importlib.import_module(module).SCENARIO
+        print(f"{name:20s} {cls.description}")
+    return 0
+
+
+def _print_summary(results: dict) -> None:
+    t = results["totals"]
+    lat = t["latency_ms"]
+    print(f"sent {t['sent']}  ok {t['ok']}  failed {t['failed']}  ({t['success_ratio']:.2%} ok)  "
+          f"{t['ok_per_s']:,.1f} ok/s")
+    print(f"latency ms (ok requests): p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  "
+          f"p99.9 {lat['p999']}  max {lat['max']}")
+    lag = t["send_lag_ms"]
+    if lag["count"]:
+        print(f"send lag ms (client's own lateness): p50 {lag['p50']}  p99 {lag['p99']}  max {lag['max']}")
+    if t["failed_by_reason"]:
+        print("failures: " + ", ".join(f"{r}: {n}" for r, n in t["failed_by_reason"].items()))
+    for key in ("regions", "versions", "replicas"):
+        if t[key]:
+            print(f"{key}: " + ", ".join(f"{k}: {v}" for k, v in t[key].items()))
