@@ -1,0 +1,208 @@
+"""The attempt loop: pick a replica, forward, classify, maybe retry elsewhere.
+
+    for each target the router gives (today: the local pool)
+      repeat: pick (P2C over eligible replicas not tried yet) -> forward with
+              min(per-try timeout, time left) -> classify (health.outcomes) -> record the
+              outcome (passive outlier detection, latency EWMA, metrics)
+              success / client error / non-retryable error: answer it
+              retryable (connect failure, reset, 503, timeout): retry on a DIFFERENT replica
+              after a jittered backoff, while attempts < max_attempts, the deadline leaves
+              time and the retry budget (about 20% of recent requests) allows
+
+Hedging (``hedge_after_percentile`` > 0): when an attempt has not answered after the recent
+latency at that percentile, a second attempt goes to another replica (budget permitting) and
+the first good answer wins. The deadline bounds everything: an answer never comes later than
+the client's deadline (504 / DEADLINE_EXCEEDED instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+
+from gateway.balancer import pick_p2c
+from gateway.config import GatewaySection
+from gateway.gateway_metrics import GatewayMetrics
+from gateway.load_window import LoadWindow
+from gateway.pool import RegionPools, Upstream
+from gateway.retry_budget import RetryBudget
+from gateway.router import Router
+from gateway.upstream_types import FAILURES, OUTCOME_NAME, PROTOCOL_HTTP, RETRYABLE, InferCall, Reply
+from health.outcomes import Outcome
+
+MS_PER_S = 1000.0
+FAILURE_LATENCY_PENALTY_S = 0.25  # a failed attempt counts as at least this slow for the EWMA
+HEDGE_MIN_SAMPLES = 50  # hedging starts once this many recent latencies are known
+HEDGE_MIN_DELAY_S = 0.001
+
+
+def deadline_reply(deadline_ms: float, attempts: int, last: Reply | None) -> Reply:
+    detail = f"; last attempt: {last.message}" if last is not None and last.message else ""
+    return Reply(Outcome.TIMEOUT, 504, grpc.StatusCode.DEADLINE_EXCEEDED,
+                 message=f"deadline of {deadline_ms:.0f} ms exceeded after {attempts} attempt(s){detail}")
+
+
+class ForwardResult:
+    __slots__ = ("attempts", "reply", "upstream")
+
+    def __init__(self, reply: Reply, attempts: int, upstream: Upstream | None) -> None:
+        self.reply = reply
+        self.attempts = attempts
+        self.upstream = upstream
+
+
+class Forwarder:
+    def __init__(self, pools: RegionPools, gw: GatewaySection, metrics: GatewayMetrics,
+                 router: Router, load: LoadWindow) -> None:
+        self.pools = pools
+        self.gw = gw
+        self.metrics = metrics
+        self.router = router
+        self.load = load
+        self.budget = RetryBudget(percent=gw.retry_budget_percent, min_per_s=gw.retry_budget_min_per_s)
+        self.per_try_s = gw.per_try_timeout_ms / MS_PER_S
+        self.backoff_base_s = gw.retry_backoff_base_ms / MS_PER_S
+        self.backoff_max_s = gw.retry_backoff_max_ms / MS_PER_S
+        self.hedge_percentile = gw.hedge_after_percentile
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def _attempt(self, up: Upstream, call: InferCall, timeout_s: float) -> Reply:
+        load = up.load
+        load.outstanding += 1
+        t0 = time.monotonic()
+        headers = {"x-request-id": call.request_id}
+        try:
+            if call.protocol == PROTOCOL_HTTP:
+                reply = await up.client.infer_http(call, timeout_s, headers)
+            else:
+                reply = await up.client.infer_grpc(call, timeout_s, headers)
+        except asyncio.CancelledError:
+            # A hedge lost the race (or the client went away): the replica was at least this
+            # slow, which the balancer must learn, or a stuck replica would keep looking fast.
+            now = time.monotonic()
+            load.observe(now - t0, now)
+            raise
+        finally:
+            load.outstanding -= 1
+        now = time.monotonic()
+        outcome = reply.outcome
+        rtt_s = now - t0
+        load.observe(rtt_s if outcome not in FAILURES else max(rtt_s, FAILURE_LATENCY_PENALTY_S), now)
+        load.requests += 1
+        self.pools.detector.record(up.state, outcome, up.pool.states, now)
+        self.metrics.attempt(up.state.url, call.protocol, OUTCOME_NAME[outcome])
+        return reply
+
+    def _pick(self, call: InferCall, tried: list[Upstream], now_s: float) -> tuple[Upstream | None, str]:
+        """(replica, "") or (None, why none); in panic routing the reason says so too."""
+        cands = self.pools.candidates(call.model, call.version, call.protocol, now_s)
+        ups = cands.upstreams
+        if tried:
+            ups = [u for u in ups if u not in tried]
+        if not ups:
+            return None, cands.reason
+        return pick_p2c(ups, now_s, self._rng), cands.detail
+
+    def _hedge_delay_s(self, now_s: float) -> float | None:
+        if self.hedge_percentile <= 0:
+            return None
+        if self.load.sample_count(now_s) < HEDGE_MIN_SAMPLES:
+            return None
+        return max(HEDGE_MIN_DELAY_S, self.load.percentile_s(self.hedge_percentile, now_s))
+
+    async def _attempt_hedged(self, first: Upstream, call: InferCall, timeout_s: float,
+                              tried: list[Upstream], delay_s: float) -> tuple[Reply, Upstream, int]:
+        """Run `first`; if it is still going after `delay_s`, race a second replica too."""
+        t1 = asyncio.ensure_future(self._attempt(first, call, timeout_s))
+        done, _ = await asyncio.wait((t1,), timeout=min(delay_s, timeout_s))
+        if done:
+            return t1.result(), first, 0
+        second, _ = self._pick(call, tried, time.monotonic())
+        if second is None or not self.budget.try_spend():
+            return await t1, first, 0
+        tried.append(second)
+        self.metrics.retry("hedge")
+        remaining = max(0.001, call.deadline_s - time.monotonic())
+        t2 = asyncio.ensure_future(self._attempt(second, call, min(timeout_s, remaining)))
+        owner = {t1: first, t2: second}
+        pending = {t1, t2}
+        result: tuple[Reply, Upstream] | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    reply = t.result()
+                    if result is None or reply.outcome not in RETRYABLE:
+                        result = (reply, owner[t])
+                    if reply.outcome not in RETRYABLE:
+                        return reply, owner[t], 1
+            assert result is not None
+            return result[0], result[1], 1
+        finally:
+            for t in pending:
+                t.cancel()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def forward(self, call: InferCall) -> ForwardResult:
+        self.budget.record_request()
+        tried: list[Upstream] = []
+        attempts = 0
+        last: Reply | None = None
+        last_up: Upstream | None = None
+        total_ms = (call.deadline_s - (call.started_s or time.monotonic())) * MS_PER_S
+        max_attempts = self.gw.max_attempts
+        panic_detail = ""
+        for _target in self.router.targets(call.model, call.version, call.hops):
+            while True:
+                now = time.monotonic()
+                remaining = call.deadline_s - now
+                if remaining <= 0:
+                    return ForwardResult(deadline_reply(total_ms, attempts, last), attempts, last_up)
+                up, reason = self._pick(call, tried, now)
+                if up is not None and reason:
+                    panic_detail = reason
+                if up is None:
+                    if last is not None:
+                        if panic_detail and last.outcome in FAILURES:
+                            last.message += f" ({panic_detail})"
+                        return ForwardResult(last, attempts, last_up)
+                    return ForwardResult(Reply(Outcome.UNAVAILABLE, 503, grpc.StatusCode.UNAVAILABLE,
+                                               message=f"no replica can serve: {reason}"), attempts, None)
+                attempts += 1
+                tried.append(up)
+                try_s = min(remaining, self.per_try_s) if self.per_try_s > 0 else remaining
+                hedge_s = self._hedge_delay_s(now)
+                if hedge_s is not None and hedge_s < try_s:
+                    reply, up, extra = await self._attempt_hedged(up, call, try_s, tried, hedge_s)
+                    attempts += extra
+                else:
+                    reply = await self._attempt(up, call, try_s)
+                last, last_up = reply, up
+                if reply.outcome not in RETRYABLE:
+                    return ForwardResult(reply, attempts, up)
+                left = call.deadline_s - time.monotonic()
+                if left <= 0.0005:
+                    return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
+                if attempts >= max_attempts:
+                    break
+                if not self.budget.try_spend():
+                    self.metrics.budget_exhausted()
+                    reply.message += " (retry budget exhausted: not retried)"
+                    break
+                self.metrics.retry(OUTCOME_NAME[reply.outcome])
+                backoff_s = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempts - 1)))
+                backoff_s *= self._rng.random()  # full jitter
+                if backoff_s >= left:
+                    return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
+                if backoff_s > 0:
+                    await asyncio.sleep(backoff_s)
+        assert last is not None
+        if panic_detail and last.outcome in FAILURES:
+            last.message += f" ({panic_detail})"
+        return ForwardResult(last, attempts, last_up)

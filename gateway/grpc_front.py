@@ -1,0 +1,225 @@
+"""Client-facing ``inference.GRPCInferenceService`` on grpc.aio.
+
+ModelInfer is registered through a generic handler with identity (de)serializers: the
+request arrives as bytes, proto_peek reads model/version/id and tensor headers without
+copying, and the same bytes (plus an appended model_version when the resolver chose one) go
+to a gRPC replica. The other RPCs use tritonclient's generated messages and are answered
+from the pool's state or proxied (gateway.model_catalog). Repository, shared-memory, trace
+and log RPCs are UNIMPLEMENTED on the gateway with a message saying so. The standard
+grpc.health.v1 service follows the gateway's readiness.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2
+
+from gateway import deadline as dl
+from gateway.access_log import REQUEST_ID_HEADER, new_request_id
+from gateway.http_front import NOT_ON_GATEWAY, SERVER_EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from gateway.proto_peek import ProtoError, peek_infer_request
+from gateway.request_checks import RequestError, check_grpc
+from gateway.router import HOPS_HEADER, parse_hops
+from gateway.upstream_types import OUTCOME_NAME, PROTOCOL_GRPC, InferCall, http_to_grpc
+
+SERVICE = "inference.GRPCInferenceService"
+UNEXPOSED = {
+    "RepositoryIndex": "model repository extension", "RepositoryModelLoad": "model repository extension",
+    "RepositoryModelUnload": "model repository extension",
+    "SystemSharedMemoryStatus": "shared memory extension", "SystemSharedMemoryRegister": "shared memory extension",
+    "SystemSharedMemoryUnregister": "shared memory extension", "CudaSharedMemoryStatus": "shared memory extension",
+    "CudaSharedMemoryRegister": "shared memory extension", "CudaSharedMemoryUnregister": "shared memory extension",
+    "TraceSetting": "trace extension", "LogSettings": "logging extension",
+}
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+class GrpcFront:
+    def __init__(self, gw) -> None:
+        self.gw = gw
+        self.region = gw.region.name
+        self.default_timeout_ms = gw.cfg.gateway.default_timeout_ms
+        self.max_in_flight = gw.cfg.gateway.max_concurrent_requests
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+
+    # ------------------------------------------------------------------ server
+
+    def build_server(self, address: str, *, reuse_port: bool) -> grpc.aio.Server:
+        max_bytes = self.gw.cfg.gateway.max_body_bytes
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", 1 << 30),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_concurrent_streams", self.gw.cfg.gateway.max_concurrent_requests),
+        ])
+        handlers: dict[str, grpc.RpcMethodHandler] = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                self.model_infer, request_deserializer=_identity, response_serializer=_identity),
+        }
+
+        def typed(fn, req_cls):
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req_cls.FromString, response_serializer=lambda m: m.SerializeToString())
+
+        handlers["ServerLive"] = typed(self.server_live, service_pb2.ServerLiveRequest)
+        handlers["ServerReady"] = typed(self.server_ready, service_pb2.ServerReadyRequest)
+        handlers["ModelReady"] = typed(self.model_ready, service_pb2.ModelReadyRequest)
+        handlers["ServerMetadata"] = typed(self.server_metadata, service_pb2.ServerMetadataRequest)
+        handlers["ModelMetadata"] = typed(self.model_metadata, service_pb2.ModelMetadataRequest)
+        handlers["ModelConfig"] = typed(self.model_config, service_pb2.ModelConfigRequest)
+        handlers["ModelStatistics"] = typed(self.model_statistics, service_pb2.ModelStatisticsRequest)
+        for name, what in UNEXPOSED.items():
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                self._unimplemented(what), request_deserializer=_identity, response_serializer=_identity)
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self._stream_unimplemented, request_deserializer=_identity, response_serializer=_identity)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_insecure_port(address)
+        return server
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for svc in ("", SERVICE):
+            r = self.health.set(svc, status)
+            if r is not None and hasattr(r, "__await__"):
+                await r
+
+    # ------------------------------------------------------------------ inference
+
+    async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        t0 = time.monotonic()
+        gw = self.gw
+        md = {k: v for k, v in context.invocation_metadata() or ()}
+        rid = md.get(REQUEST_ID_HEADER) or new_request_id()
+        initial = [("geogate-region", self.region), (REQUEST_ID_HEADER, rid)]
+        gw.load.in_flight += 1
+        gw.metrics.in_flight_add(PROTOCOL_GRPC, 1)
+        try:
+            try:
+                peek = peek_infer_request(raw)
+            except ProtoError as exc:
+                await self._reject(context, initial, rid, "", "", 400, f"malformed ModelInferRequest: {exc}", t0)
+            model = peek.model_name
+            requested = peek.model_version or None
+            if gw.load.in_flight > self.max_in_flight:
+                await self._reject(context, initial, rid, model, requested, 429,
+                                   f"gateway worker overloaded: more than {self.max_in_flight} requests in "
+                                   "flight (max_concurrent_requests)", t0)
+            if not model:
+                await self._reject(context, initial, rid, "", "", 400, "ModelInferRequest has no model_name", t0)
+            unknown = gw.unknown_model(model, requested)
+            if unknown is not None:
+                await self._reject(context, initial, rid, model, requested, 404, unknown.message, t0)
+            version = gw.resolve_version(model, requested)
+            try:
+                deadline_s = dl.grpc_deadline(t0, context.time_remaining(),
+                                              peek.int_parameters.get(dl.TIMEOUT_PARAMETER),
+                                              self.default_timeout_ms)
+                specs = gw.catalog.fresh_specs(model, version) or await gw.catalog.specs(model, version)
+                check_grpc(model, peek, specs)
+            except RequestError as exc:
+                await self._reject(context, initial, rid, model, version, exc.status, str(exc), t0)
+            call = InferCall(PROTOCOL_GRPC, model, requested, version, rid, deadline_s,
+                             hops=parse_hops(md.get(HOPS_HEADER)), started_s=t0, raw=raw, peek=peek)
+            result = await gw.forwarder.forward(call)
+            reply = result.reply
+            replica = result.upstream.state.url if result.upstream is not None else ""
+            served_version = reply.model_version or version or ""
+            initial += [("geogate-replica", replica), ("geogate-model-version", served_version),
+                        ("geogate-attempts", str(result.attempts))]
+            now = time.monotonic()
+            gw.load.record(now - t0, now)
+            gw.metrics.request(model, served_version, replica, PROTOCOL_GRPC, OUTCOME_NAME[reply.outcome],
+                               now - t0)
+            if gw.access_log.enabled:
+                gw.access_log.log(request_id=rid, protocol=PROTOCOL_GRPC, model=model, version=served_version,
+                                  status=reply.grpc_code.name, replica=replica, attempts=result.attempts,
+                                  duration_s=now - t0, outcome=OUTCOME_NAME[reply.outcome], error=reply.message)
+            await context.send_initial_metadata(initial)
+            if reply.grpc_code == grpc.StatusCode.OK:
+                return reply.body
+            await context.abort(reply.grpc_code, reply.message)
+        finally:
+            gw.load.in_flight -= 1
+            gw.metrics.in_flight_add(PROTOCOL_GRPC, -1)
+        raise AssertionError("unreachable")
+
+    async def _reject(self, context, initial, rid: str, model: str, version: str | None, status: int,
+                      message: str, t0: float) -> None:
+        gw = self.gw
+        code = http_to_grpc(status)
+        gw.metrics.reject(PROTOCOL_GRPC, code.name)
+        gw.access_log.log(request_id=rid, protocol=PROTOCOL_GRPC, model=model, version=version or "",
+                          status=code.name, replica="", attempts=0, duration_s=time.monotonic() - t0,
+                          outcome="rejected", error=message)
+        await context.send_initial_metadata([*initial, ("geogate-attempts", "0")])
+        await context.abort(code, message)
+
+    # ------------------------------------------------------------------ everything else
+
+    async def server_live(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.gw.readiness()[0])
+
+    async def server_metadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                                  extensions=SERVER_EXTENSIONS)
+
+    async def model_ready(self, request, context):
+        version = request.version or None
+        if self.gw.unknown_model(request.name, version) is not None:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=self.gw.catalog.ready(request.name, version))
+
+    async def _proxied(self, context, name: str, version: str | None, fetch) -> dict:
+        unknown = self.gw.unknown_model(name, version)
+        if unknown is not None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, unknown.message)
+        status, body = await fetch(name, version)
+        if status == 0:
+            cands = self.gw.pools.candidates(name, version, "grpc", time.monotonic())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica can serve model '{name}': "
+                                f"{cands.reason or 'no replica answered'}")
+        if status != 200:
+            await context.abort(http_to_grpc(status), str(body.get("error", f"HTTP {status}")))
+        return body
+
+    async def model_metadata(self, request, context):
+        body = await self._proxied(context, request.name, request.version or None, self.gw.catalog.metadata)
+        return json_format.ParseDict(body, service_pb2.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+    async def model_config(self, request, context):
+        body = await self._proxied(context, request.name, request.version or None, self.gw.catalog.config)
+        cfg = json_format.ParseDict(body, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+        return service_pb2.ModelConfigResponse(config=cfg)
+
+    async def model_statistics(self, request, context):
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "statistics for all models are not "
+                                "aggregated by the gateway; ask for one model")
+        body = await self._proxied(context, request.name, request.version or None,
+                                   self.gw.catalog.statistics)
+        return json_format.ParseDict(body, service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+    def _unimplemented(self, what: str):
+        message = NOT_ON_GATEWAY.format(what=what)
+
+        async def handler(request, context):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+        return handler
+
+    async def _stream_unimplemented(self, request_iterator, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "ModelStreamInfer (decoupled streaming) is not supported by the geogate gateway")
+        yield b""  # pragma: no cover  (makes this an async generator)

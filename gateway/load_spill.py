@@ -1,0 +1,165 @@
+"""Load-aware spill: send a request to a peer region when waiting here would take longer.
+
+Peers advertise their load in the region summary (``GET /geogate/v1/region``), in the
+``load`` object: ``utilization`` (in-flight / sum of replica concurrency limits) and
+``expected_queue_ms`` (expected queueing delay of a new request; -1 when the region has no
+capacity at all). ``peer_load_from_summary`` reads them.
+
+The decision, per gateway (``LoadSpill.update`` on a timer, ``LoadSpill.choose`` per request)::
+
+    enter spilling   local expected queueing > spill_queue_ms (B) for a moment, and the
+                     state has not changed for spill_min_dwell_ms
+    leave spilling   local expected queueing < B * spill_exit_fraction (0.7), and dwell passed
+                     (hysteresis band and dwell time: no oscillation around B)
+    while spilling   the spilled fraction ramps up by spill_ramp_step per update while the
+                     queue is still above B, holds inside the band, and drops to 0 on leaving
+    peer choice      the peer with the lowest rtt_ms + expected_queue_ms, only if that is below
+                     the local expected queueing and the peer is ready and under
+                     PEER_MAX_UTILIZATION (it has capacity); none: stay local
+
+Spill stops as soon as the local queue is back under the exit bound (after the dwell).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gateway.config import CapacitySection
+
+PEER_MAX_UTILIZATION = 1.0  # a peer at or over its limits has no spare capacity
+PEER_LOAD_STALE_S = 10.0  # advertised load older than this is not trusted
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLoad:
+    region: str
+    rtt_ms: float
+    expected_queue_ms: float  # math.inf: no capacity
+    utilization: float
+    ready: bool = True
+    age_s: float = 0.0
+
+    @property
+    def cost_ms(self) -> float:
+        return self.rtt_ms + self.expected_queue_ms
+
+    def unusable(self) -> str:
+        if not self.ready:
+            return "not ready"
+        if self.age_s > PEER_LOAD_STALE_S:
+            return f"load report is {self.age_s:.0f} s old"
+        if math.isinf(self.expected_queue_ms) or self.utilization >= PEER_MAX_UTILIZATION:
+            return f"no spare capacity (utilization {self.utilization:.0%})"
+        return ""
+
+
+def peer_load_from_summary(summary: dict, rtt_ms: float, *, age_s: float = 0.0) -> PeerLoad:
+    """A peer's region summary -> PeerLoad. Missing load fields (an older gateway) count as
+    idle only when the region is ready: expected queueing 0, utilization 0."""
+    load = summary.get("load") or {}
+    q = load.get("expected_queue_ms", 0.0)
+    q_ms = math.inf if q is None or q < 0 else float(q)
+    return PeerLoad(region=str(summary.get("region", "")), rtt_ms=float(rtt_ms), expected_queue_ms=q_ms,
+                    utilization=float(load.get("utilization", 0.0) or 0.0),
+                    ready=bool(summary.get("ready", False)), age_s=age_s)
+
+
+@dataclass(frozen=True, slots=True)
+class SpillChoice:
+    region: str | None  # None: serve locally
+    reason: str
+
+
+class LoadSpill:
+    """Hysteresis state machine plus the per-request peer choice."""
+
+    def __init__(self, sec: CapacitySection, *, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.enter_ms = sec.spill_queue_ms
+        self.exit_ms = sec.spill_queue_ms * sec.spill_exit_fraction
+        self.dwell_s = sec.spill_min_dwell_ms / 1000.0
+        self.ramp_step = sec.spill_ramp_step
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.spilling = False
+        self.fraction = 0.0
+        self.changed_s = -math.inf
+        self.local_queue_ms = 0.0
+        self.reason = "local queueing is under the spill bound"
+
+    def update(self, local_queue_ms: float, now_s: float | None = None) -> bool:
+        """Feed the local expected queueing (on the sampling timer); returns `spilling`."""
+        now = self.clock() if now_s is None else now_s
+        self.local_queue_ms = local_queue_ms
+        dwelt = now - self.changed_s >= self.dwell_s
+        q = "unbounded" if math.isinf(local_queue_ms) else f"{local_queue_ms:.0f} ms"
+        if not self.spilling:
+            if local_queue_ms > self.enter_ms and dwelt:
+                self.spilling, self.changed_s = True, now
+                self.fraction = self.ramp_step
+                self.reason = f"spilling: local expected queueing {q} is over {self.enter_ms:g} ms"
+            elif local_queue_ms > self.enter_ms:
+                self.reason = f"local expected queueing {q} is over {self.enter_ms:g} ms; waiting out the dwell time"
+            else:
+                self.reason = f"local expected queueing {q} is under the spill bound of {self.enter_ms:g} ms"
+            return self.spilling
+        if local_queue_ms < self.exit_ms and dwelt:
+            self.spilling, self.changed_s = False, now
+            self.fraction = 0.0
+            self.reason = f"spill stopped: local expected queueing {q} is back under {self.exit_ms:g} ms"
+        elif local_queue_ms > self.enter_ms:
+            self.fraction = min(1.0, self.fraction + self.ramp_step)
+            self.reason = (f"spilling {self.fraction:.0%}: local expected queueing {q} is over "
+                           f"{self.enter_ms:g} ms")
+        else:
+            self.reason = (f"spilling {self.fraction:.0%}: local expected queueing {q}, waiting for it "
+                           f"to fall under {self.exit_ms:g} ms")
+        return self.spilling
+
+    def best_peer(self, peers: Sequence[PeerLoad], local_queue_ms: float | None = None) -> tuple[PeerLoad | None, str]:
+        local = self.local_queue_ms if local_queue_ms is None else local_queue_ms
+        best: PeerLoad | None = None
+        skipped: list[str] = []
+        for p in peers:
+            why = p.unusable()
+            if why:
+                skipped.append(f"{p.region}: {why}")
+                continue
+            if p.cost_ms >= local:
+                skipped.append(f"{p.region}: rtt {p.rtt_ms:.0f} ms + queueing {p.expected_queue_ms:.0f} ms "
+                               f"is not sooner than {local:.0f} ms here")
+                continue
+            if best is None or p.cost_ms < best.cost_ms:
+                best = p
+        if best is None:
+            return None, "no peer region would answer sooner" + (f" ({'; '.join(skipped)})" if skipped else "")
+        return best, (f"region {best.region!r} answers sooner: rtt {best.rtt_ms:.0f} ms + queueing "
+                      f"{best.expected_queue_ms:.0f} ms < {local:.0f} ms here")
+
+    def choose(self, peers: Sequence[PeerLoad]) -> SpillChoice:
+        """Per request: the peer to send this one to, or None (local)."""
+        if not self.spilling:
+            return SpillChoice(None, self.reason)
+        if self.fraction < 1.0 and self.rng.random() >= self.fraction:
+            return SpillChoice(None, f"{self.reason}; this request stays local")
+        peer, why = self.best_peer(peers)
+        return SpillChoice(peer.region if peer else None, why)
+
+
+def peer_loads(monitor, local_region: str, now_s: float | None = None) -> list[PeerLoad]:
+    """PeerLoad of every peer a ``geo.region_health.RegionHealthMonitor`` knows: its last
+    region summary (``load`` fields), its measured RTT and health; peers never summarized are
+    left out (nothing is known about their load)."""
+    now = time.monotonic() if now_s is None else now_s
+    out = []
+    for name, st in monitor.states.items():
+        if name == local_region or not st.summary:
+            continue
+        p = peer_load_from_summary({**st.summary, "region": name, "ready": st.healthy},
+                                   st.rtt_ewma_s * 1000.0, age_s=max(0.0, now - st.last_probe_s))
+        out.append(p)
+    return out

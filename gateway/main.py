@@ -1,0 +1,245 @@
+"""`geogate gateway --config FILE --region R [--workers N]`: run a region's gateway.
+
+Lifecycle of one worker (uvicorn's shape): startup (pools, health checks, listeners) ->
+serve -> on SIGTERM/SIGINT drain: readiness turns false first (HTTP /v2/health/ready 503,
+gRPC health NOT_SERVING, region summary "draining"), requests in flight finish (bounded by
+``[gateway] drain_timeout_ms``), then the listeners close and the worker exits 0.
+
+``--workers N`` (N > 1): this process becomes a small supervisor of N worker processes that
+all bind the same HTTP, gRPC and admin ports with SO_REUSEPORT (the kernel spreads
+connections); SIGTERM is passed to every worker, each drains, and the supervisor exits 0 when
+all did. Metrics use prometheus-client's multiprocess mode (gateway.gateway_metrics), so
+/metrics on any worker reports all of them; the region summary and health state are per
+worker (each worker health-checks the replicas itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from gateway.config import ConfigError, load_config
+
+log = logging.getLogger("geogate.gateway")
+
+DRAIN_POLL_S = 0.05
+# After readiness turns false, keep serving new arrivals this long so load balancers and
+# peers that poll readiness notice before the listeners close (bounded by drain_timeout_ms).
+DRAIN_NOTICE_S = 0.5
+WORKER_ENV = "GEOGATE_GATEWAY_WORKER"
+SUPERVISOR_STOP_EXTRA_S = 5.0
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import orjson
+
+        entry = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the deployment's TOML config file")
+    parser.add_argument("--region", required=True, help="which [[regions]] entry this gateway serves")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes sharing the ports with SO_REUSEPORT (default 1)")
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _bound_socket(address: str, reuse_port: bool) -> socket.socket:
+    host, port = _host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+# ---------------------------------------------------------------------------- one worker
+
+
+async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> int:
+    from aiohttp import web
+
+    from gateway.gateway_state import GatewayState
+    from gateway.grpc_front import GrpcFront
+    from gateway.http_front import HttpFront
+
+    gw = GatewayState(cfg, region, worker=worker)
+    http_front = HttpFront(gw)
+    grpc_front = GrpcFront(gw)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    # startup
+    await gw.start()
+    client_runner = web.AppRunner(http_front.client_app(), access_log=None, handle_signals=False,
+                                  shutdown_timeout=cfg.gateway.drain_timeout_ms / 1000.0)
+    admin_app = http_front.admin_app()
+    gw.admin_app = admin_app  # others mount routes on it (admin API, /ui)
+    _mount_extras(admin_app, gw)
+    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    runners = [client_runner, admin_runner]
+    await client_runner.setup()
+    http_front.install_fast_path(client_runner)
+    await admin_runner.setup()
+    sites = [web.SockSite(client_runner, _bound_socket(region.http, reuse_port)),
+             web.SockSite(admin_runner, _bound_socket(region.admin, reuse_port))]
+    if cfg.gateway.metrics:
+        metrics_runner = web.AppRunner(http_front.metrics_app(), access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        runners.append(metrics_runner)
+        sites.append(web.SockSite(metrics_runner, _bound_socket(cfg.gateway.metrics, reuse_port)))
+    for site in sites:
+        await site.start()
+    grpc_server = grpc_front.build_server(region.grpc, reuse_port=reuse_port)
+    await grpc_server.start()
+    await grpc_front.set_serving(True)
+    log.info("gateway %s worker %d serving: http %s, grpc %s, admin %s", region.name, worker,
+             region.http, region.grpc, region.admin)
+
+    # serve
+    await stop.wait()
+
+    # drain: readiness false first, then let in-flight requests finish
+    drain_s = cfg.gateway.drain_timeout_ms / 1000.0
+    t0 = time.monotonic()
+    gw.draining = True
+    await grpc_front.set_serving(False)
+    log.info("worker %d draining (%d in flight, up to %.1f s)", worker, gw.load.in_flight, drain_s)
+    await asyncio.sleep(min(DRAIN_NOTICE_S, drain_s))
+    grpc_stop = asyncio.ensure_future(grpc_server.stop(max(0.0, drain_s - (time.monotonic() - t0))))
+    await sites[0].stop()  # no new HTTP connections; open ones finish their requests
+    # Polling a counter the hot path bumps is cheaper than signalling an Event per request.
+    while gw.load.in_flight > 0 and time.monotonic() - t0 < drain_s:  # noqa: ASYNC110
+        await asyncio.sleep(DRAIN_POLL_S)
+    left = gw.load.in_flight
+    await grpc_stop
+    for runner in runners:
+        await runner.cleanup()
+    await gw.close()
+    log.info("worker %d stopped after %.2f s drain (%d requests cut off)", worker, time.monotonic() - t0, left)
+    return 0
+
+
+# Modules that add routes to the admin listener: each exposes mount(admin_app, gateway_state).
+ADMIN_MOUNTS = ("gateway.admin_models", "gateway.status_page")
+
+
+def _mount_extras(admin_app, gw) -> None:
+    """Admin API and status page, when those modules are present (owned by other parts)."""
+    for module_name, func in ((m, "mount") for m in ADMIN_MOUNTS):
+        try:
+            module = __import__(module_name, fromlist=[func])
+        except ImportError:
+            continue
+        mount = getattr(module, func, None)
+        if mount is None:
+            continue
+        try:
+            mount(admin_app, gw)
+        except Exception:
+            log.exception("mounting %s on the admin listener failed", module_name)
+
+
+def _run_worker(cfg, region, worker: int, reuse_port: bool) -> int:
+    import uvloop
+
+    return uvloop.run(serve(cfg, region, worker=worker, reuse_port=reuse_port))
+
+
+# ---------------------------------------------------------------------------- supervisor
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """Start N workers, pass SIGTERM/SIGINT on, exit 0 when all drained."""
+    mp_dir = tempfile.mkdtemp(prefix="geogate-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mp_dir}
+    children: list[subprocess.Popen] = []
+    for i in range(args.workers):
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "gateway", "gateway", "--config", args.config, "--region", args.region,
+             "--workers", str(args.workers)],
+            env={**env, WORKER_ENV: str(i)}))
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    try:
+        while True:
+            alive = [c for c in children if c.poll() is None]
+            if not alive:
+                break
+            if not stopping and any(c.returncode not in (None, 0) for c in children):
+                log.error("a gateway worker exited unexpectedly; stopping the others")
+                forward(signal.SIGTERM, None)
+            time.sleep(0.1)
+        for c in children:
+            if c.returncode not in (0, None):
+                code = 1
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+        shutil.rmtree(mp_dir, ignore_errors=True)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    _setup_logging()
+    try:
+        cfg = load_config(args.config)
+        region = cfg.region(args.region)
+    except ConfigError as exc:
+        print(f"geogate gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("geogate gateway: --workers must be >= 1", file=sys.stderr)
+        return 2
+    worker_env = os.environ.get(WORKER_ENV)
+    if args.workers > 1 and worker_env is None:
+        return _supervise(args)
+    worker = int(worker_env or 0)
+    try:
+        return _run_worker(cfg, region, worker, reuse_port=args.workers > 1)
+    except OSError as exc:
+        log.error("gateway %s worker %d cannot start: %s", region.name, worker, exc)
+        return 1

@@ -1,0 +1,95 @@
+"""Model and version names that are safe to use as path components and object-store keys.
+
+Model names and versions arrive from clients (URLs, protobuf fields), from the object store
+(``models/{name}/{version}/``) and from release records, and all of them end up joined into
+filesystem paths (the site's model repository) and store keys. One rule set, used by the
+gateway, the store and the sync agent, keeps ``../../etc`` and friends out everywhere.
+
+Each check returns ``""`` when the value is fine, otherwise an operator-readable reason; the
+``check_*`` variants raise :class:`InvalidNameError` with that reason instead.
+
+Rules
+- model name: 1..MAX_MODEL_NAME_LEN characters from ``A-Z a-z 0-9 _ - .``; must start with a
+  letter, digit or underscore (no leading dot or dash: hidden files, CLI options); never
+  ``..`` anywhere; no ``/``, ``\\``, NUL or other control characters (covered by the charset,
+  but named explicitly in the reason because those are the attacks).
+- version: a positive integer in canonical decimal form (``"1"``, ``"42"``; not ``"0"``,
+  ``"01"``, ``"+1"``, ``"1.0"``, ``" 1"``), at most MAX_VERSION_DIGITS digits (fits int64),
+  which is exactly what Triton accepts as a version directory.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_MODEL_NAME_LEN = 128
+MAX_VERSION_DIGITS = 18  # < 2**63: fits Triton's int64 version numbers
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_VERSION_RE = re.compile(r"[1-9][0-9]*")
+# Characters named in reasons because they are what a traversal attempt uses.
+_PATH_CHARS = {"/": "'/'", "\\": "'\\\\'", "\x00": "NUL"}
+
+
+class InvalidNameError(ValueError):
+    """A model name or version that must not be used; the message says why."""
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def model_name_problem(name: object) -> str:
+    """Why `name` is not a usable model name ("" when it is)."""
+    if not isinstance(name, str):
+        return f"model name must be a string, got {type(name).__name__}"
+    if not name:
+        return "model name is empty"
+    if len(name) > MAX_MODEL_NAME_LEN:
+        return f"model name {_shown(name)} is {len(name)} characters long (at most {MAX_MODEL_NAME_LEN})"
+    for ch, label in _PATH_CHARS.items():
+        if ch in name:
+            return f"model name {_shown(name)} contains {label} (path separators and NUL are not allowed)"
+    if ".." in name:
+        return f"model name {_shown(name)} contains '..' (path traversal)"
+    if name[0] in ".-":
+        return f"model name {_shown(name)} starts with {name[0]!r} (must start with a letter, digit or '_')"
+    if _MODEL_NAME_RE.fullmatch(name) is None:
+        bad = next(c for c in name if not (c.isascii() and (c.isalnum() or c in "_.-")))
+        return (f"model name {_shown(name)} contains {bad!r}; allowed characters are "
+                "A-Z a-z 0-9 '_' '-' '.'")
+    return ""
+
+
+def version_problem(version: object) -> str:
+    """Why `version` is not a usable model version ("" when it is)."""
+    if not isinstance(version, str):
+        return f"model version must be a string, got {type(version).__name__}"
+    if not version:
+        return "model version is empty"
+    if len(version) > MAX_VERSION_DIGITS:
+        return f"model version {_shown(version)} is too long (at most {MAX_VERSION_DIGITS} digits)"
+    if _VERSION_RE.fullmatch(version) is None:
+        return (f"model version {_shown(version)} is not a positive integer "
+                "(digits only, no sign, no leading zeros, not 0)")
+    return ""
+
+
+def check_model_name(name: object) -> str:
+    """`name` itself when valid; InvalidNameError naming the problem otherwise."""
+    problem = model_name_problem(name)
+    if problem:
+        raise InvalidNameError(problem)
+    return name  # type: ignore[return-value]
+
+
+def check_version(version: object) -> str:
+    """`version` itself when valid; InvalidNameError naming the problem otherwise."""
+    problem = version_problem(version)
+    if problem:
+        raise InvalidNameError(problem)
+    return version  # type: ignore[return-value]
+
+
+def model_ref_problem(name: object, version: object | None) -> str:
+    """Both at once, for request paths: `version` None means "no version given" (allowed)."""
+    return model_name_problem(name) or ("" if version is None else version_problem(version))

@@ -1,0 +1,281 @@
+"""The region's replica pools: for every replica its health (``health.ReplicaState``), its load
+(``balancer.LoadStats``) and its client (HTTP session or gRPC channel).
+
+Membership comes from the config (a static list of URLs) or from DNS SRV discovery
+(``geo.srv_discovery.SrvDiscovery``): a discovered replica joins unhealthy and takes traffic only
+after its first successful health check; a replica that vanishes from DNS is marked draining
+(no new requests), and its client is closed once its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from gateway.balancer import LoadStats
+from gateway.config import Config, GatewaySection, PoolSection, RegionSection
+from gateway.upstream_grpc import GrpcUpstream
+from gateway.upstream_http import HttpUpstream, make_session
+from health.active import ActiveHealthChecker
+from health.outlier import OutlierDetector
+from health.replica_state import ReplicaState
+from health.selection import eligible
+
+log = logging.getLogger("geogate.gateway.pool")
+
+SRV_PREFIX = "dns+srv://"
+DRAIN_POLL_S = 0.2
+CANDIDATES_TTL_S = 0.05
+CANDIDATES_CACHE_MAX = 1024
+
+
+class Upstream:
+    """One replica as the data path sees it."""
+
+    __slots__ = ("client", "load", "pool", "state")
+
+    def __init__(self, state: ReplicaState, client, pool: ReplicaPool) -> None:
+        self.state = state
+        self.client = client
+        self.load = LoadStats()
+        self.pool = pool
+
+    @property
+    def url(self) -> str:
+        return self.state.url
+
+
+class ReplicaPool:
+    def __init__(self, section: PoolSection, region: str, owner: RegionPools) -> None:
+        self.section = section
+        self.name = section.name
+        self.kind = section.kind
+        self.region = region
+        self.owner = owner
+        self.members: dict[str, Upstream] = {}
+        self.states: list[ReplicaState] = []  # rebuilt on every membership change
+        self._by_state: dict[ReplicaState, Upstream] = {}
+        self.discovery = None
+        self._watch_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ membership
+
+    def _rebuild(self) -> None:
+        self.states = [u.state for u in self.members.values()]
+        self._by_state = {u.state: u for u in self.members.values()}
+
+    def upstream_of(self, state: ReplicaState) -> Upstream | None:
+        return self._by_state.get(state)
+
+    def add(self, url: str, weight: int = 1) -> Upstream:
+        existing = self.members.get(url)
+        if existing is not None:
+            existing.state.weight = max(1, weight)
+            if existing.state.draining:  # came back before it finished draining
+                existing.state.draining = False
+                self.owner.invalidate()
+                self.owner.checker.add(existing.state)
+                log.info("replica %s is back in discovery; no longer draining", url)
+            return existing
+        state = ReplicaState(url=url, weight=weight, pool=self.name, kind=self.kind)
+        up = Upstream(state, self.owner.make_client(state), self)
+        self.members[url] = up
+        self._rebuild()
+        self.owner.checker.add(state)
+        self.owner.on_member_change(up, added=True)
+        return up
+
+    def drain(self, url: str) -> None:
+        """Stop sending new requests to `url`; forget it once its requests have finished."""
+        up = self.members.get(url)
+        if up is None or up.state.draining:
+            return
+        up.state.draining = True
+        self.owner.invalidate()
+        self.owner.checker.remove(url)
+        log.info("replica %s left pool %r; draining %d in-flight requests", url, self.name,
+                 up.load.outstanding)
+        asyncio.get_running_loop().create_task(self._forget_when_idle(up))
+
+    async def _forget_when_idle(self, up: Upstream) -> None:
+        deadline = time.monotonic() + self.owner.gw.drain_timeout_ms / 1000.0
+        # Polled: `outstanding` is a plain counter on the hot path, not worth an Event per request.
+        while up.load.outstanding > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_S)
+        if not up.state.draining or self.members.get(up.url) is not up:
+            return  # rejoined meanwhile
+        del self.members[up.url]
+        self._rebuild()
+        self.owner.on_member_change(up, added=False)
+        await up.client.close()
+
+    async def apply_discovery(self, found: list[tuple[str, int]]) -> None:
+        urls = {url: weight for url, weight in found}
+        for url, weight in urls.items():
+            self.add(url, weight)
+        for url in list(self.members):
+            if url not in urls:
+                self.drain(url)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        sec = self.section
+        if sec.replicas:
+            for url in sec.replicas:
+                self.add(url, sec.weights.get(url, 1))
+            return
+        from geo.srv_discovery import SrvDiscovery  # only pools that discover need it
+
+        name = sec.discover[len(SRV_PREFIX):]
+        self.discovery = SrvDiscovery(name, sec.discover_scheme, resolver=sec.discover_resolver,
+                                      interval_s=self.owner.gw.discovery_interval_ms / 1000.0)
+        self._watch_task = asyncio.get_running_loop().create_task(
+            self.discovery.watch(self.apply_discovery), name=f"discovery {sec.discover}")
+
+    async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        for up in list(self.members.values()):
+            await up.client.close()
+
+
+class Candidates:
+    """The replicas that may take one request, or why none can."""
+
+    __slots__ = ("detail", "panic", "reason", "upstreams")
+
+    def __init__(self, upstreams: list[Upstream], reason: str, panic: bool, detail: str = "") -> None:
+        self.upstreams = upstreams
+        self.reason = reason
+        self.panic = panic
+        self.detail = detail  # panic routing: why
+
+
+class RegionPools:
+    def __init__(self, cfg: Config, region: RegionSection, *,
+                 on_health_change: Callable[[ReplicaState], None] | None = None,
+                 on_eject: Callable[[ReplicaState], None] | None = None,
+                 on_member_change: Callable[[Upstream, bool], None] | None = None) -> None:
+        self.cfg = cfg
+        self.region = region
+        self.gw: GatewaySection = cfg.gateway
+        self.panic_threshold = cfg.health.panic_threshold
+        self.checker = ActiveHealthChecker(cfg.health, on_change=on_health_change)
+        self.detector = OutlierDetector(cfg.health, on_eject=on_eject)
+        self._on_member_change = on_member_change
+        self.session: aiohttp.ClientSession | None = None
+        self.pools = [ReplicaPool(p, region.name, self) for p in region.pools]
+        self._cache: dict[tuple, tuple[float, Candidates]] = {}
+
+    def make_client(self, state: ReplicaState):
+        if state.scheme == "http":
+            assert self.session is not None
+            return HttpUpstream(state.address, self.session,
+                                connections=self.gw.upstream_connections_per_replica)
+        return GrpcUpstream(state.address)
+
+    def on_member_change(self, up: Upstream, added: bool) -> None:
+        self.invalidate()
+        if self._on_member_change is not None:
+            self._on_member_change(up, added)
+
+    async def start(self) -> None:
+        self.session = make_session(self.gw.upstream_connections_per_replica)
+        for pool in self.pools:
+            pool.start()
+        await self.checker.start()
+
+    async def close(self) -> None:
+        await self.checker.close()
+        for pool in self.pools:
+            await pool.close()
+        if self.session is not None:
+            await self.session.close()
+
+    # ------------------------------------------------------------------ queries
+
+    def upstreams(self) -> list[Upstream]:
+        return [u for p in self.pools for u in p.members.values()]
+
+    def all_states(self) -> list[ReplicaState]:
+        return [s for p in self.pools for s in p.states]
+
+    def invalidate(self) -> None:
+        """Forget cached eligibility (health, ejection or membership changed)."""
+        self._cache.clear()
+
+    def candidates(self, model: str, version: str | None, scheme: str, now_s: float) -> Candidates:
+        """Eligible replicas over every pool of the region, those speaking the client's protocol
+        first (bytes pass through; the others need translation). Cached for CANDIDATES_TTL_S
+        and dropped on every health, ejection or membership change, so the hot path does not
+        walk the pool per request; ejections that simply expire are seen within the TTL."""
+        key = (model, version, scheme)
+        hit = self._cache.get(key)
+        if hit is not None and now_s < hit[0]:
+            return hit[1]
+        cands = self._candidates(model, version, scheme, now_s)
+        if len(self._cache) > CANDIDATES_CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = (now_s + CANDIDATES_TTL_S, cands)
+        return cands
+
+    def _candidates(self, model: str, version: str | None, scheme: str, now_s: float) -> Candidates:
+        same: list[Upstream] = []
+        other: list[Upstream] = []
+        reasons: list[str] = []
+        panic = False
+        details: list[str] = []
+        for pool in self.pools:
+            e = eligible(pool.states, model, version, now_s, self.panic_threshold)
+            if not e.replicas:
+                reasons.append(e.reason)
+                continue
+            panic = panic or e.panic
+            if e.panic and e.detail:
+                details.append(e.detail)
+            by_state = pool._by_state
+            for st in e.replicas:
+                up = by_state.get(st)
+                if up is not None:
+                    (same if st.scheme == scheme else other).append(up)
+        return Candidates(same or other, "; ".join(r for r in reasons if r), panic, "; ".join(details))
+
+    def model_known(self, model: str, version: str | None) -> bool | None:
+        """True: some replica (healthy or not) lists the model (version) as ready; False: every
+        replica's index is known and none has it; None: cannot tell (no index read yet).
+        Cached like `candidates` (ready versions only change through health callbacks)."""
+        key = ("known", model, version)
+        hit = self._cache.get(key)
+        now_s = time.monotonic()
+        if hit is not None and now_s < hit[0]:
+            return hit[1]  # type: ignore[return-value]
+        known = self._model_known(model, version)
+        self._cache[key] = (now_s + CANDIDATES_TTL_S, known)  # type: ignore[assignment]
+        return known
+
+    def _model_known(self, model: str, version: str | None) -> bool | None:
+        unknown_index = False
+        for st in self.all_states():
+            if not st.ready_versions_known:
+                unknown_index = True
+                continue
+            versions = st.ready_versions.get(model)
+            if versions and (version is None or version in versions):
+                return True
+        return None if unknown_index else False
+
+    def ready_versions(self) -> dict[str, set[str]]:
+        """model -> versions READY on at least one routable replica."""
+        now = time.monotonic()
+        out: dict[str, set[str]] = {}
+        for st in self.all_states():
+            if st.routable(now)[0]:
+                for m, vs in st.ready_versions.items():
+                    out.setdefault(m, set()).update(vs)
+        return out

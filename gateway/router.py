@@ -1,0 +1,42 @@
+"""Per request: the ordered targets to try.
+
+Today a gateway serves from its own region only, so the answer is always the local pool.
+This is the seam for multi-region routing: later, targets after the local pool are peer
+gateways of other regions (ordered by geo.region_order, spilled by healthy fraction), reached
+with ``geogate-hops: 1``. A request that arrived with ``geogate-hops >= 1`` came from a peer
+and is only ever served locally, so requests never loop between regions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HOPS_HEADER = "geogate-hops"
+TARGET_LOCAL = "local"
+TARGET_PEER = "peer"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: str  # TARGET_LOCAL | TARGET_PEER
+    region: str
+    address: str = ""  # peers only: the peer gateway's HOST:PORT
+
+
+def parse_hops(value: str | None) -> int:
+    if not value:
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 1  # unreadable: treat as forwarded (never loop)
+
+
+class Router:
+    def __init__(self, local_region: str) -> None:
+        self.local_region = local_region
+        self._local = (Target(TARGET_LOCAL, local_region),)
+
+    def targets(self, model: str, version: str | None, hops: int) -> tuple[Target, ...]:
+        """Ordered targets for one request. `hops` >= 1: local only (no second hop)."""
+        return self._local

@@ -1,0 +1,211 @@
+"""The gateway's pure pieces, without sockets: protobuf peeking, deadlines, retry budget,
+power-of-two-choices with peak EWMA, request checks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
+
+from gateway import deadline as dl
+from gateway.balancer import LoadStats, pick_p2c
+from gateway.proto_peek import ProtoError, peek_infer_request, peek_response_version, with_model_version
+from gateway.request_checks import ModelSpecs, RequestError, check_grpc, check_http, parse_http_header
+from gateway.retry_budget import RetryBudget
+
+names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=20)
+
+
+@given(model=names, version=st.sampled_from(["", "1", "42"]), rid=st.text(max_size=10),
+       shapes=st.lists(st.lists(st.integers(-1, 1 << 40), max_size=4), min_size=1, max_size=3),
+       timeout=st.integers(0, 1 << 40))
+def test_peek_matches_protobuf(model, version, rid, shapes, timeout):
+    req = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=rid)
+    req.parameters["timeout"].int64_param = timeout
+    for i, shape in enumerate(shapes):
+        req.inputs.add(name=f"IN{i}", datatype="FP32", shape=shape)
+        req.raw_input_contents.append(b"x" * (i * 7))
+    req.outputs.add(name="OUT")
+    raw = req.SerializeToString()
+    peek = peek_infer_request(raw)
+    assert (peek.model_name, peek.model_version, peek.id) == (model, version, rid)
+    assert [t.shape for t in peek.inputs] == shapes
+    assert [t.name for t in peek.inputs] == [f"IN{i}" for i in range(len(shapes))]
+    assert peek.raw_input_lengths == [i * 7 for i in range(len(shapes))]
+    assert peek.int_parameters.get("timeout", 0) == timeout
+    # appending field 2 sets the version without re-encoding anything else
+    again = service_pb2.ModelInferRequest.FromString(with_model_version(raw, "7"))
+    assert again.model_version == "7" and again.raw_input_contents == req.raw_input_contents
+    assert peek_infer_request(with_model_version(raw, "7")).model_version == "7"
+
+
+def test_peek_response_version_and_errors():
+    resp = service_pb2.ModelInferResponse(model_name="demo", model_version="3", id="x")
+    resp.outputs.add(name="OUTPUT0", datatype="FP32", shape=[1, 8])
+    resp.raw_output_contents.append(b"\0" * 32)
+    assert peek_response_version(resp.SerializeToString()) == "3"
+    with pytest.raises(ProtoError):
+        peek_infer_request(b"\x0a\x05ab")  # length runs past the end
+    with pytest.raises(ProtoError):
+        peek_infer_request(b"\x0f")  # wire type 7
+
+
+def test_deadlines():
+    assert dl.http_deadline(100.0, "250", None, 30000) == pytest.approx(100.25)
+    assert dl.http_deadline(100.0, None, 500_000, 30000) == pytest.approx(100.5)
+    assert dl.http_deadline(100.0, None, 0, 30000) == pytest.approx(130.0)  # Triton: 0 = none
+    assert dl.http_deadline(100.0, "999999", None, 1000) == pytest.approx(101.0)  # capped by default
+    with pytest.raises(dl.DeadlineError):
+        dl.http_deadline(100.0, "soon", None, 1000)
+    with pytest.raises(dl.DeadlineError):
+        dl.http_deadline(100.0, None, "1s", 1000)
+    assert dl.grpc_deadline(5.0, 0.2, None, 30000) == pytest.approx(5.2)
+    assert dl.grpc_deadline(5.0, None, None, 30000) == pytest.approx(35.0)
+
+
+def test_retry_budget_ratio_and_floor():
+    now = [1000.0]
+    budget = RetryBudget(percent=20.0, min_per_s=1.0, window_s=10, clock=lambda: now[0])
+    # floor: 1/s over a 10 s window = 10 retries with no traffic at all
+    assert sum(budget.try_spend() for _ in range(50)) == 10
+    now[0] += 20  # the window has moved on
+    for _ in range(1000):
+        budget.record_request()
+    assert sum(budget.try_spend() for _ in range(1000)) == 10 + 200
+
+
+def test_p2c_prefers_fast_and_idle_and_honours_weight():
+    class U:
+        def __init__(self, name, weight=1):
+            self.name = name
+            self.load = LoadStats()
+            self.state = type("S", (), {"weight": weight})()
+
+    fast, slow, busy = U("fast"), U("slow"), U("busy")
+    fast.load.observe(0.002, 0.0)
+    slow.load.observe(0.200, 0.0)
+    busy.load.observe(0.002, 0.0)
+    busy.load.outstanding = 50
+    rng = random.Random(1)
+    picks = [pick_p2c([fast, slow, busy], 0.1, rng).name for _ in range(3000)]
+    assert picks.count("slow") == 0 and picks.count("fast") > 1800
+    # a replica that was slow is tried again after a while without traffic (idle decay)
+    assert slow.load.cost(60.0, 1) < fast.load.cost(0.1, 1)
+    # weight divides the cost
+    a, b = U("a", weight=1), U("b", weight=3)
+    for u in (a, b):
+        u.load.observe(0.01, 0.0)
+    picks = [pick_p2c([a, b], 0.0, rng).name for _ in range(1000)]
+    assert picks.count("b") == 1000  # cheaper whenever compared: b wins every pair
+
+
+SPECS = ModelSpecs.from_metadata({"name": "demo", "inputs": [{"name": "INPUT0", "datatype": "FP32",
+                                                              "shape": [-1, 16]}],
+                                  "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 8]}]})
+
+
+def _check(body: bytes, header_len: str | None = None) -> None:
+    header, binary_len = parse_http_header(body, header_len, None)
+    check_http("demo", header, binary_len, SPECS)
+
+
+def test_http_checks():
+    _check(b'{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[2,16],"data":' +
+           str([0.0] * 32).encode() + b"}]}")
+    bin_head = b'{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,16],"parameters":{"binary_data_size":64}}]}'
+    _check(bin_head + b"\0" * 64, str(len(bin_head)))
+    with pytest.raises(RequestError, match="binary"):
+        _check(bin_head + b"\0" * 63, str(len(bin_head)))
+    with pytest.raises(RequestError, match="JSON"):
+        _check(b"{nope")
+    with pytest.raises(RequestError, match="unexpected inference input"):
+        _check(b'{"inputs":[{"name":"X","datatype":"FP32","shape":[1,16],"data":[]}]}')
+    with pytest.raises(RequestError, match="shape"):
+        _check(b'{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,16,1],"data":[]}]}')
+    with pytest.raises(RequestError, match="Inference-Header-Content-Length"):
+        _check(bin_head, "x")
+
+
+def test_grpc_checks():
+    req = service_pb2.ModelInferRequest(model_name="demo")
+    req.inputs.add(name="INPUT0", datatype="FP32", shape=[2, 16])
+    req.raw_input_contents.append(b"\0" * 128)
+    check_grpc("demo", peek_infer_request(req.SerializeToString()), SPECS)
+    req.raw_input_contents[0] = b"\0" * 120
+    with pytest.raises(RequestError, match="byte size"):
+        check_grpc("demo", peek_infer_request(req.SerializeToString()), SPECS)
+    req.raw_input_contents.append(b"")
+    with pytest.raises(RequestError, match="raw_input_contents"):
+        check_grpc("demo", peek_infer_request(req.SerializeToString()), SPECS)
+
+
+# ---------------------------------------------------------------------- the hot-path HTTP client
+
+
+async def _serve(responses: list[bytes], *, close_after_each: bool = False):
+    """A loopback HTTP server answering each request with the next canned response."""
+    import asyncio
+
+    seen: list[bytes] = []
+
+    async def handle(reader, writer):
+        while responses:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n")
+                              if ln.lower().startswith(b"content-length")))
+            seen.append(head + await reader.readexactly(length))
+            writer.write(responses.pop(0))
+            await writer.drain()
+            if close_after_each:
+                break
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+
+
+async def test_http1_client_content_length_chunked_and_reuse():
+    from gateway.http1_client import ConnectionPool
+
+    server, address, seen = await _serve([
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nInference-Header-Content-Length: 2\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+    ])
+    pool = ConnectionPool(address, max_connections=2)
+    try:
+        r1 = await pool.post("/v2/models/m/infer", b"x" * 10, {"x-request-id": "a"}, 5.0)
+        assert (r1.status, r1.body, r1.headers["inference-header-content-length"]) == (200, b"hello", "2")
+        r2 = await pool.post("/v2/models/m/infer", b"y", {}, 5.0)
+        assert (r2.status, r2.body) == (200, b"abcde")
+        r3 = await pool.post("/v2/models/m/infer", b"", {}, 5.0)
+        assert r3.status == 503
+        assert len(seen) == 3 and b"x-request-id: a" in seen[0] and seen[0].endswith(b"x" * 10)
+        assert pool._open == 1  # one keep-alive connection carried all three
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_http1_client_retries_a_connection_closed_while_idle():
+    import asyncio
+
+    from gateway.http1_client import ConnectionPool, UpstreamConnectError
+
+    server, address, seen = await _serve([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"] * 2,
+                                         close_after_each=True)
+    pool = ConnectionPool(address, max_connections=4)
+    try:
+        assert (await pool.post("/p", b"1", {}, 5.0)).body == b"ok"
+        await asyncio.sleep(0.1)  # the server closed the idle connection meanwhile
+        assert (await pool.post("/p", b"2", {}, 5.0)).body == b"ok"
+        assert len(seen) == 2
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+    with pytest.raises(UpstreamConnectError):
+        await ConnectionPool(address, max_connections=1).post("/p", b"", {}, 1.0)

@@ -1,0 +1,83 @@
+"""`--workers 2`: two worker processes serve the same ports (SO_REUSEPORT), /metrics adds
+them up (prometheus multiprocess mode); on SIGTERM every worker turns unready first, lets
+the requests in flight finish, and the gateway exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import numpy as np
+import tritonclient.grpc as tgrpc
+
+from tests.gateway_procs import (
+    GatewayProc,
+    demo_repository,
+    get_json,
+    http_call,
+    replica_urls,
+    set_faults,
+    start_replicas,
+)
+
+BODY = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
+                               "data": [0.5] * 16}]}).encode()
+
+
+def test_two_workers_share_ports_and_drain(tmp_path, procs):
+    reps = start_replicas(procs, demo_repository(tmp_path), 2)
+    gw = GatewayProc(tmp_path, replicas=replica_urls(reps), workers=2,
+                     gateway_extra="drain_timeout_ms = 10000")
+    procs.append(gw)
+    gw.wait_ready()
+
+    # each new connection may land on either worker: both answer on the same ports
+    seen = set()
+    deadline = time.monotonic() + 30
+    while seen != {0, 1} and time.monotonic() < deadline:
+        seen.add(get_json(f"http://{gw.http}/geogate/v1/region")["worker"])
+    assert seen == {0, 1}
+
+    n = 40
+    for _ in range(n):  # urllib opens a new connection per request: spread over workers
+        status, _, raw = http_call(f"http://{gw.http}/v2/models/demo/infer", BODY)
+        assert status == 200, raw
+    client = tgrpc.InferenceServerClient(gw.grpc)
+    inp = tgrpc.InferInput("INPUT0", [1, 16], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 16), np.float32))
+    assert client.infer("demo", [inp]).as_numpy("OUTPUT0").shape == (1, 8)
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in gw.metrics().splitlines()
+                if line.startswith("geogate_requests_total{") and 'protocol="http"' in line)
+    assert total == n  # both workers' counts, whichever worker answered /metrics
+
+    # drain: slow requests in flight, then SIGTERM
+    for r in reps:
+        set_faults(r, delay_ms=1500)
+    answers: list[int] = []
+
+    def slow_call() -> None:
+        answers.append(http_call(f"http://{gw.http}/v2/models/demo/infer", BODY, timeout_s=30)[0])
+
+    threads = [threading.Thread(target=slow_call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    gw.kill(signal.SIGTERM)
+    saw_unready = False
+    while time.monotonic() - t0 < 1.2:
+        status, _, body = http_call(f"http://{gw.admin}/v2/health/ready", timeout_s=2)
+        if status == 503:
+            assert "draining" in json.loads(body)["error"]
+            saw_unready = True
+            break
+        time.sleep(0.05)
+    for t in threads:
+        t.join(30)
+    assert answers == [200] * 4, answers
+    assert saw_unready
+    assert gw.popen.wait(20) == 0, gw.output()[-3000:]
+    for r in reps:
+        set_faults(r)

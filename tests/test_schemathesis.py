@@ -1,0 +1,158 @@
+"""The published OpenAPI description (gateway/openapi.yaml) against a REAL gateway process with
+3 real replica processes behind it, with schemathesis (property-based HTTP testing):
+
+- every response conforms to the document (status codes listed, content types, JSON bodies
+  matching their schemas, documented headers);
+- no 5xx other than 503 (nothing can serve) and 504 (deadline) - a 500 is always a bug.
+
+Each operation runs MAX_EXAMPLES generated requests (positive and negative data).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error, positive_data_acceptance, unsupported_method
+
+from tests.gateway_procs import GatewayProc, demo_repository, http_call, replica_urls, start_replicas
+
+OPENAPI = Path(__file__).resolve().parent.parent / "gateway" / "openapi.yaml"
+MAX_EXAMPLES = 25
+ALLOWED_5XX = {503, 504}
+CALLS: Counter[str] = Counter()  # requests sent per operation, checked at the end
+OK_INFERENCES: Counter[str] = Counter()  # 200s on infer: the documented example must really work
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gw-schemathesis")
+    started: list = []
+    try:
+        repo = demo_repository(tmp, versions=(1, 2))
+        reps = start_replicas(started, repo, 3)
+        gw = GatewayProc(tmp, replicas=replica_urls(reps))
+        started.append(gw)
+        gw.wait_ready()
+        yield gw
+    finally:
+        for p in reversed(started):
+            p.stop()
+
+
+# Loaded at import (the file, not the server): schemathesis' lazy `from_fixture` loader does not
+# work with pytest 9 (it reads the removed `Function._nodeid`). The base URL is given per call.
+schema = schemathesis.openapi.from_path(str(OPENAPI))
+
+
+def test_published_document_is_valid_openapi():
+    import yaml
+    from openapi_spec_validator import validate
+
+    doc = yaml.safe_load(OPENAPI.read_text())
+    validate(doc)
+    paths = set(doc["paths"])
+    for p in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
+              "/v2/models/{model}/config", "/v2/models/{model}/stats", "/v2/models/{model}/infer",
+              "/v2/models/{model}/versions/{version}/infer", "/geogate/v1/region"):
+        assert p in paths, p
+
+
+def _printable_ascii(value: object) -> bool:
+    return isinstance(value, str) and value.isascii() and value.isprintable()
+
+
+@schema.parametrize()
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_gateway_conforms_to_openapi(case, world):
+    # Known bug, pinned by test_non_utf8_request_id_is_not_a_500: keep it out of the property.
+    if case.headers and not _printable_ascii(case.headers.get("x-request-id", "")):
+        case.headers["x-request-id"] = "schemathesis-replaced"
+    # Excluded checks: schema-valid inference bodies are mostly still wrong for the demo model
+    # (input names, shapes), so 400 is right and "positive data must be accepted" does not apply;
+    # 5xx are judged below (503/504 are documented answers); undeclared methods get 404, not 405
+    # (pinned by test_undeclared_method_is_405).
+    response = case.call_and_validate(base_url=f"http://{world.http}", timeout=30,
+                                      excluded_checks=[not_a_server_error, positive_data_acceptance,
+                                                       unsupported_method])
+    CALLS[f"{case.method} {case.path}"] += 1
+    if case.path.endswith("/infer") and response.status_code == 200:
+        OK_INFERENCES[case.path] += 1
+        headers = {k.lower(): v[0] if isinstance(v, list) else v for k, v in response.headers.items()}
+        assert headers.get("geogate-region") == "r1" and headers.get("geogate-replica"), headers
+    assert response.status_code < 500 or response.status_code in ALLOWED_5XX, \
+        f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}"
+
+
+def test_every_operation_was_exercised(request):
+    """Guards against a silently empty run (e.g. a schemathesis/pytest incompatibility)."""
+    declared = {f"{m.upper()} {path}" for path, methods in schema.raw_schema["paths"].items()
+                for m in methods if m != "parameters"}
+    ran = {op: n for op, n in CALLS.items() if op in declared}
+    probes = sum(n for op, n in CALLS.items() if op not in declared)
+    line = (f"schemathesis requests per operation: {dict(sorted(ran.items()))} (total {sum(ran.values())}, "
+            f"plus {probes} undeclared-method probes)")
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            tr.write_line("")
+            tr.write_line(line)
+    assert set(ran) == declared, line
+    assert OK_INFERENCES, "the documented inference example never succeeded: " + line
+    assert sum(ran.values()) >= 10 * len(declared), line
+
+
+# ---------------------------------------------------------------------------- regressions found here
+
+
+@pytest.mark.xfail(strict=False, reason="gateway/access_log.py: orjson.dumps refuses the surrogate-escaped "
+                                        "x-request-id -> aiohttp answers a plain-text 500 (remove this mark "
+                                        "once fixed)")
+def test_non_utf8_request_id_is_not_a_500(world):
+    """Found by schemathesis: an `x-request-id` header that is not valid UTF-8 (byte 0xff)
+    reaches AccessLog.log as a str with surrogates; orjson raises TypeError and the request
+    dies with a text/plain 500 instead of its real answer."""
+    import socket
+
+    body = b'{"inputs":[]}'
+    request = (b"POST /v2/models/demo/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               b"x-request-id: \xff\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    with socket.create_connection(("127.0.0.1", world.http_port), timeout=10) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    status_line = reply.split(b"\r\n", 1)[0]
+    assert status_line.split()[1] == b"400", reply[:300]
+
+
+@pytest.mark.xfail(strict=False, reason="gateway/http_front.py: the catch-all route answers 404 for a known "
+                                        "path with an undeclared method (remove this mark once fixed)")
+def test_undeclared_method_is_405(world):
+    """Found by schemathesis: `DELETE /v2` (or TRACE, POST on a GET endpoint) should be 405 with an
+    `Allow` header, as aiohttp and Triton answer, not 404 "Not Found"."""
+    status, headers, _ = http_call(f"http://{world.http}/v2", method="DELETE")
+    assert status == 405 and "GET" in headers.get("Allow", "")
+
+
+@pytest.mark.xfail(strict=False, reason="gateway/translate.py decode_body: gzip.decompress/zlib.decompress have no "
+                                        "output limit (decompression bomb); remove this mark once fixed")
+def test_gzip_bomb_is_refused_413(world):
+    """Found reviewing the request path: a small gzip body that expands past [gateway]
+    max_body_bytes (64 MiB by default) is decompressed whole in memory by the gateway before
+    any check; 64 MiB of gzip'd zeros would need ~64 GiB. Fix: decompress with
+    zlib.decompressobj(wbits=31 for gzip / 15 for deflate).decompress(body, max_body_bytes + 1)
+    and refuse with 413 when the output reaches the limit or unconsumed_tail is non-empty
+    (the replica already counts client_max_size after decompression)."""
+    import gzip
+
+    expanded_bytes = 65 * 1024 * 1024  # just over the default 64 MiB limit
+    body = gzip.compress(b"0" * expanded_bytes, compresslevel=9)
+    assert len(body) < 1024 * 1024
+    status, _, text = http_call(f"http://{world.http}/v2/models/demo/infer", body,
+                                {"Content-Encoding": "gzip", "Content-Type": "application/json"}, timeout_s=60)
+    assert status == 413, text[:300]
