@@ -1,6 +1,8 @@
 """The attempt loop: pick a replica, forward, classify, maybe retry elsewhere.
 
-    for each target the router gives (today: the local pool)
+    for each target the router gives (the local pools, then peer regions' gateways)
+      peer: one attempt through the peer gateway (gateway.peer_links), which retries among
+            its own replicas; a retryable answer moves on to the next region
       repeat: pick (P2C over eligible replicas not tried yet) -> forward with
               min(per-try timeout, time left) -> classify (health.outcomes) -> record the
               outcome (passive outlier detection, latency EWMA, metrics)
@@ -27,9 +29,10 @@ from gateway.balancer import pick_p2c
 from gateway.config import GatewaySection
 from gateway.gateway_metrics import GatewayMetrics
 from gateway.load_window import LoadWindow
+from gateway.peer_links import PeerLinks
 from gateway.pool import RegionPools, Upstream
 from gateway.retry_budget import RetryBudget
-from gateway.router import Router
+from gateway.router import TARGET_PEER
 from gateway.upstream_types import FAILURES, OUTCOME_NAME, PROTOCOL_HTTP, RETRYABLE, InferCall, Reply
 from health.outcomes import Outcome
 
@@ -56,8 +59,11 @@ class ForwardResult:
 
 class Forwarder:
     def __init__(self, pools: RegionPools, gw: GatewaySection, metrics: GatewayMetrics,
-                 router: Router, load: LoadWindow) -> None:
+                 router, load: LoadWindow, peers: PeerLinks | None = None) -> None:
         self.pools = pools
+        self.peers = peers
+        # Called after each request sent to another region: (region, reply, why not local).
+        self.on_cross_region = None
         self.gw = gw
         self.metrics = metrics
         self.router = router
@@ -156,53 +162,90 @@ class Forwarder:
         last: Reply | None = None
         last_up: Upstream | None = None
         total_ms = (call.deadline_s - (call.started_s or time.monotonic())) * MS_PER_S
-        max_attempts = self.gw.max_attempts
         panic_detail = ""
-        for _target in self.router.targets(call.model, call.version, call.hops):
-            while True:
-                now = time.monotonic()
-                remaining = call.deadline_s - now
-                if remaining <= 0:
+        no_local = ""  # why the local region could not serve, for the answer if nothing else can
+        for target in self.router.targets_for(call):
+            if target.kind == TARGET_PEER:
+                link = self.peers.link(target) if self.peers is not None else None
+                if link is None:
+                    continue
+                remaining = call.deadline_s - time.monotonic()
+                if remaining <= 0.0005:
                     return ForwardResult(deadline_reply(total_ms, attempts, last), attempts, last_up)
-                up, reason = self._pick(call, tried, now)
-                if up is not None and reason:
-                    panic_detail = reason
-                if up is None:
-                    if last is not None:
-                        if panic_detail and last.outcome in FAILURES:
-                            last.message += f" ({panic_detail})"
-                        return ForwardResult(last, attempts, last_up)
-                    return ForwardResult(Reply(Outcome.UNAVAILABLE, 503, grpc.StatusCode.UNAVAILABLE,
-                                               message=f"no replica can serve: {reason}"), attempts, None)
-                attempts += 1
-                tried.append(up)
-                try_s = min(remaining, self.per_try_s) if self.per_try_s > 0 else remaining
-                hedge_s = self._hedge_delay_s(now)
-                if hedge_s is not None and hedge_s < try_s:
-                    reply, up, extra = await self._attempt_hedged(up, call, try_s, tried, hedge_s)
-                    attempts += extra
-                else:
-                    reply = await self._attempt(up, call, try_s)
-                last, last_up = reply, up
-                if reply.outcome not in RETRYABLE:
-                    return ForwardResult(reply, attempts, up)
-                left = call.deadline_s - time.monotonic()
-                if left <= 0.0005:
-                    return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
-                if attempts >= max_attempts:
-                    break
-                if not self.budget.try_spend():
+                # Moving to another region after failures there is a retry like any other
+                # (budgeted), unless nothing was sent anywhere yet or the failures never reached
+                # a replica (refused connections add no load).
+                if last is not None and last.outcome is not Outcome.CONNECT_FAILURE and not self.budget.try_spend():
                     self.metrics.budget_exhausted()
-                    reply.message += " (retry budget exhausted: not retried)"
+                    last.message += " (retry budget exhausted: not sent to another region)"
                     break
-                self.metrics.retry(OUTCOME_NAME[reply.outcome])
-                backoff_s = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempts - 1)))
-                backoff_s *= self._rng.random()  # full jitter
-                if backoff_s >= left:
-                    return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
-                if backoff_s > 0:
-                    await asyncio.sleep(backoff_s)
-        assert last is not None
+                attempts += 1
+                reply = await link.forward(call, remaining)
+                self.metrics.cross_region_request(target.region, OUTCOME_NAME[reply.outcome])
+                if self.on_cross_region is not None:
+                    self.on_cross_region(target.region, reply, no_local or (last.message if last else ""))
+                last, last_up = reply, None
+                if reply.outcome not in RETRYABLE:
+                    return ForwardResult(reply, attempts, None)
+                continue
+            result = await self._forward_local(call, tried, attempts, total_ms)
+            if isinstance(result, ForwardResult):
+                return result
+            attempts, last, last_up, why, detail = result
+            panic_detail = detail or panic_detail
+            if last is None and why:
+                no_local = why
+        if last is None:
+            return ForwardResult(Reply(Outcome.UNAVAILABLE, 503, grpc.StatusCode.UNAVAILABLE,
+                                       message=f"no replica can serve: {no_local or 'no region can serve'}"),
+                                 attempts, None)
         if panic_detail and last.outcome in FAILURES:
             last.message += f" ({panic_detail})"
         return ForwardResult(last, attempts, last_up)
+
+    async def _forward_local(self, call: InferCall, tried: list[Upstream], attempts: int, total_ms: float):
+        """Attempts on the local pools. A ForwardResult ends the request; otherwise (attempts,
+        last reply, its upstream, why no replica was left, panic detail) lets the caller move
+        on to the next region."""
+        last: Reply | None = None
+        last_up: Upstream | None = None
+        panic_detail = ""
+        max_attempts = self.gw.max_attempts
+        while True:
+            now = time.monotonic()
+            remaining = call.deadline_s - now
+            if remaining <= 0:
+                return ForwardResult(deadline_reply(total_ms, attempts, last), attempts, last_up)
+            up, reason = self._pick(call, tried, now)
+            if up is not None and reason:
+                panic_detail = reason
+            if up is None:
+                return attempts, last, last_up, reason, panic_detail
+            attempts += 1
+            tried.append(up)
+            try_s = min(remaining, self.per_try_s) if self.per_try_s > 0 else remaining
+            hedge_s = self._hedge_delay_s(now)
+            if hedge_s is not None and hedge_s < try_s:
+                reply, up, extra = await self._attempt_hedged(up, call, try_s, tried, hedge_s)
+                attempts += extra
+            else:
+                reply = await self._attempt(up, call, try_s)
+            last, last_up = reply, up
+            if reply.outcome not in RETRYABLE:
+                return ForwardResult(reply, attempts, up)
+            left = call.deadline_s - time.monotonic()
+            if left <= 0.0005:
+                return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
+            if attempts >= max_attempts:
+                return attempts, last, last_up, "", panic_detail
+            if reply.outcome is not Outcome.CONNECT_FAILURE and not self.budget.try_spend():
+                self.metrics.budget_exhausted()
+                reply.message += " (retry budget exhausted: not retried)"
+                return ForwardResult(reply, attempts, up)
+            self.metrics.retry(OUTCOME_NAME[reply.outcome])
+            backoff_s = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempts - 1)))
+            backoff_s *= self._rng.random()  # full jitter
+            if backoff_s >= left:
+                return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
+            if backoff_s > 0:
+                await asyncio.sleep(backoff_s)

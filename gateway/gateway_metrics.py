@@ -64,6 +64,12 @@ class GatewayMetrics:
         self.rejected = Counter(
             "geogate_rejected_requests", "Requests answered by the gateway itself with an error",
             ["region", "protocol", "status"], registry=r)
+        self.cross_region = Counter(
+            "geogate_cross_region_requests", "Requests sent to another region's gateway (failover or spill)",
+            ["region", "to_region", "outcome"], registry=r)
+        self.peer_healthy = Gauge(
+            "geogate_peer_region_healthy", "1 if this gateway sees the peer region's gateway as able to serve",
+            ["region", "peer"], registry=r, multiprocess_mode="livemax")
         self._req: dict[tuple, object] = {}
         self._lat: dict[tuple, object] = {}
         self._att: dict[tuple, object] = {}
@@ -103,6 +109,12 @@ class GatewayMetrics:
             self._inflight_counts[protocol] += delta
 
     # ------------------------------------------------------------------ rare events
+
+    def cross_region_request(self, to_region: str, outcome: str) -> None:
+        self.cross_region.labels(self.region, to_region, outcome).inc()
+
+    def peer_health(self, peer: str, healthy: bool) -> None:
+        self.peer_healthy.labels(self.region, peer).set(1 if healthy else 0)
 
     def retry(self, reason: str) -> None:
         self.retries.labels(self.region, reason).inc()

@@ -6,6 +6,7 @@ lifecycle (start -> serve -> drain -> close).
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -18,15 +19,20 @@ from gateway.forwarder import Forwarder
 from gateway.gateway_metrics import GatewayMetrics
 from gateway.load_window import LoadWindow
 from gateway.model_catalog import ModelCatalog
+from gateway.peer_links import PeerLinks
 from gateway.pool import RegionPools
 from gateway.router import Router
 from gateway.upstream_types import Reply
 from health.outcomes import Outcome
 from health.replica_state import ReplicaState
+from health.selection import healthy_fraction
 
 log = logging.getLogger("geogate.gateway")
 
 REASON_DRAINING = "draining: the gateway is shutting down"
+MAX_EVENTS = 200  # recent events this worker remembers (status page, geogate status)
+# A burst of requests served by another region is one "failover" event, not one per request.
+CROSS_REGION_EVENT_QUIET_S = 10.0
 
 
 @dataclass(slots=True)
@@ -71,18 +77,59 @@ class GatewayState:
         self.access_log = AccessLog(enabled=cfg.gateway.access_log)
         self.pools = RegionPools(cfg, region, on_health_change=self._on_health_change,
                                  on_eject=self._on_eject, on_member_change=self._on_member)
-        self.router = Router(region.name)
+        self.events: collections.deque[dict] = collections.deque(maxlen=MAX_EVENTS)
+        self.region_monitor = None
+        self.peers: PeerLinks | None = None
+        self.locator = None
+        self.router = self._make_router()
+        # The fronts read the client's address only when routing depends on it.
+        self.locate_clients = len(cfg.regions) > 1 and cfg.routing.mode == "nearest-to-client"
+        # A model this region has never heard of may still be served by a peer region.
+        self.multi_region = len(cfg.regions) > 1
         self.catalog = ModelCatalog(self.pools)
-        self.forwarder = Forwarder(self.pools, cfg.gateway, self.metrics, self.router, self.load)
+        self.forwarder = Forwarder(self.pools, cfg.gateway, self.metrics, self.router, self.load, self.peers)
+        self.forwarder.on_cross_region = self._on_cross_region
+        self._last_cross_event: dict[str, float] = {}
         self.resolver, self._resolver_lifecycle = make_resolver(cfg, region)
         self.draining = False
         self.started_s = time.monotonic()
+
+    def _make_router(self):
+        """One region: the local pools only. Several: peers are health-checked (readiness and
+        region summary, RTT EWMA) and requests fail over / spill to them (region_router)."""
+        if len(self.cfg.regions) <= 1:
+            return Router(self.region.name)
+        from gateway.region_router import MultiRegionRouter
+        from geo.client_locator import ClientLocator
+        from geo.region_health import RegionHealthMonitor
+
+        d = self.cfg.dns
+        peers = [r for r in self.cfg.regions if r.name != self.region.name]
+        self.region_monitor = RegionHealthMonitor(peers, interval_ms=d.check_interval_ms,
+                                                  timeout_ms=d.check_timeout_ms, fall=d.fall, rise=d.rise,
+                                                  on_change=self._on_peer_change)
+        self.peers = PeerLinks(self.cfg, self.region.name)
+        routing = self.cfg.routing
+        mmdb = self.cfg.resolve_path(routing.geoip_database) if routing.geoip_database else ""
+        self.locator = ClientLocator(self.cfg.regions, mmdb_path=mmdb, trusted_proxies=routing.trusted_proxies)
+        return MultiRegionRouter(self.cfg, self.region.name, local_fraction=self.local_fraction,
+                                 peers=self.region_monitor, locator=self.locator)
+
+    def local_fraction(self) -> float:
+        """Healthy fraction of this region's replicas (0 while draining: send everything away)."""
+        if self.draining:
+            return 0.0
+        return healthy_fraction(self.pools.all_states())
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self.access_log.start()
         await self.pools.start()
+        if self.peers is not None:
+            self.peers.start()
+        if self.region_monitor is not None:
+            await self.region_monitor.start()
         start = getattr(self._resolver_lifecycle, "start", None)
         if start is not None:
             try:
@@ -98,6 +145,12 @@ class GatewayState:
                 await close()
             except Exception:
                 log.exception("version resolver close failed")
+        if self.region_monitor is not None:
+            await self.region_monitor.close()
+        if self.peers is not None:
+            await self.peers.close()
+        if self.locator is not None:
+            self.locator.close()
         await self.pools.close()
         await self.access_log.close()
 
@@ -120,6 +173,24 @@ class GatewayState:
         self.pools.invalidate()
         self.metrics.ejected(state.url)
         log.warning("replica %s ejected: %s", state.url, state.eject_reason)
+
+    def _on_peer_change(self, state) -> None:
+        self.metrics.peer_health(state.name, state.healthy)
+        verb = "healthy" if state.healthy else f"unhealthy ({state.reason})"
+        self.event("region", f"peer region {state.name} is {verb}")
+        log.info("peer region %s is now %s", state.name, verb)
+
+    def _on_cross_region(self, to_region: str, reply: Reply, why: str) -> None:
+        now = time.monotonic()
+        if now - self._last_cross_event.get(to_region, -1e9) < CROSS_REGION_EVENT_QUIET_S:
+            return
+        self._last_cross_event[to_region] = now
+        why = why or "local replicas failed or the spill rule sent it"
+        self.event("failover", f"requests from {self.region.name} served by {to_region} ({why})")
+        log.warning("sending requests to region %s: %s", to_region, why)
+
+    def event(self, kind: str, message: str) -> None:
+        self.events.append({"time": time.time(), "kind": kind, "message": message, "region": self.region.name})
 
     def _on_member(self, up, added: bool) -> None:
         self.metrics.health(up.state.pool, up.state.url, up.state.healthy if added else False)
@@ -153,8 +224,12 @@ class GatewayState:
             log.warning("version resolver failed for %r (%s); using the requested version", model, exc)
             return requested
 
-    def unknown_model(self, model: str, version: str | None) -> Reply | None:
-        """A 404 / NOT_FOUND reply when no replica has the model (version), else None."""
+    def unknown_model(self, model: str, version: str | None, hops: int = 0) -> Reply | None:
+        """A 404 / NOT_FOUND reply when no replica has the model (version), else None. With
+        peers, only for requests that cannot go to another region (hops >= 1): the local
+        replicas may simply be down, and a peer then answers (or says 404 itself)."""
+        if self.multi_region and hops == 0:
+            return None
         known = self.pools.model_known(model, version)
         if known is False:
             if version is None or self.pools.model_known(model, None) is False:

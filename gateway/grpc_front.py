@@ -41,6 +41,15 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
+def grpc_peer_ip(peer: str | None) -> str:
+    """The address in grpc's peer string ('ipv4:1.2.3.4:5678', 'ipv6:[::1]:5678')."""
+    if not peer:
+        return ""
+    _, _, rest = peer.partition(":")
+    host, _, _ = rest.rpartition(":")
+    return host.strip("[]")
+
+
 class GrpcFront:
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -115,7 +124,8 @@ class GrpcFront:
                                    "flight (max_concurrent_requests)", t0)
             if not model:
                 await self._reject(context, initial, rid, "", "", 400, "ModelInferRequest has no model_name", t0)
-            unknown = gw.unknown_model(model, requested)
+            hops = parse_hops(md.get(HOPS_HEADER))
+            unknown = gw.unknown_model(model, requested, hops)
             if unknown is not None:
                 await self._reject(context, initial, rid, model, requested, 404, unknown.message, t0)
             version = gw.resolve_version(model, requested)
@@ -128,10 +138,16 @@ class GrpcFront:
             except RequestError as exc:
                 await self._reject(context, initial, rid, model, version, exc.status, str(exc), t0)
             call = InferCall(PROTOCOL_GRPC, model, requested, version, rid, deadline_s,
-                             hops=parse_hops(md.get(HOPS_HEADER)), started_s=t0, raw=raw, peek=peek)
+                             hops=hops, started_s=t0, raw=raw, peek=peek)
+            if gw.locate_clients:
+                call.client_ip = grpc_peer_ip(context.peer())
+                call.forwarded_for = md.get("x-forwarded-for")
             result = await gw.forwarder.forward(call)
             reply = result.reply
-            replica = result.upstream.state.url if result.upstream is not None else ""
+            # Served by a peer region: its gateway said where and by which replica.
+            replica = result.upstream.state.url if result.upstream is not None else reply.replica
+            if reply.region:
+                initial[0] = ("geogate-region", reply.region)
             served_version = reply.model_version or version or ""
             initial += [("geogate-replica", replica), ("geogate-model-version", served_version),
                         ("geogate-attempts", str(result.attempts))]

@@ -131,7 +131,8 @@ class HttpFront:
                 return self._reject(rid, model, requested, f"gateway worker overloaded: more than "
                                     f"{self.max_in_flight} requests in flight (max_concurrent_requests)",
                                     503, resp_headers, t0)
-            unknown = gw.unknown_model(model, requested)
+            hops = parse_hops(headers.get(HOPS_HEADER))
+            unknown = gw.unknown_model(model, requested, hops)
             if unknown is not None:
                 return self._reject(rid, model, requested, unknown.message, 404, resp_headers, t0)
             cl = request.content_length
@@ -157,13 +158,19 @@ class HttpFront:
                 status = getattr(exc, "status", 400)
                 return self._reject(rid, model, version, str(exc), status, resp_headers, t0)
             call = InferCall(PROTOCOL_HTTP, model, requested, version, rid, deadline_s,
-                             hops=parse_hops(headers.get(HOPS_HEADER)), started_s=t0, body=body, header=header,
+                             hops=hops, started_s=t0, body=body, header=header,
                              header_len=hl, content_encoding=enc,
                              accept_encoding=headers.get("Accept-Encoding"))
+            if gw.locate_clients:
+                call.client_ip = request.remote or ""
+                call.forwarded_for = headers.get("X-Forwarded-For")
             result = await gw.forwarder.forward(call)
             reply = result.reply
             up = result.upstream
-            replica = up.state.url if up is not None else ""
+            # Served by a peer region: its gateway said where and by which replica.
+            replica = up.state.url if up is not None else reply.replica
+            if reply.region:
+                resp_headers["geogate-region"] = reply.region
             resp_headers["geogate-attempts"] = str(result.attempts)
             resp_headers["geogate-replica"] = replica
             resp_headers["geogate-model-version"] = reply.model_version or (version or "")

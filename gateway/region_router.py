@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 from gateway.config import Config
 from gateway.router import TARGET_LOCAL, TARGET_PEER, Target
-from geo.client_locator import Location
+from geo.client_locator import ClientLocator, Location
 from geo.region_health import RegionHealthMonitor
-from geo.region_order import MODE_LOCAL_FIRST, FailbackHold, order_regions, spill_shares
+from geo.region_order import MODE_LOCAL_FIRST, MODE_NEAREST_TO_CLIENT, FailbackHold, order_regions, spill_shares
 
 # Region order and shares are recomputed at most this often for local-first routing (they
 # depend only on health and RTT, which change on the probe cadence, not per request).
@@ -55,13 +55,14 @@ class RegionPlan:
 class MultiRegionRouter:
     def __init__(self, cfg: Config, local_region: str, *, local_fraction: Callable[[], float],
                  peers: RegionHealthMonitor | None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, locator: ClientLocator | None = None) -> None:
         self.cfg = cfg
         self.local_region = local_region
         self.mode = cfg.routing.mode
         self.factor = cfg.routing.overprovisioning_factor
         self.local_fraction = local_fraction
         self.peers = peers
+        self.locator = locator
         self.hold = FailbackHold(cfg.routing.failback_hold_ms, clock=clock)
         self._rng = rng or random.Random()
         self._clock = clock
@@ -110,6 +111,13 @@ class MultiRegionRouter:
         rest_healthy = [n for n in plan.ordered if n != first and plan.healthy.get(n)]
         rest_unhealthy = [n for n in plan.ordered if n != first and not plan.healthy.get(n)]
         return tuple(self._targets[n] for n in (first, *rest_healthy, *rest_unhealthy) if n in self._targets)
+
+    def targets_for(self, call) -> tuple[Target, ...]:
+        """`targets` for an InferCall; the client is located only in nearest-to-client mode."""
+        client = None
+        if self.mode == MODE_NEAREST_TO_CLIENT and self.locator is not None and call.hops == 0 and call.client_ip:
+            client = self.locator.locate(call.client_ip, call.forwarded_for)
+        return self.targets(call.model, call.version, call.hops, client=client)
 
     def snapshot(self) -> dict:
         plan = self.plan()

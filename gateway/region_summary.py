@@ -36,4 +36,7 @@ def region_summary(gw) -> dict:
         "models": models,
         "load": gw.load.summary(),
         "worker": gw.worker,
+        # How this gateway routes now: region order, spill shares, failback holds, peers' health.
+        "routing": gw.router.snapshot(),
+        "peers": gw.region_monitor.snapshot() if gw.region_monitor is not None else [],
     }

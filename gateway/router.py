@@ -1,10 +1,10 @@
-"""Per request: the ordered targets to try.
+"""Per request: the ordered targets to try (a local pool, or a peer region's gateway).
 
-Today a gateway serves from its own region only, so the answer is always the local pool.
-This is the seam for multi-region routing: later, targets after the local pool are peer
-gateways of other regions (ordered by geo.region_order, spilled by healthy fraction), reached
-with ``geogate-hops: 1``. A request that arrived with ``geogate-hops >= 1`` came from a peer
-and is only ever served locally, so requests never loop between regions.
+``Router`` is the one-region case: always the local pool. With several regions the gateway
+uses ``gateway.region_router.MultiRegionRouter`` (same ``targets_for``), whose targets after
+the first are peer gateways of other regions, reached with ``geogate-hops: 1``. A request
+that arrived with ``geogate-hops >= 1`` came from a peer and is only ever served locally, so
+requests never loop between regions.
 """
 
 from __future__ import annotations
@@ -40,3 +40,9 @@ class Router:
     def targets(self, model: str, version: str | None, hops: int) -> tuple[Target, ...]:
         """Ordered targets for one request. `hops` >= 1: local only (no second hop)."""
         return self._local
+
+    def targets_for(self, call) -> tuple[Target, ...]:
+        return self._local
+
+    def snapshot(self) -> dict:
+        return {"mode": "single-region", "order": [self.local_region]}

@@ -119,10 +119,13 @@ class HttpUpstream:
                     version = response_version(plain, hl)
                 except translate.TranslateError:
                     version = ""
+            # geogate-region/-replica: only a peer gateway sends them (who really served).
             return Reply(outcome, status, body=data, header_len=hl, content_type=rh.get("content-type"),
-                         content_encoding=enc, model_version=version)
+                         content_encoding=enc, model_version=version, region=rh.get("geogate-region", ""),
+                         replica=rh.get("geogate-replica", ""))
         return Reply(outcome, status, grpc_code=http_to_grpc(status), message=error_text(data, status),
-                     body=data, content_type=rh.get("content-type"))
+                     body=data, content_type=rh.get("content-type"), region=rh.get("geogate-region", ""),
+                     replica=rh.get("geogate-replica", ""))
 
     async def infer_grpc(self, call: InferCall, timeout_s: float, extra_headers: dict[str, str]) -> Reply:
         """A gRPC client's request, translated to HTTP binary for this replica."""

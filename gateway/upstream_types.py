@@ -25,6 +25,9 @@ class InferCall:
     deadline_s: float  # monotonic
     hops: int = 0
     started_s: float = 0.0  # monotonic arrival time: the deadline's budget is deadline_s - started_s
+    # Who asked (for nearest-to-client routing): the socket peer and X-Forwarded-For as received.
+    client_ip: str = ""
+    forwarded_for: str | None = None
     # HTTP form: the body exactly as received, and its parsed JSON header
     body: bytes = b""
     header: dict | None = None
@@ -47,6 +50,9 @@ class Reply:
     content_type: str | None = None
     content_encoding: str | None = None
     model_version: str = ""
+    # Set when a peer gateway served the request: where, as the peer's response headers said.
+    region: str = ""
+    replica: str = ""
 
 
 HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {

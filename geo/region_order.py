@@ -102,7 +102,8 @@ class FailbackHold:
 
     Going unhealthy counts at once; coming back counts only after ``hold_ms`` of being
     continuously healthy, so a region whose health flaps never takes traffic back.  A region
-    seen for the first time counts as it is observed (no history, nothing to hold against).
+    seen for the first time counts as it is observed, and one that has never been healthy
+    (still starting) joins as soon as it is: no history, nothing to hold against.
     """
 
     def __init__(self, hold_ms: int, *, clock: Callable[[], float] = time.monotonic):
@@ -110,13 +111,16 @@ class FailbackHold:
         self._clock = clock
         self._effective: dict[str, bool] = {}
         self._healthy_since: dict[str, float | None] = {}
+        self._ever_healthy: set[str] = set()
 
     def observe(self, region: str, healthy: bool, now_s: float | None = None) -> bool:
         """Record the region's current health; returns whether it counts as healthy."""
         now = self._clock() if now_s is None else now_s
-        if region not in self._effective:
+        if region not in self._effective or (healthy and region not in self._ever_healthy):
             self._effective[region] = healthy
             self._healthy_since[region] = now if healthy else None
+            if healthy:
+                self._ever_healthy.add(region)
             return healthy
         if not healthy:
             self._effective[region] = False

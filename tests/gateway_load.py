@@ -23,14 +23,18 @@ class Results:
     failures: list[str] = field(default_factory=list)
     replicas: Counter = field(default_factory=Counter)
     attempts: Counter = field(default_factory=Counter)
+    regions: Counter = field(default_factory=Counter)  # geogate-region of each success
+    timeline: list = field(default_factory=list)  # (monotonic time, region) of each success
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, ok: bool, replica: str, attempts: str, error: str = "") -> None:
+    def add(self, ok: bool, replica: str, attempts: str, error: str = "", region: str = "") -> None:
         with self.lock:
             if ok:
                 self.ok += 1
                 self.replicas[replica] += 1
                 self.attempts[attempts] += 1
+                self.regions[region] += 1
+                self.timeline.append((time.monotonic(), region))
             else:
                 self.failures.append(error)
 
@@ -58,7 +62,8 @@ def _http_worker(address: str, stop: threading.Event, res: Results, pause_s: flo
             resp = conn.getresponse()
             data = resp.read()
             if resp.status == 200:
-                res.add(True, resp.getheader("geogate-replica", "?"), resp.getheader("geogate-attempts", "?"))
+                res.add(True, resp.getheader("geogate-replica", "?"), resp.getheader("geogate-attempts", "?"),
+                        region=resp.getheader("geogate-region", "?"))
             else:
                 res.add(False, "", "", f"http {resp.status}: {data[:300]!r}")
         except (OSError, http.client.HTTPException) as exc:
@@ -80,7 +85,8 @@ def _grpc_worker(address: str, stop: threading.Event, res: Results, pause_s: flo
         try:
             _, call = stub.ModelInfer.with_call(req, timeout=30)
             md = dict(call.initial_metadata())
-            res.add(True, md.get("geogate-replica", "?"), md.get("geogate-attempts", "?"))
+            res.add(True, md.get("geogate-replica", "?"), md.get("geogate-attempts", "?"),
+                    region=md.get("geogate-region", "?"))
         except grpc.RpcError as exc:
             res.add(False, "", "", f"grpc: {exc.code()} {exc.details()}")
         if pause_s:

@@ -160,9 +160,12 @@ def test_failback_hold_flapping_never_returns():
 
 
 def test_failback_hold_apply_and_unknown_regions():
-    clock = iter([0.0, 1.0, 2.0])
+    clock = iter([0.0, 1.0, 2.0, 2.1, 2.7])
     hold = FailbackHold(500, clock=lambda: next(clock))
     assert hold.apply({"a": True, "b": False}) == {"a": True, "b": False}
-    assert hold.apply({"a": True, "b": True}) == {"a": True, "b": False}
+    # b was never healthy (still starting): nothing to flap against, it joins at once
+    assert hold.apply({"a": True, "b": True}) == {"a": True, "b": True}
     assert hold.is_healthy("never-seen", now_s=0.0) is False
-    assert hold.apply({"a": True, "b": True}) == {"a": True, "b": True}  # b healthy since 1.0: held 1 s > 0.5 s
+    assert hold.apply({"a": True, "b": False}) == {"a": True, "b": False}
+    assert hold.apply({"a": True, "b": True}) == {"a": True, "b": False}  # was healthy once: held
+    assert hold.apply({"a": True, "b": True}) == {"a": True, "b": True}  # b healthy since 2.1: held 0.6 s > 0.5 s

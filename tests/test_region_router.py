@@ -77,9 +77,11 @@ def test_partial_degradation_spills_in_proportion():
 
 
 def test_full_outage_fails_over_then_returns_after_hold():
-    local = [0.0]
+    local = [1.0]
     router, _, clock = make(local)
-    router.plan()
+    assert first_regions(router) == {"eu-west": 4000}
+    local[0] = 0.0
+    clock.t += 1.0  # the local region's replicas are all down: everything fails over
     assert first_regions(router) == {"us-east": 4000}
     local[0] = 1.0
     clock.t += 1.0  # recovered, first seen healthy now
@@ -87,6 +89,15 @@ def test_full_outage_fails_over_then_returns_after_hold():
     clock.t += 1.0  # still within the 2 s hold-down
     assert first_regions(router) == {"us-east": 4000}
     clock.t += 1.1  # 2.1 s after it was first seen healthy again (hold is 2 s)
+    assert first_regions(router) == {"eu-west": 4000}
+
+
+def test_a_region_that_was_never_healthy_joins_at_once():
+    local = [0.0]
+    router, _, clock = make(local)
+    assert first_regions(router) == {"us-east": 4000}  # still starting
+    local[0] = 1.0
+    clock.t += 0.1  # no history to flap against: no hold-down
     assert first_regions(router) == {"eu-west": 4000}
 
 

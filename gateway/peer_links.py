@@ -1,0 +1,114 @@
+"""Links to the other regions' gateways: how a request crosses to a peer region.
+
+A peer gateway speaks the same KServe v2 protocol as a replica, so the same upstream clients
+carry the request, in the client's own protocol (HTTP body or gRPC message as received, never
+re-encoded), with three differences:
+- ``geogate-hops`` is raised by one, so the peer serves it from its own replicas only (no
+  loops, no ping-pong between two sick regions);
+- the deadline travels as what is LEFT of it (``geogate-timeout-ms`` header / gRPC deadline);
+- the version sent is the one the client asked for (the peer resolves its own release record,
+  so a per-site cutover stays per site), and the peer's ``geogate-region`` and
+  ``geogate-replica`` answer headers are kept so the client sees who really served it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import aiohttp
+import grpc
+
+from gateway.deadline import TIMEOUT_HEADER
+from gateway.proto_peek import peek_response_version
+from gateway.router import HOPS_HEADER, TARGET_PEER, Target
+from gateway.upstream_grpc import GrpcUpstream, classify_rpc_error
+from gateway.upstream_http import HttpUpstream, make_session
+from gateway.upstream_types import PROTOCOL_HTTP, InferCall, Reply
+from health.outcomes import Outcome
+
+log = logging.getLogger("geogate.peers")
+
+MS_PER_S = 1000.0
+# Leave the peer a little less than our own remaining time, so its deadline answer (504 with
+# its reason) reaches us before our own timer fires.
+DEADLINE_MARGIN_S = 0.002
+REGION_HEADER = "geogate-region"
+REPLICA_HEADER = "geogate-replica"
+
+
+class PeerGrpc(GrpcUpstream):
+    """gRPC to a peer gateway: also reads the peer's initial metadata (who served)."""
+
+    async def infer_grpc(self, call: InferCall, timeout_s: float, extra_headers: dict[str, str]) -> Reply:
+        rpc = self._infer(call.raw, timeout=timeout_s, metadata=tuple(extra_headers.items()))
+        try:
+            data = await rpc
+        except grpc.aio.AioRpcError as err:
+            reply = self._error_reply(classify_rpc_error(err), err, timeout_s)
+            md = dict(err.initial_metadata() or ())
+            reply.region, reply.replica = md.get(REGION_HEADER, ""), md.get(REPLICA_HEADER, "")
+            return reply
+        md = dict(await rpc.initial_metadata() or ())
+        return Reply(Outcome.SUCCESS, body=data, model_version=peek_response_version(data),
+                     region=md.get(REGION_HEADER, ""), replica=md.get(REPLICA_HEADER, ""))
+
+
+class PeerLink:
+    """One peer region's gateway, over HTTP and gRPC."""
+
+    def __init__(self, region: str, http: str, grpc_address: str, session: aiohttp.ClientSession,
+                 connections: int) -> None:
+        self.region = region
+        self.http = HttpUpstream(http, session, connections=connections)
+        self.grpc = PeerGrpc(grpc_address)
+        self.label = f"peer:{region}"
+
+    async def forward(self, call: InferCall, timeout_s: float) -> Reply:
+        timeout_s = max(0.001, timeout_s)
+        headers = {"x-request-id": call.request_id, HOPS_HEADER: str(call.hops + 1)}
+        # The client's version, not ours: the peer resolves its own release record.
+        peer_call = dataclasses.replace(call, version=call.requested_version)
+        if call.protocol == PROTOCOL_HTTP:
+            headers[TIMEOUT_HEADER] = f"{max(1.0, (timeout_s - DEADLINE_MARGIN_S) * MS_PER_S):.0f}"
+            reply = await self.http.infer_http(peer_call, timeout_s, headers)
+        else:
+            reply = await self.grpc.infer_grpc(peer_call, max(0.001, timeout_s - DEADLINE_MARGIN_S), headers)
+        if not reply.region:
+            reply.region = self.region
+        if reply.message:
+            reply.message = f"peer region {self.region!r}: {reply.message}"
+        return reply
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.grpc.close()
+
+
+class PeerLinks:
+    """Every peer of one gateway, by region name."""
+
+    def __init__(self, cfg, local_region: str) -> None:
+        self._cfg = cfg
+        self.local_region = local_region
+        self.links: dict[str, PeerLink] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        conns = self._cfg.gateway.upstream_connections_per_replica
+        self._session = make_session(conns)
+        for r in self._cfg.regions:
+            if r.name != self.local_region:
+                self.links[r.name] = PeerLink(r.name, r.http, r.grpc, self._session, conns)
+
+    def link(self, target: Target) -> PeerLink | None:
+        return self.links.get(target.region) if target.kind == TARGET_PEER else None
+
+    async def close(self) -> None:
+        for link in self.links.values():
+            try:
+                await link.close()
+            except Exception:  # closing must go on for the others
+                log.exception("closing the link to peer %s failed", link.region)
+        if self._session is not None:
+            await self._session.close()
