@@ -41,6 +41,9 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
+PRIORITY_HEADER = "geogate-priority"
+
+
 def grpc_peer_ip(peer: str | None) -> str:
     """The address in grpc's peer string ('ipv4:1.2.3.4:5678', 'ipv6:[::1]:5678')."""
     if not peer:
@@ -139,6 +142,7 @@ class GrpcFront:
                 await self._reject(context, initial, rid, model, version, exc.status, str(exc), t0)
             call = InferCall(PROTOCOL_GRPC, model, requested, version, rid, deadline_s,
                              hops=hops, started_s=t0, raw=raw, peek=peek)
+            call.priority = md.get(PRIORITY_HEADER, "")
             if gw.locate_clients:
                 call.client_ip = grpc_peer_ip(context.peer())
                 call.forwarded_for = md.get("x-forwarded-for")
@@ -162,6 +166,8 @@ class GrpcFront:
             await context.send_initial_metadata(initial)
             if reply.grpc_code == grpc.StatusCode.OK:
                 return reply.body
+            if reply.retry_after_s:
+                context.set_trailing_metadata((("retry-after", str(reply.retry_after_s)),))
             await context.abort(reply.grpc_code, reply.message)
         finally:
             gw.load.in_flight -= 1

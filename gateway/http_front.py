@@ -34,6 +34,9 @@ def json_response(body: object, status: int = 200, headers: dict | None = None) 
     return web.Response(body=orjson.dumps(body), status=status, content_type=JSON, headers=headers)
 
 
+PRIORITY_HEADER = "geogate-priority"
+
+
 def error_response(message: str, status: int, headers: dict | None = None) -> web.Response:
     return json_response({"error": message}, status, headers)
 
@@ -161,6 +164,7 @@ class HttpFront:
                              hops=hops, started_s=t0, body=body, header=header,
                              header_len=hl, content_encoding=enc,
                              accept_encoding=headers.get("Accept-Encoding"))
+            call.priority = headers.get(PRIORITY_HEADER, "")
             if gw.locate_clients:
                 call.client_ip = request.remote or ""
                 call.forwarded_for = headers.get("X-Forwarded-For")
@@ -195,6 +199,8 @@ class HttpFront:
                 # A replica's own 4xx passes through unchanged.
                 resp_headers["Content-Type"] = reply.content_type
                 return web.Response(body=reply.body, status=reply.http_status, headers=resp_headers)
+            if reply.retry_after_s:
+                resp_headers["Retry-After"] = str(reply.retry_after_s)
             return error_response(reply.message, reply.http_status, resp_headers)
         finally:
             gw.load.in_flight -= 1

@@ -28,6 +28,10 @@ class InferCall:
     # Who asked (for nearest-to-client routing): the socket peer and X-Forwarded-For as received.
     client_ip: str = ""
     forwarded_for: str | None = None
+    # Priority class as the client sent it (geogate-priority header / metadata; "" if none) and
+    # the default of the caller's API key (None: no key or no default).
+    priority: str = ""
+    key_priority: str | None = None
     # HTTP form: the body exactly as received, and its parsed JSON header
     body: bytes = b""
     header: dict | None = None
@@ -53,6 +57,8 @@ class Reply:
     # Set when a peer gateway served the request: where, as the peer's response headers said.
     region: str = ""
     replica: str = ""
+    # Seconds for a Retry-After header / retry-after trailer (shed or rate-limited answers).
+    retry_after_s: int = 0
 
 
 HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {
