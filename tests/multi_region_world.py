@@ -42,16 +42,23 @@ class World:
     """`routing`: extra keys for [routing]; `cidrs`: region -> client_cidrs."""
 
     def __init__(self, tmp_path: Path, repo: str, procs: list, *, routing: str = "",
-                 cidrs: dict[str, list[str]] | None = None, hold_ms: int = 1500) -> None:
+                 cidrs: dict[str, list[str]] | None = None, hold_ms: int = 1500, store_url: str = "") -> None:
+        """`store_url`: sites synced from that store (a sync agent per region filling the
+        region's own repository, which its replicas serve) instead of the shared `repo`."""
         self.repo = repo
         self.procs = procs
+        self.tmp_path = tmp_path
+        self.store_url = store_url
         self.regions = {name: RegionProcs(name) for name in REGIONS}
         parts = [f'[deployment]\nname = "multi-region-test"\n{FAST_HEALTH}',
                  f"[routing]\nfailback_hold_ms = {hold_ms}\n{routing}",
                  "[dns]\ncheck_interval_ms = 200\ncheck_timeout_ms = 300\nfall = 2\nrise = 2\n"]
+        if store_url:
+            parts.append(f'[store]\nurl = "{store_url}"\n[sync]\npoll_interval_ms = 300\nload_timeout_ms = 60000\n')
         for name, (lat, lon) in REGIONS.items():
             r = self.regions[name]
             urls = [f"http://127.0.0.1:{h}" for h, _, _ in r.replica_ports]
+            repository = f'repository = "{self.site_repo(name)}"' if store_url else ""
             parts.append(f"""
 [[regions]]
 name = "{name}"
@@ -65,17 +72,27 @@ client_cidrs = {json.dumps((cidrs or {}).get(name, []))}
   name = "{name}-ort"
   kind = "geogate"
   replicas = {json.dumps(urls)}
+  {repository}
 """)
         self.config = tmp_path / "world.toml"
         self.config.write_text("\n".join(parts))
 
+    def site_repo(self, region: str) -> Path:
+        return self.tmp_path / "sites" / region / "models"
+
     def start(self) -> World:
         for r in self.regions.values():
+            if self.store_url:
+                self.site_repo(r.name).mkdir(parents=True, exist_ok=True)
             for i in range(2):
                 self.start_replica(r.name, i, wait=False)
         for r in self.regions.values():
             for rep in r.replicas:
                 rep.wait_ready()
+        if self.store_url:
+            for r in self.regions.values():
+                self.procs.append(Proc([*GEOGATE, "sync", "--config", str(self.config), "--site", r.name],
+                                       name=f"sync-{r.name}"))
         for r in self.regions.values():
             self.start_gateway(r.name)
         for r in self.regions.values():
@@ -88,7 +105,8 @@ client_cidrs = {json.dumps((cidrs or {}).get(name, []))}
     def start_replica(self, region: str, i: int, *, wait: bool = True) -> ReplicaProc:
         r = self.regions[region]
         h, g, m = r.replica_ports[i]
-        rep = ReplicaProc(self.repo, http_port=h, grpc_port=g, metrics_port=m)
+        repo = str(self.site_repo(region)) if self.store_url else self.repo
+        rep = ReplicaProc(repo, http_port=h, grpc_port=g, metrics_port=m)
         self.procs.append(rep)
         r.replicas[i] = rep
         if wait:
