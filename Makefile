@@ -31,8 +31,10 @@ system-deps:
 	@bash scripts/system-deps.sh
 
 # A real NVIDIA Triton 2.51 server (from the nvidia-pytriton wheel) in its own .venv-triton.
+# ... and NVIDIA's perf_analyzer (from the tritonclient 2.51.0 wheel) next to it.
 triton-env:
 	@bash scripts/triton-env.sh >/dev/null
+	@bash scripts/perf-analyzer.sh >/dev/null
 
 run: install
 	$(VENV)/bin/geogate up

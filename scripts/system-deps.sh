@@ -8,6 +8,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v unbound >/dev/null || need+=(unbound)
 [ -x /usr/bin/chromium ] || need+=(chromium)  # status page browser test (Playwright drives it)
 command -v bird >/dev/null || need+=(bird2)   # anycast test: the BGP peer ExaBGP announces to
+[ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] || need+=(libb64-0d)  # perf_analyzer's one system library
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing system packages: ${need[*]} (run as root or: sudo apt-get install ${need[*]})" >&2
