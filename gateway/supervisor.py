@@ -4,18 +4,26 @@ stop them all in order on Ctrl-C / SIGTERM.
 Written by hand because what it needs is tiny and specific (restart with backoff, ordered
 shutdown, children dying with the parent); supervisord or circus would be a heavier
 dependency and a second config language for operators of the local world.
+
+Lifecycle of a child: spawn (own process group, dies with the supervisor) -> watch -> on an
+exit nobody asked for: report, wait the backoff, spawn again. Shutdown: children are stopped
+tier by tier, highest tier first (front doors before the replicas behind them): SIGTERM to
+the child's process group, wait up to STOP_GRACE_S, then SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger("geogate.supervisor")
 
@@ -25,6 +33,8 @@ RESTART_BACKOFF_MAX_S = 10.0
 RESTART_BACKOFF_RESET_AFTER_S = 30.0
 STOP_GRACE_S = 15.0
 PR_SET_PDEATHSIG = 1
+# Children write logs and metrics without buffering, and ONNX Runtime never phones home.
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELEMETRY": "1"}
 
 
 def _die_with_parent() -> None:
@@ -40,9 +50,14 @@ def _die_with_parent() -> None:
     os.setpgrp()
 
 
-def _open_log(path: Path):
+def _open_log(path: Path) -> IO[bytes]:
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "ab")  # handed to the child, closed by the caller
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
 
 
 @dataclass
@@ -51,6 +66,8 @@ class Child:
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    # Stop order: higher tiers stop first (and are fully gone before the next tier is asked).
+    tier: int = 0
     restarts: int = 0
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
@@ -65,11 +82,18 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, *, on_event=None) -> None:
+    """Starts, watches, restarts and stops `Child` processes.
+
+    ``on_event(message)`` hears about crashes and restarts (what an operator must see);
+    ``on_spawn(child)`` runs after every (re)start, e.g. to refresh a pid file."""
+
+    def __init__(self, *, on_event: Callable[[str], None] | None = None,
+                 on_spawn: Callable[[Child], None] | None = None) -> None:
         self.children: list[Child] = []
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
         self._on_event = on_event or (lambda msg: log.warning(msg))
+        self._on_spawn = on_spawn
 
     async def start(self, child: Child) -> Child:
         self.children.append(child)
@@ -82,11 +106,13 @@ class Supervisor:
         try:
             child.process = await asyncio.create_subprocess_exec(
                 *child.argv, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                env={**os.environ, **child.env}, preexec_fn=_die_with_parent,
+                env={**os.environ, **CHILD_ENV, **child.env}, preexec_fn=_die_with_parent,
             )
         finally:
             out.close()
         child.started_at = time.monotonic()
+        if self._on_spawn is not None:
+            self._on_spawn(child)
 
     async def _watch(self, child: Child) -> None:
         backoff_s = RESTART_BACKOFF_INITIAL_S
@@ -98,38 +124,54 @@ class Supervisor:
             ran_s = time.monotonic() - child.started_at
             if ran_s > RESTART_BACKOFF_RESET_AFTER_S:
                 backoff_s = RESTART_BACKOFF_INITIAL_S
-            self._on_event(f"{child.name} exited with code {code} after {ran_s:.1f}s; "
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            self._on_event(f"{child.name} (pid {child.pid}) {how} after {ran_s:.1f}s; "
                            f"restarting in {backoff_s:.1f}s (log: {child.log_path})")
             await asyncio.sleep(backoff_s)
             if self._stopping:
                 return
             backoff_s = min(backoff_s * 2, RESTART_BACKOFF_MAX_S)
             child.restarts += 1
-            await self._spawn(child)
+            try:
+                await self._spawn(child)
+            except OSError as exc:  # e.g. the interpreter vanished: report, keep trying
+                self._on_event(f"{child.name}: restart failed: {exc}")
+                child.started_at = time.monotonic()
+                continue
+            self._on_event(f"{child.name} restarted (pid {child.pid}, restart #{child.restarts})")
 
-    async def stop_all(self) -> None:
-        """Stop children in reverse start order: front doors first, replicas last."""
+    def crashing(self) -> list[Child]:
+        """Children that have been restarted at least once (for "not ready" explanations)."""
+        return [c for c in self.children if c.restarts or not c.alive()]
+
+    def kill_all(self) -> None:
+        """SIGKILL every child's process group now (a second Ctrl-C while stopping)."""
         self._stopping = True
-        for child in reversed(self.children):
+        for child in self.children:
             child.stopping = True
             if child.alive():
+                _signal_group(child.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+    async def stop_all(self) -> None:
+        """Stop children tier by tier, highest first: SIGTERM, grace period, then SIGKILL."""
+        self._stopping = True
+        for tier in sorted({c.tier for c in self.children}, reverse=True):
+            group = [c for c in self.children if c.tier == tier]
+            for child in group:
+                child.stopping = True
+                if child.alive():
+                    _signal_group(child.process.pid, signal.SIGTERM)  # type: ignore[union-attr]
+            deadline = time.monotonic() + STOP_GRACE_S
+            for child in group:
+                if not child.alive():
+                    continue
                 try:
-                    child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in reversed(self.children):
-            if not child.alive():
-                continue
-            try:
-                await asyncio.wait_for(child.process.wait(), max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
-            except TimeoutError:
-                self._on_event(f"{child.name} did not stop within {STOP_GRACE_S:.0f}s; killing it")
-                try:
-                    os.killpg(child.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-                except ProcessLookupError:
-                    pass
-                await child.process.wait()  # type: ignore[union-attr]
+                    await asyncio.wait_for(child.process.wait(),  # type: ignore[union-attr]
+                                           max(0.1, deadline - time.monotonic()))
+                except TimeoutError:
+                    self._on_event(f"{child.name} did not stop within {STOP_GRACE_S:.0f}s; killing it")
+                    _signal_group(child.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+                    await child.process.wait()  # type: ignore[union-attr]
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
