@@ -52,7 +52,27 @@ def replica_urls(replicas: list[ReplicaProc], schemes: tuple[str, ...] = ("http"
     return urls
 
 
-class GatewayProc(Proc):
+class GatewayListeners:
+    """HOST:PORT of a gateway's three listeners (needs http_port, grpc_port, admin_port)."""
+
+    http_port: int
+    grpc_port: int
+    admin_port: int
+
+    @property
+    def http(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+
+class GatewayProc(GatewayListeners, Proc):
     def __init__(self, tmp_path: Path, *, replicas: list[str] | None = None, discover: str = "",
                  discover_resolver: str = "", discover_scheme: str = "grpc", gateway_extra: str = "",
                  health: str = FAST_HEALTH, workers: int = 1, name: str = "gw"):
@@ -87,18 +107,6 @@ admin = "127.0.0.1:{self.admin_port}"
         if workers > 1:
             args += ["--workers", str(workers)]
         super().__init__([*GEOGATE, *args], name=f"{name}-{self.http_port}")
-
-    @property
-    def http(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def admin(self) -> str:
-        return f"127.0.0.1:{self.admin_port}"
 
     def wait_ready(self, timeout_s: float = 60.0) -> GatewayProc:
         self.wait_until(lambda: http_ok(f"http://{self.http}/v2/health/ready"), timeout_s)

@@ -7,32 +7,20 @@ import json
 import time
 from pathlib import Path
 
-from tests.gateway_procs import FAST_HEALTH, get_json
+from tests.gateway_procs import FAST_HEALTH, GatewayListeners, get_json
 from tests.procs import GEOGATE, Proc, ReplicaProc, free_port, http_ok
 
 # Real locations: Dublin, Washington, Mumbai.
 REGIONS = {"eu-west": (53.35, -6.26), "us-east": (38.9, -77.0), "ap-south": (19.08, 72.88)}
 
 
-class RegionProcs:
+class RegionProcs(GatewayListeners):
     def __init__(self, name: str) -> None:
         self.name = name
         self.http_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
         self.replica_ports = [(free_port(), free_port(), free_port()) for _ in range(2)]
         self.replicas: list[ReplicaProc | None] = [None, None]
         self.gateway: Proc | None = None
-
-    @property
-    def http(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def admin(self) -> str:
-        return f"127.0.0.1:{self.admin_port}"
 
     def summary(self) -> dict:
         return get_json(f"http://{self.admin}/geogate/v1/region")
