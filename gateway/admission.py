@@ -198,62 +198,113 @@ class AdmissionController:
 
 
 class AdmissionMetrics:
-    """``geogate_admission_decisions{region, priority, outcome}`` from a controller's counts
-    (collected at scrape time, so the hot path only bumps a dict entry)."""
+    """``geogate_admission_decisions{region, priority, outcome}`` from a controller's counts and
+    ``geogate_load_spill_fraction{region}`` (share of admitted requests sent to a peer region
+    because local queueing is long; 0 when not spilling). The hot path only bumps a dict entry;
+    ``flush()`` (on the capacity sampler's timer) moves the increments into real prometheus
+    metrics, which also works in the gateway's multi-worker (multiprocess) mode."""
 
-    def __init__(self, controller: AdmissionController, registry) -> None:
+    def __init__(self, controller: AdmissionController, registry, *, guard: OverloadGuard | None = None) -> None:
+        from prometheus_client import Counter, Gauge
+
         self.controller = controller
-        registry.register(self)
+        self.guard = guard
+        region = controller.region
+        counter = Counter("geogate_admission_decisions",
+                          "Admission decisions under overload by priority class and outcome",
+                          ["region", "priority", "outcome"], registry=registry)
+        self._children = {key: counter.labels(region, *key) for key in controller.counts}
+        self._flushed = dict.fromkeys(controller.counts, 0)
+        self._fraction = None
+        if guard is not None:
+            self._fraction = Gauge("geogate_load_spill_fraction",
+                                   "Share of admitted requests sent to a peer region because local queueing is long",
+                                   ["region"], registry=registry, multiprocess_mode="livemax").labels(region)
 
-    def describe(self):
-        return []
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        fam = CounterMetricFamily("geogate_admission_decisions",
-                                  "Admission decisions under overload by priority class and outcome",
-                                  labels=["region", "priority", "outcome"])
-        for (p, o), n in sorted(self.controller.counts.items()):
-            fam.add_metric([self.controller.region, p, o], n)
-        yield fam
+    def flush(self) -> None:
+        for key, n in self.controller.counts.items():
+            delta = n - self._flushed[key]
+            if delta > 0:
+                self._children[key].inc(delta)
+                self._flushed[key] = n
+        if self._fraction is not None and self.guard is not None:
+            spill = self.guard.spill
+            self._fraction.set(spill.fraction if spill.spilling else 0.0)
 
 
 class OverloadGuard:
     """The one per-request call of the data path: priority class -> admit / shed / spill.
 
     ``refresh()`` runs on the capacity sampler's timer: it reads the region's load from a
-    gateway.capacity ``CapacityTracker`` and feeds the local expected queueing to a
-    gateway.load_spill ``LoadSpill`` (hysteresis); ``peers()`` returns the peers' advertised
-    load (``load_spill.peer_loads`` over the gateway's RegionHealthMonitor). ``check()`` is
-    cheap: cached numbers, one random draw, one dict increment.
+    gateway.capacity ``CapacityTracker``, feeds the local expected queueing to a
+    gateway.load_spill ``LoadSpill`` (hysteresis) and picks the peer that would answer
+    soonest from ``peers()`` (the peers' advertised load: ``load_spill.peer_loads`` over the
+    gateway's RegionHealthMonitor). ``check()`` is cheap: cached numbers, at most one random
+    draw, one dict increment.
+
+    Two reasons to send a request to a peer: the request's class is over its bound here and a
+    peer has capacity (overload spill: standard and critical are never refused while a peer can
+    take them), or the region is spilling its load-aware share (``LoadSpill.fraction``) of
+    requests it would otherwise have admitted. A region with no routable replica at all is not
+    "overloaded": health-based failover (the router) moves its traffic, and nothing is shed.
     """
 
-    def __init__(self, controller: AdmissionController, tracker, spill, peers=None) -> None:
+    def __init__(self, controller: AdmissionController, tracker, spill, peers=None, *,
+                 has_peers: bool | None = None) -> None:
         self.controller = controller
         self.tracker = tracker
         self.spill = spill
         self.peers_fn = peers or (lambda: [])
+        self.has_peers = peers is not None if has_peers is None else has_peers
         self.utilization = 0.0
         self.queue_ms = 0.0
-        self._peers: list = []
+        self.no_capacity = False
+        self._best = None  # load_spill.PeerLoad that would answer sooner, or None
+        self._best_reason = "no peer region"
+
+    @property
+    def default_priority(self) -> str:
+        return self.controller.default_priority
+
+    def classify(self, value: str | None, key_priority: str | None = None) -> str:
+        """The request's class (header / metadata value, the API key's default, the config's
+        default); raises PriorityError for an unknown value."""
+        if not value and key_priority is None:
+            return self.controller.default_priority  # the common case, without parsing
+        return request_priority(value, key_priority=key_priority, default=self.controller.default_priority)
 
     def refresh(self, now_s: float | None = None) -> None:
         load = self.tracker.region_load()
         q = load["expected_queue_ms"]
-        self.queue_ms = math.inf if q < 0 else q
-        self.utilization = load["utilization"]
+        self.no_capacity = q < 0
+        # No routable replica here: health failover's business, not overload.
+        self.queue_ms = 0.0 if self.no_capacity else q
+        self.utilization = 0.0 if self.no_capacity else load["utilization"]
+        if not self.has_peers:
+            self.spill.reason = "no peer region to spill to"
+            return
         self.spill.update(self.queue_ms, now_s)
-        self._peers = list(self.peers_fn())
+        peer, why = self.spill.best_peer(list(self.peers_fn()))
+        self._best, self._best_reason = peer, why
 
-    def check(self, priority: str) -> AdmissionDecision:
-        choice = self.spill.choose(self._peers) if self.spill.spilling else None
-        peer = choice.region if choice is not None and choice.region else ""
+    def check(self, priority: str, *, may_spill: bool = True) -> AdmissionDecision:
+        """`may_spill`: False for requests that must be served here (they came from a peer)."""
+        best = self._best if may_spill else None
+        peer = best.region if best is not None else ""
         d = self.controller.decide(priority, self.utilization, self.queue_ms, peer_available=bool(peer), peer=peer)
-        if d.outcome == OUTCOME_ADMIT and peer:
-            # under the class's bound, but the local queue is past the spill bound and a peer
-            # answers sooner: load-aware geo-routing sends it there
-            self.controller.counts[(d.priority, OUTCOME_ADMIT)] -= 1
-            self.controller.counts[(d.priority, OUTCOME_SPILL)] += 1
-            return AdmissionDecision(d.priority, OUTCOME_SPILL, choice.reason, peer=peer)
+        if d.outcome == OUTCOME_ADMIT and peer and self.spill.spilling:
+            f = self.spill.fraction
+            if f >= 1.0 or (f > 0.0 and self.spill.rng.random() < f):
+                # under the class's bound, but the local queue is past the spill bound and a
+                # peer answers sooner: load-aware geo-routing sends this share there
+                self.controller.counts[(d.priority, OUTCOME_ADMIT)] -= 1
+                self.controller.counts[(d.priority, OUTCOME_SPILL)] += 1
+                return AdmissionDecision(d.priority, OUTCOME_SPILL, f"{self.spill.reason}; {self._best_reason}",
+                                         peer=peer)
         return d
+
+    def spill_state(self) -> dict:
+        return {"spilling": self.spill.spilling, "fraction": round(self.spill.fraction, 4),
+                "reason": self.spill.reason, "peer": self._best.region if self._best is not None else "",
+                "peer_reason": self._best_reason, "local_expected_queue_ms": round(self.queue_ms, 3),
+                "utilization": round(self.utilization, 4), "no_local_capacity": self.no_capacity}

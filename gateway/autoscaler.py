@@ -1,7 +1,11 @@
 """Local autoscaler (`geogate up --autoscale`): follow each pool's desired replica count by
 starting and stopping `geogate replica` processes, registered through DNS SRV.
 
-    python -m gateway.autoscaler --config world.toml [--desired-file F]
+    python -m gateway.autoscaler --config world.toml [--desired-file F] [--status-file F]
+
+`geogate up --autoscale` runs it as one of the world's children (``autoscaler_command``); the
+world's config comes from ``world_capacity_lines`` / ``world_pool_lines`` (see
+``is_autoscaled`` for which pools the world must not start replicas for itself).
 
 Which pools: every pool whose ``discover_resolver`` is ``[capacity] autoscale_dns``; the
 autoscaler runs that DNS server itself (gateway.srv_registry, a real unbound) and answers the
@@ -22,6 +26,8 @@ Every ``autoscale_interval_ms``, per pool:
                which the gateway does once the replica's in-flight requests have finished),
                then SIGTERM (the replica drains itself too: readiness false, in-flight finish)
     crashed    a replica that exited on its own is unregistered and replaced
+    no model   while the pool's repository holds no model version yet (the sync agent has not
+               installed one), no replica is started: replicas load the repository when they start
 
 No request fails because of a scale-down: the gateway stops choosing the replica before it
 is asked to stop, and anything still in flight finishes first.
@@ -51,7 +57,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.srv_registry import UnboundRegistry, die_with_parent
 
 __all__ = ["AutoscaledPool", "LocalAutoscaler", "add_capacity_routes", "autoscaled_pools", "autoscaler_command",
-           "world_capacity_lines", "world_pool_lines"]
+           "is_autoscaled", "repository_has_models", "world_capacity_lines", "world_pool_lines"]
 
 log = logging.getLogger("geogate.autoscaler")
 
@@ -61,6 +67,7 @@ REPLICA_READY_TIMEOUT_S = 120.0
 REPLICA_STOP_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 2.0
 POLL_S = 0.2
+FAULTS_PATH = "/geogate/test/faults"
 
 
 def service_name(region: str, pool: str, zone: str = "autoscale.geogate.") -> str:
@@ -83,9 +90,32 @@ def world_capacity_lines(dns: str, *, min_replicas: int = 1, max_replicas: int =
 
 
 def autoscaler_command(config: str, workdir: str, status_file: str = "") -> list[str]:
-    """The child process `geogate up --autoscale` supervises."""
-    args = [sys.executable, "-m", "gateway.autoscaler", "--config", config, "--workdir", workdir]
-    return args + (["--status-file", status_file] if status_file else [])
+    """The child process `geogate up --autoscale` supervises (one for the whole world: it
+    scales every autoscaled pool of every region)."""
+    args = [sys.executable, "-m", "gateway.autoscaler", "--config", str(config), "--workdir", str(workdir)]
+    return args + (["--status-file", str(status_file)] if status_file else [])
+
+
+def is_autoscaled(cfg: Config, pool) -> bool:
+    """Is this ``[[regions.pools]]`` entry scaled by the local autoscaler? (`geogate up` starts
+    no replicas for such a pool, but does run its region's sync agent, which fills the
+    repository the autoscaler's replicas serve.)"""
+    dns = cfg.capacity.autoscale_dns
+    return bool(dns and pool.discover and pool.discover_resolver == dns)
+
+
+def repository_has_models(path: str | Path) -> bool:
+    """Does a Triton-layout repository hold at least one model version (MODEL/N/...)?"""
+    try:
+        with os.scandir(path) as models:
+            for m in models:
+                if m.is_dir() and not m.name.startswith("."):
+                    with os.scandir(m.path) as versions:
+                        if any(v.is_dir() and v.name.isdigit() for v in versions):
+                            return True
+    except OSError:
+        return False
+    return False
 
 
 @dataclass
@@ -106,11 +136,10 @@ class AutoscaledPool:
 
 def autoscaled_pools(cfg: Config) -> list[AutoscaledPool]:
     """Pools of the config that discover through the autoscaler's DNS server."""
-    dns = cfg.capacity.autoscale_dns
     out = []
     for region in cfg.regions:
         for pool in region.pools:
-            if dns and pool.discover and pool.discover_resolver == dns:
+            if is_autoscaled(cfg, pool):
                 out.append(AutoscaledPool(region.name, pool.name, pool.discover[len(SRV_PREFIX):],
                                           pool.discover_scheme, cfg.resolve_path(pool.repository),
                                           region.admin, cfg.capacity.min_replicas, cfg.capacity.max_replicas))
@@ -126,7 +155,7 @@ def _free_port() -> int:
 class ManagedReplica:
     """One `geogate replica` process the autoscaler started."""
 
-    def __init__(self, repository: str, logdir: Path) -> None:
+    def __init__(self, repository: str, logdir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
         self.log_path = logdir / f"replica-{self.http_port}.log"
         self._log = open(self.log_path, "ab")
@@ -134,7 +163,7 @@ class ManagedReplica:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "gateway", "replica", "--repository", repository, "--host", "127.0.0.1",
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-             "--metrics-port", str(self.metrics_port)],
+             "--metrics-port", str(self.metrics_port), *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             preexec_fn=die_with_parent)
         self.started_s = time.monotonic()
@@ -196,8 +225,13 @@ class PoolStatus:
 
 class LocalAutoscaler:
     def __init__(self, pools: list[AutoscaledPool], registry: UnboundRegistry, *, workdir: str | Path,
-                 interval_s: float = 1.0, drain_wait_s: float = 30.0, desired_file: str = "") -> None:
+                 interval_s: float = 1.0, drain_wait_s: float = 30.0, desired_file: str = "",
+                 replica_test_delay_ms: int = 0) -> None:
         self.pools = pools
+        # Benchmarks on small machines: every inference of the replicas takes this long (the
+        # replica's test fault switch), like a busy accelerator, without burning CPU.
+        self.replica_test_delay_ms = replica_test_delay_ms
+        self._waiting_for_model: set[str] = set()
         self.registry = registry
         self.workdir = Path(workdir)
         self.interval_s = interval_s
@@ -253,6 +287,9 @@ class LocalAutoscaler:
         assert self.session is not None
         results = await asyncio.gather(*(r.wait_ready(self.session, REPLICA_READY_TIMEOUT_S) for r in new),
                                        return_exceptions=True)
+        if self.replica_test_delay_ms:
+            results = [res if isinstance(res, BaseException) else await self._set_test_delay(r)
+                       for r, res in zip(new, results, strict=True)]
         for r, res in zip(new, results, strict=True):
             if isinstance(res, BaseException):
                 log.error("pool %s: replica on port %d failed to start: %s", pool.key, r.http_port, res)
@@ -264,6 +301,18 @@ class LocalAutoscaler:
         await asyncio.to_thread(self._register, pool)
         log.info("pool %s: %d replica(s) registered in DNS", pool.key,
                  sum(r.registered and not r.draining for r in st.replicas))
+
+    async def _set_test_delay(self, rep: ManagedReplica) -> BaseException | None:
+        assert self.session is not None
+        url = f"http://127.0.0.1:{rep.http_port}{FAULTS_PATH}"
+        try:
+            async with self.session.post(url, json={"delay_ms": self.replica_test_delay_ms},
+                                         timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
+                if r.status != 200:
+                    return RuntimeError(f"{url} answered {r.status}: {(await r.read())[:200]!r}")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return RuntimeError(f"cannot set the test delay on {url}: {exc!r}")
+        return None
 
     async def _gateway_lists(self, pool: AutoscaledPool, url: str) -> bool | None:
         """Does the region gateway still hold `url` in the pool? None: cannot tell."""
@@ -335,8 +384,16 @@ class LocalAutoscaler:
         if (want, reason) != (st.desired, st.reason):
             log.info("pool %s: desired %d (%s: %s)", pool.key, want, source, reason)
         st.desired, st.reason, st.source = want, reason, source
+        if len(active) < want and not await asyncio.to_thread(repository_has_models, pool.repository):
+            if pool.key not in self._waiting_for_model:
+                self._waiting_for_model.add(pool.key)
+                log.info("pool %s: no model version in %s yet (the sync agent installs them); starting "
+                         "replicas once one is there", pool.key, pool.repository)
+            return
+        self._waiting_for_model.discard(pool.key)
         if len(active) < want:
-            new = [ManagedReplica(pool.repository, self.workdir) for _ in range(want - len(active))]
+            extra = ("--enable-test-faults",) if self.replica_test_delay_ms else ()
+            new = [ManagedReplica(pool.repository, self.workdir, extra) for _ in range(want - len(active))]
             st.replicas.extend(new)
             log.info("pool %s: starting %d replica(s) (http ports %s)", pool.key, len(new),
                      [r.http_port for r in new])
@@ -396,6 +453,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="",
                         help="where unbound's config and replica logs go (default: a temp dir)")
     parser.add_argument("--status-file", default="", help="write the autoscaler's state here (JSON) every poll")
+    parser.add_argument("--replica-test-delay-ms", type=int, default=0, metavar="MS",
+                        help="benchmarks only: start replicas with --enable-test-faults and make every "
+                             "inference take this long (a slow model without burning this machine's CPU)")
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -415,7 +475,7 @@ async def _main(args: argparse.Namespace, cfg: Config) -> int:
     await asyncio.to_thread(registry.start)
     scaler = LocalAutoscaler(pools, registry, workdir=workdir, interval_s=cfg.capacity.autoscale_interval_ms / 1000.0,
                              drain_wait_s=cfg.capacity.autoscale_drain_wait_ms / 1000.0,
-                             desired_file=args.desired_file)
+                             desired_file=args.desired_file, replica_test_delay_ms=args.replica_test_delay_ms)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,10 +25,18 @@ Kubernetes HPA's behaviour work::
 Every answer carries an operator-readable reason ("in-flight 37.0 over 4 replicas at target
 70% of limit 8: want 7", "holding 6 during the 60 s scale-down window (want 3)").
 
-Where the gateway feeds it (see ``CapacityTracker``): ``observe()`` after every attempt (the
-attempt's latency and the replica's in-flight count when it was sent) and ``sample()`` on a
-timer (``sample_gateway`` reads every pool's outstanding counters). ``mount(admin_app, gw)``
-wires both into a running gateway and serves ``GET /geogate/v1/capacity`` on the admin listener.
+Where the gateway feeds it (see ``CapacityTracker``): the forwarder calls ``observe()`` after
+every successful attempt (the attempt's latency and the replica's in-flight count when it was
+sent) and the gateway state runs ``sample_gateway`` + ``OverloadGuard.refresh`` on a timer
+(every ``sample_interval_ms``: every pool's outstanding counters and routable replicas).
+``mount(admin_app, gw)`` (an ``ADMIN_MOUNTS`` entry of gateway.main) serves
+``GET /geogate/v1/capacity`` on the admin listener.
+
+Utilization and expected queueing use a short moving average of in-flight (``IN_FLIGHT_EWMA_ALPHA``
+per sample), so one unlucky sample does not shed or spill; desired replicas use the average over
+``in_flight_window_s``. A pool with no routable replica has no capacity to queue for: it is
+not "overloaded" (health-based failover moves its traffic), and it advertises
+``expected_queue_ms = -1`` (no capacity) to peers.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ LEVEL_EWMA_ALPHA = 0.2  # weight of a new latency sample in its in-flight level'
 LEVEL_MIN_SAMPLES = 5  # a level's average is trusted after this many samples
 SERVICE_EWMA_ALPHA = 0.1  # weight of a new sample in the unqueued service-time average
 MAX_TRACKED_LEVEL = 4096
+IN_FLIGHT_EWMA_ALPHA = 0.5  # weight of the newest in-flight sample in utilization / queueing
 CAPACITY_PATH = "/geogate/v1/capacity"
 
 
@@ -104,6 +113,12 @@ class ConcurrencyLimit:
     def min_latency_s(self) -> float:
         m = min(self._min_cur_s, self._min_prev_s)
         return 0.0 if m == math.inf else m
+
+    @property
+    def service_estimate_s(self) -> float:
+        """Service time of an unqueued request: the EWMA at or under the limit, or (a replica
+        that has only ever been seen over its limit) its minimum latency."""
+        return self.service_s if self.service_s > 0 else self.min_latency_s
 
     def _learned(self) -> tuple[int, str]:
         base_s = self.min_latency_s
@@ -233,7 +248,7 @@ class PoolLoad:
                 "limits": dict(self.limits)}
 
 
-def expected_queue_ms(in_flight: int, limit_total: int, service_s: float) -> float:
+def expected_queue_ms(in_flight: float, limit_total: int, service_s: float) -> float:
     """Little's law: requests beyond the limits wait for `queued` completions of a pool that
     finishes about limit_total / service_s requests per second."""
     if limit_total <= 0:
@@ -250,6 +265,7 @@ class PoolCapacity:
         self.samples: deque[tuple[float, int]] = deque()  # (time, in-flight)
         self.routable: list[str] = []
         self.in_flight = 0
+        self.in_flight_ewma = 0.0
         self.desired = DesiredReplicas.from_section(sec)
         self.recommendation: Recommendation | None = None
 
@@ -268,6 +284,10 @@ class PoolCapacity:
             if url not in in_flight_by_url:
                 del self.limits[url]  # left the pool
         self.in_flight = sum(in_flight_by_url.values())
+        if self.samples:
+            self.in_flight_ewma += IN_FLIGHT_EWMA_ALPHA * (self.in_flight - self.in_flight_ewma)
+        else:
+            self.in_flight_ewma = float(self.in_flight)
         self.samples.append((now_s, self.in_flight))
         while self.samples and self.samples[0][0] < now_s - self.sec.in_flight_window_s:
             self.samples.popleft()
@@ -276,15 +296,16 @@ class PoolCapacity:
         urls = self.routable
         lims = [self.limit_of(u) for u in urls]
         limit_total = sum(lim.limit for lim in lims)
-        services = [lim.service_s for lim in lims if lim.service_s > 0]
+        services = [s for s in (lim.service_estimate_s for lim in lims) if s > 0]
         service_s = sum(services) / len(services) if services else 0.0
         avg = sum(n for _, n in self.samples) / len(self.samples) if self.samples else float(self.in_flight)
         per = limit_total / len(urls) if urls else float(
             self.sec.replica_concurrency_limit or self.sec.initial_concurrency_limit)
-        util = self.in_flight / limit_total if limit_total else (math.inf if self.in_flight else 0.0)
+        now_n = max(self.in_flight_ewma, 0.0)
+        util = now_n / limit_total if limit_total else (math.inf if now_n > 0 else 0.0)
         return PoolLoad(self.name, len(urls), self.in_flight, avg, limit_total, per, util,
                         max(0, self.in_flight - limit_total), service_s * MS_PER_S,
-                        expected_queue_ms(self.in_flight, limit_total, service_s),
+                        expected_queue_ms(now_n, limit_total, service_s),
                         {u: lim.explain() for u, lim in zip(urls, lims, strict=True)})
 
     def recommend(self, current: int, now_s: float) -> Recommendation:
@@ -339,13 +360,15 @@ class CapacityTracker:
 
     def region_load(self) -> dict:
         """Fields for the region summary's ``load`` object (peers' spill decisions read
-        ``utilization`` and ``expected_queue_ms``)."""
-        loads = self.pool_loads()
-        in_flight = sum(ld.in_flight for ld in loads)
+        ``utilization`` and ``expected_queue_ms``). Pools without a routable replica are left
+        out; none at all: ``expected_queue_ms`` -1 and ``utilization`` 1.0 (no capacity here)."""
+        loads = [ld for ld in self.pool_loads() if ld.replicas]
+        if not loads:
+            return {"utilization": 1.0, "expected_queue_ms": -1.0, "concurrency_limit": 0, "queued": 0}
         limit = sum(ld.limit_total for ld in loads)
-        queue_ms = min((ld.expected_queue_ms for ld in loads if ld.replicas), default=math.inf if loads else 0.0)
-        util = in_flight / limit if limit else (1.0 if in_flight else 0.0)
-        return {"utilization": round(util, 4),
+        busy = sum(ld.utilization * ld.limit_total for ld in loads)  # smoothed in-flight
+        queue_ms = min(ld.expected_queue_ms for ld in loads)
+        return {"utilization": round(busy / limit, 4) if limit else 1.0,
                 "expected_queue_ms": round(queue_ms, 3) if math.isfinite(queue_ms) else -1.0,
                 "concurrency_limit": limit, "queued": sum(ld.queued for ld in loads)}
 
@@ -423,22 +446,55 @@ def sample_gateway(tracker: CapacityTracker, gw, now_s: float | None = None) -> 
     tracker.sample(rows, now)
 
 
-def install_attempt_observer(tracker: CapacityTracker, gw) -> None:
-    """Time every attempt the gateway's forwarder makes (wraps ``Forwarder._attempt`` on this
-    instance): the explicit alternative is one call after ``load.observe`` in the forwarder."""
-    fwd = gw.forwarder
-    inner = fwd._attempt
+class CapacityControl:
+    """One gateway worker's capacity tracker, admission controller and overload guard, and
+    the timer that samples the pools and refreshes the guard. The gateway state owns it
+    (``start`` / ``close``); the forwarder calls ``tracker.observe`` after each attempt and
+    ``guard.check`` once per request."""
 
-    async def timed_attempt(up, call, timeout_s):
-        level = up.load.outstanding + 1
-        t0 = time.monotonic()
-        reply = await inner(up, call, timeout_s)
-        now = time.monotonic()
-        if not reply.outcome.is_failure:
-            tracker.observe(up.pool.name, up.url, now - t0, level, now)
-        return reply
+    def __init__(self, sec: CapacitySection, *, region: str, registry=None, peers: Callable[[], list] | None = None,
+                 has_peers: bool = False, workers: int = 1) -> None:
+        from gateway.admission import AdmissionController, AdmissionMetrics, OverloadGuard
+        from gateway.load_spill import LoadSpill
 
-    fwd._attempt = timed_attempt
+        self.sec = sec
+        self.tracker = CapacityTracker(sec, region=region, registry=registry, workers=workers)
+        self.controller = AdmissionController(sec, region=region)
+        self.guard = OverloadGuard(self.controller, self.tracker, LoadSpill(sec), peers, has_peers=has_peers)
+        self.metrics = AdmissionMetrics(self.controller, registry, guard=self.guard) if registry is not None else None
+        self.interval_s = sec.sample_interval_ms / MS_PER_S
+        self._task: asyncio.Task | None = None
+
+    def sample(self, gw, now_s: float | None = None) -> None:
+        sample_gateway(self.tracker, gw, now_s)
+        self.guard.refresh(now_s)
+        if self.metrics is not None:
+            self.metrics.flush()
+
+    async def _run(self, gw) -> None:
+        while True:
+            try:
+                self.sample(gw)
+            except Exception:  # never let a bookkeeping bug stop sampling for good
+                log.exception("capacity sample failed")
+            await asyncio.sleep(self.interval_s)
+
+    def start(self, gw) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(gw), name="capacity sampler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def document(self) -> dict:
+        """``GET /geogate/v1/capacity``: pools (limits, load, desired replicas with reasons),
+        admission decisions by class, the load-spill state."""
+        snap = self.tracker.snapshot()
+        snap["admission"] = self.controller.counters()
+        snap["spill"] = self.guard.spill_state()
+        return snap
 
 
 def add_capacity_routes(app, capacity_source: Callable[[], dict]) -> None:
@@ -452,54 +508,18 @@ def add_capacity_routes(app, capacity_source: Callable[[], dict]) -> None:
     app.router.add_get(CAPACITY_PATH, capacity)
 
 
-def mount(admin_app, gw) -> CapacityTracker:
-    """Wire capacity tracking into a running gateway (the ``ADMIN_MOUNTS`` contract of
-    gateway.main): sampler task, attempt observer, gauges on the gateway's registry, the
-    capacity endpoint, and the overload guard. Leaves ``gw.capacity`` (CapacityTracker) and
-    ``gw.overload`` (gateway.admission.OverloadGuard: the fronts call ``gw.overload.check(priority)``
-    per inference request)."""
-    from gateway.admission import AdmissionController, AdmissionMetrics, OverloadGuard
-    from gateway.load_spill import LoadSpill, peer_loads
+def mount(admin_app, gw) -> None:
+    """The ``ADMIN_MOUNTS`` contract of gateway.main: serve ``GET /geogate/v1/capacity`` from
+    the gateway state's ``capacity_control`` (``[capacity] enabled = false``: a 404 that says so)."""
+    control: CapacityControl | None = getattr(gw, "capacity_control", None)
+    if control is not None:
+        add_capacity_routes(admin_app, control.document)
+        return
+    import orjson
+    from aiohttp import web
 
-    sec = gw.cfg.capacity
-    tracker = CapacityTracker(sec, region=gw.region.name, registry=gw.metrics.registry,
-                              workers=int(getattr(gw, "workers", 1) or 1))
-    gw.capacity = tracker
-    install_attempt_observer(tracker, gw)
-    controller = AdmissionController(sec, region=gw.region.name)
-    AdmissionMetrics(controller, gw.metrics.registry)
+    async def disabled(request: web.Request) -> web.Response:
+        return web.Response(status=404, content_type="application/json",
+                            body=orjson.dumps({"error": "capacity tracking is off ([capacity] enabled = false)"}))
 
-    def peers() -> list:
-        monitor = getattr(gw, "region_monitor", None) or getattr(getattr(gw, "router", None), "peers", None)
-        return peer_loads(monitor, gw.region.name) if monitor is not None else []
-
-    guard = OverloadGuard(controller, tracker, LoadSpill(sec), peers)
-    gw.overload = guard
-
-    def source() -> dict:
-        snap = tracker.snapshot()
-        snap["admission"] = controller.counters()
-        snap["spill"] = {"spilling": guard.spill.spilling, "fraction": guard.spill.fraction,
-                         "reason": guard.spill.reason}
-        return snap
-
-    add_capacity_routes(admin_app, source)
-    interval_s = sec.sample_interval_ms / MS_PER_S
-
-    async def sampler() -> None:
-        while True:
-            try:
-                sample_gateway(tracker, gw)
-                guard.refresh()
-            except Exception:  # never let a bookkeeping bug stop sampling for good
-                log.exception("capacity sample failed")
-            await asyncio.sleep(interval_s)
-
-    async def lifecycle(app):
-        task = asyncio.get_running_loop().create_task(sampler(), name="capacity sampler")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    admin_app.cleanup_ctx.append(lifecycle)
-    return tracker
+    admin_app.router.add_get(CAPACITY_PATH, disabled)

@@ -1,5 +1,10 @@
 """The attempt loop: pick a replica, forward, classify, maybe retry elsewhere.
 
+    admission (once per request, gateway.admission OverloadGuard): the priority class
+          (geogate-priority, else the API key's default, else [capacity] default_priority;
+          unknown -> 400 / INVALID_ARGUMENT); shed -> 429 / RESOURCE_EXHAUSTED with Retry-After;
+          spill -> the chosen peer region goes first in the target list (the local pools stay
+          behind it as the fallback)
     for each target the router gives (the local pools, then peer regions' gateways)
       peer: one attempt through the peer gateway (gateway.peer_links), which retries among
             its own replicas; a retryable answer moves on to the next region
@@ -25,6 +30,7 @@ import time
 
 import grpc
 
+from gateway.admission import OUTCOME_SHED, PriorityError
 from gateway.balancer import pick_p2c
 from gateway.config import GatewaySection
 from gateway.gateway_metrics import GatewayMetrics
@@ -32,7 +38,7 @@ from gateway.load_window import LoadWindow
 from gateway.peer_links import PeerLinks
 from gateway.pool import RegionPools, Upstream
 from gateway.retry_budget import RetryBudget
-from gateway.router import TARGET_PEER
+from gateway.router import TARGET_PEER, Target
 from gateway.upstream_types import FAILURES, OUTCOME_NAME, PROTOCOL_HTTP, RETRYABLE, InferCall, Reply
 from health.outcomes import Outcome
 
@@ -48,6 +54,21 @@ def deadline_reply(deadline_ms: float, attempts: int, last: Reply | None) -> Rep
                  message=f"deadline of {deadline_ms:.0f} ms exceeded after {attempts} attempt(s){detail}")
 
 
+def shed_reply(reason: str, retry_after_s: int) -> Reply:
+    """429 / RESOURCE_EXHAUSTED with Retry-After: refused under overload (a peer gateway that
+    gets this from us moves on to another region: UNAVAILABLE is retryable)."""
+    return Reply(Outcome.UNAVAILABLE, 429, grpc.StatusCode.RESOURCE_EXHAUSTED, message=reason,
+                 retry_after_s=retry_after_s)
+
+
+def spill_first(targets: tuple[Target, ...], region: str) -> tuple[Target, ...]:
+    """`targets` with `region`'s peer target moved to the front (unchanged if absent)."""
+    for i, t in enumerate(targets):
+        if t.region == region and t.kind == TARGET_PEER:
+            return (t, *targets[:i], *targets[i + 1:]) if i else targets
+    return targets
+
+
 class ForwardResult:
     __slots__ = ("attempts", "reply", "upstream")
 
@@ -59,9 +80,14 @@ class ForwardResult:
 
 class Forwarder:
     def __init__(self, pools: RegionPools, gw: GatewaySection, metrics: GatewayMetrics,
-                 router, load: LoadWindow, peers: PeerLinks | None = None) -> None:
+                 router, load: LoadWindow, peers: PeerLinks | None = None, *,
+                 capacity=None, overload=None) -> None:
         self.pools = pools
         self.peers = peers
+        # gateway.capacity CapacityTracker (observe after each attempt) and gateway.admission
+        # OverloadGuard (check once per request); None: capacity handling is off.
+        self.capacity = capacity
+        self.overload = overload
         # Called after each request sent to another region: (region, reply, why not local).
         self.on_cross_region = None
         self.gw = gw
@@ -80,6 +106,7 @@ class Forwarder:
     async def _attempt(self, up: Upstream, call: InferCall, timeout_s: float) -> Reply:
         load = up.load
         load.outstanding += 1
+        level = load.outstanding  # the replica's in-flight count this attempt joins
         t0 = time.monotonic()
         headers = {"x-request-id": call.request_id}
         try:
@@ -102,6 +129,8 @@ class Forwarder:
         load.requests += 1
         self.pools.detector.record(up.state, outcome, up.pool.states, now)
         self.metrics.attempt(up.state.url, call.protocol, OUTCOME_NAME[outcome])
+        if outcome is Outcome.SUCCESS and self.capacity is not None:
+            self.capacity.observe(up.pool.name, up.state.url, rtt_s, level, now)
         return reply
 
     def _pick(self, call: InferCall, tried: list[Upstream], now_s: float) -> tuple[Upstream | None, str]:
@@ -155,7 +184,30 @@ class Forwarder:
 
     # ------------------------------------------------------------------ the loop
 
+    def _admit(self, call: InferCall) -> tuple[Reply | None, str, str]:
+        """(refusal or None, peer region to try first or "", why) for one request."""
+        guard = self.overload
+        # From a peer gateway: the API key (if any) is the peer's, so only a class the peer sent
+        # along counts; without one, the peer admitted the request already.
+        explicit = bool(call.priority) if call.hops else True
+        try:
+            cls = guard.classify(call.priority, call.key_priority)
+        except PriorityError as exc:
+            return Reply(Outcome.CLIENT_ERROR, 400, grpc.StatusCode.INVALID_ARGUMENT, message=str(exc)), "", ""
+        call.priority = cls  # what a peer region is told, if the request goes there
+        if not explicit:
+            return None, "", ""
+        d = guard.check(cls, may_spill=call.hops == 0)
+        if d.outcome == OUTCOME_SHED:
+            return shed_reply(d.reason, d.retry_after_s), "", ""
+        return None, d.peer, d.reason
+
     async def forward(self, call: InferCall) -> ForwardResult:
+        spill_to = spill_why = ""
+        if self.overload is not None:
+            refused, spill_to, spill_why = self._admit(call)
+            if refused is not None:
+                return ForwardResult(refused, 0, None)
         self.budget.record_request()
         tried: list[Upstream] = []
         attempts = 0
@@ -164,7 +216,10 @@ class Forwarder:
         total_ms = (call.deadline_s - (call.started_s or time.monotonic())) * MS_PER_S
         panic_detail = ""
         no_local = ""  # why the local region could not serve, for the answer if nothing else can
-        for target in self.router.targets_for(call):
+        targets = self.router.targets_for(call)
+        if spill_to:
+            targets = spill_first(targets, spill_to)
+        for target in targets:
             if target.kind == TARGET_PEER:
                 link = self.peers.link(target) if self.peers is not None else None
                 if link is None:
@@ -183,7 +238,8 @@ class Forwarder:
                 reply = await link.forward(call, remaining)
                 self.metrics.cross_region_request(target.region, OUTCOME_NAME[reply.outcome])
                 if self.on_cross_region is not None:
-                    self.on_cross_region(target.region, reply, no_local or (last.message if last else ""))
+                    why = spill_why if target.region == spill_to and last is None else ""
+                    self.on_cross_region(target.region, reply, why or no_local or (last.message if last else ""))
                 last, last_up = reply, None
                 if reply.outcome not in RETRYABLE:
                     return ForwardResult(reply, attempts, None)

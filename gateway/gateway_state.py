@@ -68,10 +68,12 @@ def make_resolver(cfg: Config, region: RegionSection):
 
 
 class GatewayState:
-    def __init__(self, cfg: Config, region: RegionSection, *, worker: int = 0) -> None:
+    def __init__(self, cfg: Config, region: RegionSection, *, worker: int = 0, workers: int = 1) -> None:
         self.cfg = cfg
         self.region = region
         self.worker = worker
+        # Worker processes sharing the ports: each sees about 1/workers of the region's load.
+        self.workers = max(1, workers)
         self.metrics = GatewayMetrics(region.name)
         self.load = LoadWindow()
         self.access_log = AccessLog(enabled=cfg.gateway.access_log)
@@ -87,7 +89,11 @@ class GatewayState:
         # A model this region has never heard of may still be served by a peer region.
         self.multi_region = len(cfg.regions) > 1
         self.catalog = ModelCatalog(self.pools)
-        self.forwarder = Forwarder(self.pools, cfg.gateway, self.metrics, self.router, self.load, self.peers)
+        self.capacity_control = self._make_capacity()
+        self.capacity = self.capacity_control.tracker if self.capacity_control else None
+        self.overload = self.capacity_control.guard if self.capacity_control else None
+        self.forwarder = Forwarder(self.pools, cfg.gateway, self.metrics, self.router, self.load, self.peers,
+                                   capacity=self.capacity, overload=self.overload)
         self.forwarder.on_cross_region = self._on_cross_region
         self._last_cross_event: dict[str, float] = {}
         self.resolver, self._resolver_lifecycle = make_resolver(cfg, region)
@@ -115,6 +121,20 @@ class GatewayState:
         return MultiRegionRouter(self.cfg, self.region.name, local_fraction=self.local_fraction,
                                  peers=self.region_monitor, locator=self.locator)
 
+    def _make_capacity(self):
+        """Capacity tracking, admission and load-aware spill (gateway.capacity), unless
+        ``[capacity] enabled = false``. Peers' advertised load comes from the region monitor's
+        summaries."""
+        if not self.cfg.capacity.enabled:
+            return None
+        from gateway.capacity import CapacityControl
+        from gateway.load_spill import peer_loads
+
+        monitor = self.region_monitor
+        peers = (lambda: peer_loads(monitor, self.region.name)) if monitor is not None else None
+        return CapacityControl(self.cfg.capacity, region=self.region.name, registry=self.metrics.registry,
+                               peers=peers, has_peers=monitor is not None, workers=self.workers)
+
     def local_fraction(self) -> float:
         """Healthy fraction of this region's replicas (0 while draining: send everything away)."""
         if self.draining:
@@ -130,6 +150,8 @@ class GatewayState:
             self.peers.start()
         if self.region_monitor is not None:
             await self.region_monitor.start()
+        if self.capacity_control is not None:
+            self.capacity_control.start(self)
         start = getattr(self._resolver_lifecycle, "start", None)
         if start is not None:
             try:
@@ -139,6 +161,8 @@ class GatewayState:
                 self.resolver = PassThroughResolver()
 
     async def close(self) -> None:
+        if self.capacity_control is not None:
+            await self.capacity_control.close()
         close = getattr(self._resolver_lifecycle, "close", None)
         if close is not None:
             try:

@@ -5,19 +5,27 @@ Peers advertise their load in the region summary (``GET /geogate/v1/region``), i
 ``expected_queue_ms`` (expected queueing delay of a new request; -1 when the region has no
 capacity at all). ``peer_load_from_summary`` reads them.
 
-The decision, per gateway (``LoadSpill.update`` on a timer, ``LoadSpill.choose`` per request)::
+The decision, per gateway (``LoadSpill.update`` on the sampling timer, ``LoadSpill.choose``
+per request)::
 
-    enter spilling   local expected queueing > spill_queue_ms (B) for a moment, and the
-                     state has not changed for spill_min_dwell_ms
-    leave spilling   local expected queueing < B * spill_exit_fraction (0.7), and dwell passed
-                     (hysteresis band and dwell time: no oscillation around B)
-    while spilling   the spilled fraction ramps up by spill_ramp_step per update while the
-                     queue is still above B, holds inside the band, and drops to 0 on leaving
+    enter spilling   local expected queueing > spill_queue_ms (B), and the state has not
+                     changed for spill_min_dwell_ms; the spilled fraction starts at spill_ramp_step
+    while spilling   above B: the fraction ramps up by spill_ramp_step per update;
+                     inside the band [B * spill_exit_fraction, B]: it holds;
+                     under the band: it ramps down by half a step per update
+    leave spilling   the fraction has been 0 with the local queue under the band for
+                     spill_min_dwell_ms (and the state is at least that old)
     peer choice      the peer with the lowest rtt_ms + expected_queue_ms, only if that is below
-                     the local expected queueing and the peer is ready and under
-                     PEER_MAX_UTILIZATION (it has capacity); none: stay local
+                     the local expected queueing (while spilling: at least B) and the peer is
+                     ready and under PEER_MAX_UTILIZATION (it has capacity); none: stay local
 
-Spill stops as soon as the local queue is back under the exit bound (after the dwell).
+Why the fraction ramps down instead of dropping to 0 when the local queue falls: the local
+queue is low *because* requests are being spilled. Dropping to 0 at once would bring the whole
+load back, refill the queue and re-enter (oscillation between 0% and 100%). Stepping down
+(more slowly than up) finds the share the region can keep: the queue settles inside the
+hysteresis band. Spill stops only once no share at all has been needed for the dwell time,
+so a fraction that touches 0 for a moment while the load lasts does not end (and restart) it;
+once the load itself falls, spill ends within 2 / spill_ramp_step updates plus the dwell.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from gateway.config import CapacitySection
 
 PEER_MAX_UTILIZATION = 1.0  # a peer at or over its limits has no spare capacity
 PEER_LOAD_STALE_S = 10.0  # advertised load older than this is not trusted
+DOWN_STEP_FACTOR = 0.5  # the fraction falls by this share of spill_ramp_step per update (rises by a whole one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ class LoadSpill:
         self.spilling = False
         self.fraction = 0.0
         self.changed_s = -math.inf
+        self._calm_since_s: float | None = None  # fraction 0 and queue under the band since
         self.local_queue_ms = 0.0
         self.reason = "local queueing is under the spill bound"
 
@@ -100,6 +110,7 @@ class LoadSpill:
         if not self.spilling:
             if local_queue_ms > self.enter_ms and dwelt:
                 self.spilling, self.changed_s = True, now
+                self._calm_since_s = None
                 self.fraction = self.ramp_step
                 self.reason = f"spilling: local expected queueing {q} is over {self.enter_ms:g} ms"
             elif local_queue_ms > self.enter_ms:
@@ -107,21 +118,37 @@ class LoadSpill:
             else:
                 self.reason = f"local expected queueing {q} is under the spill bound of {self.enter_ms:g} ms"
             return self.spilling
-        if local_queue_ms < self.exit_ms and dwelt:
-            self.spilling, self.changed_s = False, now
-            self.fraction = 0.0
-            self.reason = f"spill stopped: local expected queueing {q} is back under {self.exit_ms:g} ms"
-        elif local_queue_ms > self.enter_ms:
+        if local_queue_ms > self.enter_ms:
+            self._calm_since_s = None
             self.fraction = min(1.0, self.fraction + self.ramp_step)
             self.reason = (f"spilling {self.fraction:.0%}: local expected queueing {q} is over "
                            f"{self.enter_ms:g} ms")
+        elif local_queue_ms < self.exit_ms:
+            if self.fraction <= 0.0:
+                if self._calm_since_s is None:
+                    self._calm_since_s = now
+            else:
+                self.fraction = max(0.0, self.fraction - self.ramp_step * DOWN_STEP_FACTOR)
+            if self._calm_since_s is not None and now - self._calm_since_s >= self.dwell_s and dwelt:
+                self.spilling, self.changed_s = False, now
+                self._calm_since_s = None
+                self.reason = f"spill stopped: local expected queueing {q} is back under {self.exit_ms:g} ms"
+            else:
+                self.reason = (f"spilling {self.fraction:.0%}: local expected queueing {q} is under "
+                               f"{self.exit_ms:g} ms, spilling less")
         else:
-            self.reason = (f"spilling {self.fraction:.0%}: local expected queueing {q}, waiting for it "
-                           f"to fall under {self.exit_ms:g} ms")
+            self._calm_since_s = None
+            self.reason = (f"spilling {self.fraction:.0%}: local expected queueing {q} is inside the "
+                           f"{self.exit_ms:g}-{self.enter_ms:g} ms band; holding")
         return self.spilling
 
     def best_peer(self, peers: Sequence[PeerLoad], local_queue_ms: float | None = None) -> tuple[PeerLoad | None, str]:
+        """The usable peer with the lowest rtt + queueing below what waiting here costs. While
+        spilling, waiting here counts as at least the spill bound: the local queue is short
+        *because* of the spill, and the region is known to be past the bound without it."""
         local = self.local_queue_ms if local_queue_ms is None else local_queue_ms
+        if self.spilling:
+            local = max(local, self.enter_ms)
         best: PeerLoad | None = None
         skipped: list[str] = []
         for p in peers:

@@ -8,6 +8,21 @@ import time
 from health.selection import healthy_fraction
 
 
+def region_load(gw) -> dict:
+    """The summary's ``load`` object: this worker's request rate and latency, plus (capacity
+    tracking on) what peers' load-aware spill reads: ``utilization`` (in-flight over the
+    replicas' concurrency limits), ``expected_queue_ms`` (-1: no capacity here) and whether
+    this region is spilling its own load to peers right now."""
+    load = gw.load.summary()
+    control = getattr(gw, "capacity_control", None)
+    if control is not None:
+        load.update(control.tracker.region_load())
+        spill = control.guard.spill
+        load["spilling"] = spill.spilling
+        load["spill_fraction"] = round(spill.fraction, 4) if spill.spilling else 0.0
+    return load
+
+
 def region_summary(gw) -> dict:
     """The JSON-able region summary of a ``GatewayState``."""
     now = time.monotonic()
@@ -34,7 +49,7 @@ def region_summary(gw) -> dict:
         "replicas": {"healthy": healthy_total, "total": total},
         "pools": pools,
         "models": models,
-        "load": gw.load.summary(),
+        "load": region_load(gw),
         "worker": gw.worker,
         # How this gateway routes now: region order, spill shares, failback holds, peers' health.
         "routing": gw.router.snapshot(),

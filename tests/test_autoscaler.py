@@ -1,10 +1,13 @@
-"""Local autoscaler end to end: a real gateway (with gateway.capacity mounted on its admin
-listener), the autoscaler process owning a real unbound, real replica processes.
+"""Local autoscaler end to end: a real gateway (`geogate gateway`: capacity tracking is on by
+default, /geogate/v1/capacity on its admin listener), the autoscaler process owning a real
+unbound, real replica processes.
 
-Load through the gateway makes the gateway want 2 replicas; the autoscaler starts a second
-replica and registers it in DNS; the gateway discovers it and uses both. Then the operator
-override asks for 1 while traffic keeps flowing: the autoscaler removes one replica from DNS,
-waits for the gateway to let go of it, stops it, and no request fails.
+A load ramp through the gateway makes the gateway want 2 replicas; the autoscaler starts a
+second replica and registers it in DNS; the gateway discovers it and uses both. The ramp down
+(light traffic keeps flowing) lowers the wanted count, but the gateway holds 2 for the
+scale-down window; then the autoscaler removes one replica from DNS, waits for the gateway to
+let go of it, stops it, and no request (not even an attempt) fails. An operator override
+(--desired-file) wins over the gateway's count.
 """
 
 from __future__ import annotations
@@ -24,17 +27,12 @@ from gateway.srv_registry import UnboundRegistry
 from geo.srv_discovery import SrvDiscovery
 from replicas.demo_model import write_repository_entry
 from tests.gateway_procs import get_json
-from tests.procs import Proc, free_port, http_ok
+from tests.procs import GEOGATE, Proc, free_port, http_ok
 
 REGION = "eu-west"
 POOL = "eu-ort"
 SERVICE = f"_grpc._tcp.{POOL}.{REGION}.autoscale.test."
-# The gateway as `geogate gateway`, with gateway.capacity added to its admin mounts (what the
-# coordinator wires in gateway.main's ADMIN_MOUNTS).
-GATEWAY_WITH_CAPACITY = (
-    "import sys, gateway.main as m; m.ADMIN_MOUNTS = (*m.ADMIN_MOUNTS, 'gateway.capacity'); "
-    "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
-)
+SCALE_DOWN_WINDOW_S = 4.0
 
 
 def wait_for(pred, timeout_s: float, what: str, procs: list[Proc] = ()):
@@ -73,9 +71,10 @@ replica_concurrency_limit = 1
 target_utilization = 0.5
 min_replicas = 1
 max_replicas = 2
-in_flight_window_s = 2.0
+in_flight_window_s = 1.0
 scale_up_window_s = 1.0
-scale_down_window_s = 600.0
+scale_down_window_s = {SCALE_DOWN_WINDOW_S}
+standard_max_utilization = 100.0  # this test is about scaling: nothing is refused
 sample_interval_ms = 100
 autoscale_dns = "{dns}"
 autoscale_interval_ms = 300
@@ -103,8 +102,9 @@ admin = "127.0.0.1:{ports['admin']}"
 class Load:
     """Closed-loop HTTP clients through the gateway; counts answers by status and replica."""
 
-    def __init__(self, url: str, threads: int) -> None:
+    def __init__(self, url: str, threads: int, pause_s: float = 0.0) -> None:
         self.url = url
+        self.pause_s = pause_s
         self.stop_flag = threading.Event()
         self.ok = 0
         self.failures: list[str] = []
@@ -124,6 +124,8 @@ class Load:
             except Exception as exc:  # any failure is what this test is about
                 with self.lock:
                     self.failures.append(repr(exc))
+            if self.pause_s:
+                self.stop_flag.wait(self.pause_s)
         client.close()
 
     def __enter__(self) -> Load:
@@ -163,6 +165,10 @@ def srv_answer(dns: str) -> list:
     return asyncio.run(SrvDiscovery(SERVICE, "grpc", resolver=dns, interval_s=1).resolve())
 
 
+def capacity(admin: str) -> dict:
+    return get_json(f"http://{admin}/geogate/v1/capacity")
+
+
 @pytest.mark.timeout(240)
 def test_autoscaler_scales_up_on_load_and_drains_down_without_failures(tmp_path, procs):
     repo = tmp_path / "repo"
@@ -176,8 +182,7 @@ def test_autoscaler_scales_up_on_load_and_drains_down_without_failures(tmp_path,
                    str(desired_file), "--status-file", str(status_file), "--workdir", str(tmp_path / "as")],
                   name="autoscaler")
     procs.append(scaler)
-    gw = Proc([sys.executable, "-c", GATEWAY_WITH_CAPACITY, "gateway", "--config", str(config),
-               "--region", REGION], name="gateway")
+    gw = Proc([*GEOGATE, "gateway", "--config", str(config), "--region", REGION], name="gateway")
     procs.append(gw)
     admin = f"127.0.0.1:{ports['admin']}"
     http = f"127.0.0.1:{ports['http']}"
@@ -185,33 +190,39 @@ def test_autoscaler_scales_up_on_load_and_drains_down_without_failures(tmp_path,
 
     # 1. idle: the gateway wants min_replicas (1); the autoscaler runs one, registered in DNS
     wait_for(lambda: http_ok(f"http://{http}/v2/health/ready"), 120, "the gateway ready with one replica", both)
-    cap = get_json(f"http://{admin}/geogate/v1/capacity")
+    cap = capacity(admin)
     assert cap["pools"][POOL]["desired_replicas"] == 1, cap
+    # one region: nothing to spill to, however the first samples looked
     assert cap["spill"]["spilling"] is False and set(cap["admission"]) == {"critical", "standard", "sheddable"}
     assert len(srv_answer(dns)) == 1
     first = routable(admin)
     assert len(first) == 1
 
-    # 2. load: in-flight over 0.5 x limit 1 -> the gateway wants 2 -> a second replica joins
+    # 2. ramp up: in-flight over 0.5 x limit 1 -> the gateway wants 2 -> a second replica joins
     with Load(http, threads=4) as load:
         wait_for(lambda: len(routable(admin)) == 2, 120, "a second routable replica", both)
-        cap = get_json(f"http://{admin}/geogate/v1/capacity")["pools"][POOL]
+        cap = capacity(admin)["pools"][POOL]
         assert cap["desired_replicas"] == 2 and "want" in cap["reason"], cap
         st = read_status(status_file)
         assert st["source"] == "gateway" and len(st["replicas"]) == 2, st
         assert len(srv_answer(dns)) == 2
+        text = _metrics(admin)
+        # both replicas took traffic
+        wait_for(lambda: len(_served(_metrics(admin))) == 2, 30, "traffic on the new replica", both)
     assert not load.failures, load.failures[:5]
-    text = _metrics(admin)
     assert f'geogate_pool_desired_replicas{{pool="{POOL}",region="{REGION}"}} 2.0' in text
-    assert 'geogate_admission_decisions_total{outcome="shed",priority="sheddable",region="eu-west"} 0.0' in text
-    served = {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
-              if line.startswith("geogate_upstream_attempts_total{") and 'outcome="success"' in line}
-    assert len(served) == 2, served  # the new replica took traffic
+    assert f'geogate_pool_desired_replicas_reason{{pool="{POOL}",reason="in-flight' in text
+    assert 'geogate_admission_decisions_total{outcome="shed",priority="standard",region="eu-west"} 0.0' in text
+    ramp_down_at = time.monotonic()
 
-    # 3. scale down to 1 while traffic flows: drained first, so nothing fails
-    with Load(http, threads=2) as load:
-        time.sleep(1.0)
-        desired_file.write_text(json.dumps({f"{REGION}/{POOL}": 1}))
+    # 3. ramp down, light traffic keeps flowing: the gateway holds 2 for the scale-down window,
+    #    then wants 1; the autoscaler drains one replica first, so nothing fails
+    with Load(http, threads=1, pause_s=0.05) as load:
+        holding = wait_for(lambda: "holding 2" in (r := capacity(admin)["pools"][POOL]["reason"]) and r,
+                           30, "the gateway holding 2 replicas in the scale-down window", both)
+        assert f"{SCALE_DOWN_WINDOW_S:g} s scale-down window" in holding
+        wait_for(lambda: capacity(admin)["pools"][POOL]["desired_replicas"] == 1, 60, "desired back to 1", both)
+        assert time.monotonic() - ramp_down_at >= SCALE_DOWN_WINDOW_S  # not before the window ran out
         before = load.ok
         wait_for(lambda: len(read_status(status_file).get("replicas", [])) == 1, 90,
                  "the autoscaler down to one replica", both)
@@ -223,12 +234,22 @@ def test_autoscaler_scales_up_on_load_and_drains_down_without_failures(tmp_path,
     assert len(pool_replicas(admin)) == 1  # the other one is gone from the gateway, not just unroutable
     assert len(srv_answer(dns)) == 1
     assert "stopped (exit 0)" in scaler.output(), scaler.output()[-3000:]
+    assert "draining" in scaler.output()
     # not even an attempt failed (a retry would have hidden it from the clients): the gateway
     # had stopped choosing the replica before it was asked to stop
     failed = [line for line in _metrics(admin).splitlines()
               if line.startswith("geogate_upstream_attempts_total{") and 'outcome="success"' not in line]
     assert not failed, failed
-    assert "draining" in scaler.output()
+
+    # 4. the operator's override wins over the gateway's count
+    desired_file.write_text(json.dumps({f"{REGION}/{POOL}": 2}))
+    wait_for(lambda: len(routable(admin)) == 2, 120, "a second replica on the operator's word", both)
+    assert read_status(status_file)["source"] == "override"
+
+
+def _served(text: str) -> set[str]:
+    return {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
+            if line.startswith("geogate_upstream_attempts_total{") and 'outcome="success"' in line}
 
 
 def _metrics(admin: str) -> str:

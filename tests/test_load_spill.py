@@ -27,7 +27,15 @@ def test_enter_above_bound_and_leave_below_the_exit_bound_only():
         clock[0] += 1.0
         assert s.update(85.0)
     assert s.fraction == 0.25
+    # under the band: the share steps down by half a step per update...
     clock[0] += 1.0
+    assert s.update(60.0) and s.fraction == 0.125 and "spilling less" in s.reason
+    clock[0] += 1.0
+    assert s.update(60.0) and s.fraction == 0.0
+    # ... and spill stops once none has been needed for the dwell time (2 s)
+    clock[0] += 1.0
+    assert s.update(60.0)
+    clock[0] += 2.0
     assert not s.update(60.0)
     assert s.fraction == 0.0 and "spill stopped" in s.reason
 
@@ -50,8 +58,14 @@ def test_min_dwell_time():
     s = make(clock)
     assert s.update(500.0)
     clock[0] += 0.5
-    assert s.update(0.0)  # dwell (2 s) not over: still spilling
-    clock[0] += 2.0
+    assert s.update(0.0) and s.fraction == 0.125
+    clock[0] += 0.5
+    assert s.update(0.0) and s.fraction == 0.0
+    clock[0] += 0.5
+    assert s.update(0.0)  # no share needed since now: the calm dwell (2 s) starts
+    clock[0] += 1.9
+    assert s.update(0.0)  # not yet
+    clock[0] += 0.1
     assert not s.update(0.0)
     clock[0] += 0.5
     assert not s.update(500.0)  # just left: dwell again before re-entering
@@ -132,3 +146,79 @@ def test_peer_loads_from_a_region_health_monitor():
     (p,) = peer_loads(Monitor(), "eu-west", now_s=100.0)
     assert (p.region, p.rtt_ms, p.expected_queue_ms, p.utilization, p.age_s) == ("us-east", 50.0, 4.0, 0.3, 1.0)
     assert p.unusable() == ""
+
+
+def test_fraction_steps_down_under_the_band_and_spill_stops_after_the_dwell():
+    clock = [0.0]
+    s = make(clock)
+    for _ in range(4):
+        clock[0] += 0.25
+        s.update(400.0)
+    assert s.fraction == 1.0
+    clock[0] += 3.0  # dwell over
+    fractions = []
+    for _ in range(4):
+        clock[0] += 0.25
+        s.update(10.0)
+        fractions.append((s.spilling, s.fraction))
+    assert fractions == [(True, 0.875), (True, 0.75), (True, 0.625), (True, 0.5)]
+    for _ in range(4 + 1 + 8):  # to 0, then the 2 s dwell
+        clock[0] += 0.25
+        s.update(10.0)
+    assert not s.spilling and "spill stopped" in s.reason
+
+
+def test_touching_zero_for_a_moment_does_not_end_spilling():
+    clock = [0.0]
+    s = make(clock)
+    s.update(400.0)
+    for q in (10.0, 10.0, 10.0):  # the share falls to 0 ...
+        clock[0] += 3.0
+        s.update(q)
+    assert s.spilling and s.fraction == 0.0
+    clock[0] += 1.0
+    assert s.update(400.0) and s.fraction == 0.25  # ... the load is still there: up again, never left
+
+
+def test_spilling_settles_when_spilling_itself_empties_the_local_queue():
+    """The plant the controller runs on: the local queue depends on the share kept at home.
+    Offered load 8 in flight on 2 slots of 100 ms: (8 (1 - f) - 2) x 50 ms of queueing. The
+    spill must not flap on/off (dropping to 0 would refill the queue at once): it enters
+    once, settles inside the band, and stops once the offered load falls."""
+    clock = [0.0]
+    s = make(clock)
+
+    def queue_ms(offered: float) -> float:
+        return max(0.0, offered * (1.0 - (s.fraction if s.spilling else 0.0)) - 2.0) * 50.0
+
+    flips, state, settled = 0, False, []
+    for i in range(400):  # 100 s of high load at 4 updates per second
+        clock[0] += 0.25
+        now = s.update(queue_ms(8.0))
+        flips += now != state
+        state = now
+        if i >= 200:
+            settled.append(queue_ms(8.0))
+    assert flips == 1
+    assert max(settled) <= 150.0 and min(settled) >= 0.0  # hunting between neighbouring shares only
+    assert 0.5 <= s.fraction <= 0.75
+    # the load falls: spill ends within a few updates plus the dwell
+    for _ in range(8 + 9):
+        clock[0] += 0.25
+        s.update(queue_ms(1.0))
+    assert not s.spilling and s.fraction == 0.0
+
+
+def test_while_spilling_a_peer_under_the_bound_stays_the_target():
+    """The local queue is short because of the spill: a peer faster than the spill bound keeps
+    taking the share, one slower than the bound does not."""
+    clock = [0.0]
+    s = make(clock)
+    s.update(400.0)
+    s.update(0.0)  # the spill emptied the local queue
+    peer, why = s.best_peer([PeerLoad("us-east", 30.0, 10.0, 0.3)])
+    assert peer is not None and peer.region == "us-east" and "< 100 ms here" in why
+    assert s.best_peer([PeerLoad("us-east", 90.0, 20.0, 0.3)])[0] is None
+    not_spilling = make(clock)
+    not_spilling.update(0.0)
+    assert not_spilling.best_peer([PeerLoad("us-east", 1.0, 0.0, 0.0)])[0] is None
