@@ -25,9 +25,12 @@ Where /metrics is (``gateway.config.PoolSection``): ``metrics_ports[url]``, else
 ``metrics_port`` on the replica's host, else by kind: a geogate replica reached over HTTP serves
 /metrics on that same port; anything else on 8002 (Triton's and ``geogate replica``'s default).
 
-Using it in the balancer: ``LoadSignals.cost(up, now_s)`` has the shape of
-``balancer.LoadStats.cost`` (peak-EWMA latency x (outstanding + queue_depth + 1) / weight), and
-``score(outstanding, load, now_s)`` is the plain endpoint-picker score.
+Using it in the balancer: ``gateway.pool.RegionPools`` runs one scraper per gateway worker and,
+through ``on_sample``, writes every reading into the replica's ``balancer.LoadStats`` with an
+expiry (``set_queue_depth(depth, valid_until_s)``), so P2C's cost becomes peak-EWMA latency x
+(outstanding + queue_depth + 1) / weight without any work on the request path; a failed scrape
+drops the reading at once, a missing one expires after ``stale_after_s``.
+``score(outstanding, load, now_s)`` is the plain endpoint-picker score (outstanding + queue).
 """
 
 from __future__ import annotations
@@ -43,8 +46,6 @@ from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-
-from gateway.balancer import DECAY_S, NO_DATA_PENALTY_S
 
 log = logging.getLogger("geogate.gateway.load_signals")
 
@@ -222,24 +223,29 @@ class LoadSignals:
 
     def __init__(self, targets: Callable[[], list[ScrapeTarget]] | list[ScrapeTarget], *,
                  interval_s: float = DEFAULT_INTERVAL_S, stale_after_s: float | None = None,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 on_sample: Callable[[ReplicaLoad, float], None] | None = None) -> None:
         self._targets = targets if callable(targets) else (lambda: list(targets))
         self.interval_s = interval_s
         self.stale_after_s = stale_after_s if stale_after_s is not None else max(
             MIN_STALE_AFTER_S, STALE_INTERVALS * interval_s)
         self.timeout_s = min(MAX_SCRAPE_TIMEOUT_S, SCRAPE_TIMEOUT_FRACTION * interval_s)
         self.loads: dict[str, ReplicaLoad] = {}
+        # Called after every scrape of a replica with its reading and the time.monotonic() until
+        # which it may be used (0 after a failed scrape): the balancer's hook.
+        self.on_sample = on_sample
         self._session = session
         self._own_session = session is None
         self._task: asyncio.Task | None = None
 
     @classmethod
-    def for_region(cls, region_pools) -> LoadSignals | None:
+    def for_region(cls, region_pools, *, on_sample: Callable[[ReplicaLoad, float], None] | None = None,
+                   ) -> LoadSignals | None:
         """A scraper for a ``RegionPools``, or None when no pool asks for ``metrics_scrape``."""
         sections = [p.section for p in region_pools.pools]
         if not any(s.metrics_scrape for s in sections):
             return None
-        return cls(targets_from_pools(region_pools), interval_s=scrape_interval_s(sections))
+        return cls(targets_from_pools(region_pools), interval_s=scrape_interval_s(sections), on_sample=on_sample)
 
     @property
     def active(self) -> bool:
@@ -303,13 +309,19 @@ class LoadSignals:
         if sample.pending is None and sample.queue_us_total is None:
             self._failed(load, f"{target.metrics_url} has no queue metric ({TRITON_PENDING} or {GEOGATE_QUEUE})")
             return
-        load.record(sample, time.monotonic())
+        now = time.monotonic()
+        if load.error:
+            log.info("load signal of %s is back", load.url)
+        load.record(sample, now)
+        if self.on_sample is not None:
+            self.on_sample(load, now + self.stale_after_s)
 
-    @staticmethod
-    def _failed(load: ReplicaLoad, reason: str) -> None:
+    def _failed(self, load: ReplicaLoad, reason: str) -> None:
         if not load.error:  # log the change, not every interval
             log.warning("load signal unavailable, scoring %s without it: %s", load.url, reason)
         load.record_failure(reason)
+        if self.on_sample is not None:
+            self.on_sample(load, 0.0)  # drop the old reading now rather than when it expires
 
     # ------------------------------------------------------------------ reading
 
@@ -323,17 +335,6 @@ class LoadSignals:
     def score(self, up, now_s: float) -> float:
         """Endpoint-picker score of a ``gateway.pool.Upstream``: outstanding + queue depth."""
         return score(up.load.outstanding, self.loads.get(up.state.url), now_s, self.stale_after_s)
-
-    def cost(self, up, now_s: float) -> float:
-        """``balancer.LoadStats.cost`` with the replica's queue counted as outstanding requests:
-        peak-EWMA latency x (outstanding + queue_depth + 1) / weight."""
-        stats = up.load
-        weight = max(1, up.state.weight)
-        busy = stats.outstanding + self.queue_depth(up.state.url, now_s)
-        if stats.ewma_s == 0.0:
-            return NO_DATA_PENALTY_S * busy / weight
-        ewma_s = stats.ewma_s * math.exp(-max(0.0, now_s - stats.stamp_s) / DECAY_S)
-        return ewma_s * (busy + 1) / weight
 
     def snapshot(self, now_s: float | None = None) -> list[dict[str, Any]]:
         now = time.monotonic() if now_s is None else now_s

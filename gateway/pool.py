@@ -5,6 +5,11 @@ Membership comes from the config (a static list of URLs) or from DNS SRV discove
 (``geo.srv_discovery.SrvDiscovery``): a discovered replica joins unhealthy and takes traffic only
 after its first successful health check; a replica that vanishes from DNS is marked draining
 (no new requests), and its client is closed once its last request has finished.
+
+Load signals: pools with ``metrics_scrape = true`` have their replicas' /metrics scraped on a
+timer (``gateway.load_signals``, one scraper per worker); each reading goes into the replica's
+``LoadStats`` (the P2C cost counts the replica's queue with the outstanding requests) and into
+its snapshot (``queue_depth`` in the region summary).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
 from gateway.balancer import LoadStats
 from gateway.config import Config, GatewaySection, PoolSection, RegionSection
+from gateway.load_signals import LoadSignals, ReplicaLoad
 from gateway.upstream_grpc import GrpcUpstream
 from gateway.upstream_http import HttpUpstream, make_session
 from health.active import ActiveHealthChecker
@@ -31,6 +38,26 @@ SRV_PREFIX = "dns+srv://"
 DRAIN_POLL_S = 0.2
 CANDIDATES_TTL_S = 0.05
 CANDIDATES_CACHE_MAX = 1024
+
+
+class PooledReplica(ReplicaState):
+    """A replica's health state plus, in pools with ``metrics_scrape``, its last load-signal
+    reading, which its snapshot shows (the queue the balancer scores with, or why none)."""
+
+    load_signal: ReplicaLoad | None = None
+    load_signal_valid_until_s: float = 0.0  # time.monotonic(); the reading is stale after it
+
+    def snapshot(self, now_s: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now_s is None else now_s
+        snap = super().snapshot(now)
+        ld = self.load_signal
+        if ld is not None:
+            fresh = now < self.load_signal_valid_until_s
+            snap["queue_depth"] = round(ld.queue_depth, 3) if fresh else None  # None: not scored with
+            snap["load_signal"] = {"metrics_url": ld.metrics_url, "fresh": fresh,
+                                   "age_s": round(now - ld.updated_s, 3) if ld.updated_s else None,
+                                   "error": ld.error}
+        return snap
 
 
 class Upstream:
@@ -81,7 +108,7 @@ class ReplicaPool:
                 self.owner.checker.add(existing.state)
                 log.info("replica %s is back in discovery; no longer draining", url)
             return existing
-        state = ReplicaState(url=url, weight=weight, pool=self.name, kind=self.kind)
+        state = PooledReplica(url=url, weight=weight, pool=self.name, kind=self.kind)
         up = Upstream(state, self.owner.make_client(state), self)
         self.members[url] = up
         self._rebuild()
@@ -172,6 +199,7 @@ class RegionPools:
         self.session: aiohttp.ClientSession | None = None
         self.pools = [ReplicaPool(p, region.name, self) for p in region.pools]
         self._cache: dict[tuple, tuple[float, Candidates]] = {}
+        self.load_signals: LoadSignals | None = None  # while pools with metrics_scrape exist
 
     def make_client(self, state: ReplicaState):
         if state.scheme == "http":
@@ -190,8 +218,25 @@ class RegionPools:
         for pool in self.pools:
             pool.start()
         await self.checker.start()
+        self.load_signals = LoadSignals.for_region(self, on_sample=self._on_load_sample)
+        if self.load_signals is not None:
+            await self.load_signals.start()
+
+    def _on_load_sample(self, load: ReplicaLoad, valid_until_s: float) -> None:
+        """A replica's queue depth, scraped (valid_until_s 0: the scrape failed): into the
+        balancer's cost and the replica's snapshot."""
+        for pool in self.pools:
+            up = pool.members.get(load.url)
+            if up is None:
+                continue
+            up.load.set_queue_depth(load.queue_depth, valid_until_s)
+            if isinstance(up.state, PooledReplica):
+                up.state.load_signal = load
+                up.state.load_signal_valid_until_s = valid_until_s
 
     async def close(self) -> None:
+        if self.load_signals is not None:
+            await self.load_signals.close()
         await self.checker.close()
         for pool in self.pools:
             await pool.close()

@@ -4,18 +4,22 @@
 
 Three real Triton servers (``make triton-env``) serve the python-backend demo model with one
 request per execute and a fixed execute time, so requests queue inside Triton
-(``nv_inference_pending_request_count``). An in-process balancer (power of two choices, the
-gateway's algorithm, over aiohttp keep-alive connections to the Tritons' HTTP ports) sends an
-open-loop Poisson load (--rate, below capacity: with a closed loop above capacity every replica
-queues whatever the policy, and the comparison says nothing) and scores replicas by mode:
+(``nv_inference_pending_request_count``). An open-loop Poisson load (--rate, below capacity:
+with a closed loop above capacity every replica queues whatever the policy, and the comparison
+says nothing) goes either through an in-process balancer (power of two choices, the gateway's
+algorithm, over aiohttp keep-alive connections to the Tritons' HTTP ports) or through a real
+`geogate gateway`, and replicas are scored by mode:
 
 - ``outstanding``: score = this balancer's outstanding requests;
 - ``queue``:       score = outstanding + the replica's scraped queue depth (``LoadSignals``,
                    stale data ignored), as the Gateway API inference extension's picker does;
-- ``peak-ewma``:   the gateway's own cost today (``gateway.balancer.LoadStats.cost``:
+- ``peak-ewma``:   the gateway's cost without load signals (``gateway.balancer.LoadStats.cost``:
                    peak-EWMA latency x (outstanding + 1));
-- ``peak-ewma+queue``: ``LoadSignals.cost``, the same with the scraped queue counted as
-                   outstanding requests (what the gateway would use with ``metrics_scrape``).
+- ``peak-ewma+queue``: the same ``LoadStats.cost`` with the scraper's readings written into it
+                   (``on_sample``), exactly as the gateway does with ``metrics_scrape = true``:
+                   peak-EWMA latency x (outstanding + queue_depth + 1);
+- ``gateway`` / ``gateway+queue``: a real `geogate gateway` process in front of the Tritons,
+                   ``metrics_scrape`` off / on (its latency includes the gateway's own hop).
 
 Scenarios (replicas that differ in how fast they answer *this* balancer):
 - ``hidden-load``: all three equally fast, but one also serves a second client the balancer
@@ -46,8 +50,8 @@ import aiohttp
 import numpy as np
 
 from gateway.balancer import LoadStats
-from gateway.load_signals import LoadSignals, ScrapeTarget, metrics_url_for
-from loadtests.procs import Proc, free_port, http_ok
+from gateway.load_signals import LoadSignals, ReplicaLoad, ScrapeTarget, metrics_url_for
+from loadtests.procs import GatewayProc, Proc, RegionConfig, free_port, http_ok
 from replicas.demo_model import reference_outputs
 from replicas.demo_python_backend import write_python_backend_entry
 
@@ -59,7 +63,11 @@ RATE_PER_S = 60.0  # offered load: 60% of what the two replicas without extra lo
 HIDDEN_CONCURRENCY = 6  # hidden-load scenario: the other client's closed loop on replica 0
 SCRAPE_INTERVAL_S = 0.2
 WARMUP_S = 1.0
-MODES = ("outstanding", "queue", "peak-ewma", "peak-ewma+queue")
+GATEWAY_MODES = ("gateway", "gateway+queue")
+MODES = ("outstanding", "queue", "peak-ewma", "peak-ewma+queue", *GATEWAY_MODES)
+GATEWAY_READY_TIMEOUT_S = 60.0
+REPLICA_HEADER = "geogate-replica"
+GATEWAY_HEALTH = {"interval_ms": 300, "timeout_ms": 250, "rise": 1, "fall": 2}
 SCENARIOS = ("hidden-load", "slow-replica")
 X = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(1, 16)
 
@@ -155,6 +163,13 @@ class Balancer:
         self.signals = signals
         self.mode = mode
         self.rng = rng
+        if mode == "peak-ewma+queue":
+            signals.on_sample = self._on_sample  # what gateway.pool.RegionPools does
+
+    def _on_sample(self, load: ReplicaLoad, valid_until_s: float) -> None:
+        up = self.ups.get(load.url)
+        if up is not None:
+            up.load.set_queue_depth(load.queue_depth, valid_until_s)
 
     def score(self, url: str, now_s: float) -> float:
         up = self.ups[url]
@@ -162,38 +177,55 @@ class Balancer:
             return up.load.outstanding
         if self.mode == "queue":
             return self.signals.score(up, now_s)
-        if self.mode == "peak-ewma":
-            return up.load.cost(now_s, up.state.weight)
-        return self.signals.cost(up, now_s)
+        return up.load.cost(now_s, up.state.weight)  # peak-ewma (+queue when readings are written)
 
-    def pick(self) -> str:
+    def pick(self) -> tuple[str, LoadStats | None]:
         a, b = self.rng.sample(self.urls, 2)
         now = time.monotonic()
         sa, sb = self.score(a, now), self.score(b, now)
-        if sa == sb:
-            return a
-        return a if sa < sb else b
+        url = a if sa <= sb else b  # a is already a uniformly random choice
+        return url, self.ups[url].load
+
+    def replica_of(self, url: str, _headers) -> str:
+        return url
 
 
-async def open_loop(balancer: Balancer, session: aiohttp.ClientSession, duration_s: float,
+class ThroughGateway:
+    """Every request to one `geogate gateway`; the replica that served it is in its answer."""
+
+    def __init__(self, gateway_url: str, replica_urls: list[str]) -> None:
+        self.gateway_url = gateway_url
+        self.urls = replica_urls
+
+    def pick(self) -> tuple[str, LoadStats | None]:
+        return self.gateway_url, None
+
+    def replica_of(self, _url: str, headers) -> str:
+        served = headers.get(REPLICA_HEADER, "")
+        return next((u for u in self.urls if served and served.endswith(u.split("://", 1)[1])), "")
+
+
+async def open_loop(route: Balancer | ThroughGateway, session: aiohttp.ClientSession, duration_s: float,
                     rate_per_s: float) -> RunResult:
     """Requests at a fixed rate (Poisson arrivals), each timed from its scheduled start, so a
     slow answer cannot slow the offered load down (no coordinated omission)."""
     body, headers = _body()
-    res = RunResult(shares=dict.fromkeys(balancer.urls, 0))
+    res = RunResult(shares=dict.fromkeys(route.urls, 0))
     expected = reference_outputs("tiny", 1, X)
     checked = False
     arrivals = random.Random(1)
 
     async def one(t0: float, measured: bool) -> None:
         nonlocal checked
-        url = balancer.pick()
-        load = balancer.ups[url].load
-        load.outstanding += 1
+        url, load = route.pick()
+        served = ""
+        if load is not None:
+            load.outstanding += 1
         try:
             async with session.post(url + "/v2/models/demo/infer", data=body, headers=headers) as r:
                 data = await r.read()
                 ok = r.status == 200
+                served = route.replica_of(url, r.headers)
                 if ok and not checked:
                     n = int(r.headers["Inference-Header-Content-Length"])
                     out = np.frombuffer(data[n:], dtype=np.float32).reshape(1, 8)
@@ -201,12 +233,13 @@ async def open_loop(balancer: Balancer, session: aiohttp.ClientSession, duration
         except (aiohttp.ClientError, OSError):
             ok = False
         finally:
-            load.outstanding -= 1
-            load.observe(time.perf_counter() - t0, time.monotonic())
+            if load is not None:
+                load.outstanding -= 1
+                load.observe(time.perf_counter() - t0, time.monotonic())
         if measured:
-            if ok:
+            if ok and served:
                 res.latencies_s.append(time.perf_counter() - t0)
-                res.shares[url] += 1
+                res.shares[served] += 1
             else:
                 res.errors += 1
 
@@ -226,7 +259,10 @@ async def open_loop(balancer: Balancer, session: aiohttp.ClientSession, duration
 
 
 async def run_mode(urls: list[str], targets: list[ScrapeTarget], mode: str, duration_s: float,
-                   rate_per_s: float, seed: int) -> RunResult:
+                   rate_per_s: float, seed: int, gateway_url: str = "") -> RunResult:
+    if mode in GATEWAY_MODES:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            return await open_loop(ThroughGateway(gateway_url, urls), session, duration_s, rate_per_s)
     signals = LoadSignals(targets, interval_s=SCRAPE_INTERVAL_S)
     await signals.start()
     try:
@@ -235,6 +271,33 @@ async def run_mode(urls: list[str], targets: list[ScrapeTarget], mode: str, dura
                                    rate_per_s)
     finally:
         await signals.close()
+
+
+def start_gateway(work: Path, name: str, tritons: list[Triton], scrape: bool) -> GatewayProc:
+    """`geogate gateway` for one region whose pool is the Tritons (HTTP), scraping their /metrics
+    every SCRAPE_INTERVAL_S when `scrape`; returns once it routes to all of them (and, scraping,
+    once it has a queue reading of each)."""
+    region = RegionConfig("r1")
+    ports = ", ".join(f'"{t.url}" = {t.metrics_port}' for t in tritons)
+    lines = ['[deployment]', 'name = "bench-load-signals"', '', '[health]']
+    lines += [f"{k} = {v}" for k, v in GATEWAY_HEALTH.items()]
+    lines += ['', '[[regions]]', 'name = "r1"', f'http = "{region.http_address}"', f'grpc = "{region.grpc_address}"',
+              f'admin = "{region.admin_address}"', '', '  [[regions.pools]]', '  name = "tri"', '  kind = "triton"',
+              f"  replicas = {json.dumps([t.url for t in tritons])}",
+              f"  metrics_scrape = {'true' if scrape else 'false'}",
+              f"  metrics_interval_ms = {int(SCRAPE_INTERVAL_S * 1000)}", f"  metrics_ports = {{ {ports} }}", '']
+    config = work / f"{name}.toml"
+    config.write_text("\n".join(lines))
+    gw = GatewayProc(config, region, log_dir=work / "logs", name=name)
+    try:
+        gw.wait_ready(GATEWAY_READY_TIMEOUT_S).wait_all_healthy(GATEWAY_READY_TIMEOUT_S)
+        if scrape:
+            gw.wait_until(lambda: all(r.get("queue_depth") is not None for p in gw.region_summary().get("pools", [])
+                                      for r in p["replicas"]), GATEWAY_READY_TIMEOUT_S, what="scraping every Triton")
+    except BaseException:
+        gw.kill()
+        raise
+    return gw
 
 
 # ---------------------------------------------------------------------------- report
@@ -261,11 +324,11 @@ def print_table(scenario: str, rows: dict[str, list[dict]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short runs (about a minute in all)")
+    ap.add_argument("--quick", action="store_true", help="short runs (about 80 s in all)")
     ap.add_argument("--duration-s", type=float, default=None, help="measured seconds per mode and round")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per scenario (modes alternate)")
     ap.add_argument("--scenario", choices=SCENARIOS, action="append", help="default: both")
-    ap.add_argument("--mode", choices=MODES, action="append", help="default: all four")
+    ap.add_argument("--mode", choices=MODES, action="append", help="default: all of them")
     ap.add_argument("--rate", type=float, default=RATE_PER_S, help="offered requests per second (Poisson)")
     ap.add_argument("--json", default="", help="also write the figures to this file")
     args = ap.parse_args(argv)
@@ -293,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             rows: dict[str, list[dict]] = {m: [] for m in modes}
             for r in range(rounds):
                 for mode in (modes if r % 2 == 0 else tuple(reversed(modes))):
+                    gw = start_gateway(work, f"{scenario}-{mode}-{r}", tritons, mode == "gateway+queue") \
+                        if mode in GATEWAY_MODES else None
                     hidden = None
                     if scenario == "hidden-load":
                         hidden = mp.get_context("spawn").Process(
@@ -301,10 +366,13 @@ def main(argv: list[str] | None = None) -> int:
                         hidden.start()
                         time.sleep(0.5)  # its queue is there before the balancer starts
                     try:
-                        res = asyncio.run(run_mode(urls, targets, mode, duration_s, args.rate, seed=r))
+                        res = asyncio.run(run_mode(urls, targets, mode, duration_s, args.rate, seed=r,
+                                                   gateway_url=f"http://{gw.http_address}" if gw else ""))
                     finally:
                         if hidden is not None:
                             hidden.join(30)
+                        if gw is not None:
+                            gw.stop()
                     rows[mode].append(summarize(res, urls))
             results[scenario] = rows
             print_table(scenario, rows)
@@ -314,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print("\nqueue = outstanding + scraped queue depth; outstanding = this balancer's in-flight only; "
-          "figures are medians over rounds")
+          "gateway modes go through a real `geogate gateway` (+ its hop); req/s = answered per second at "
+          f"the offered {args.rate:g}/s; figures are medians over rounds")
     return 0
 
 

@@ -1,17 +1,23 @@
 """The load-signal scraper (gateway.load_signals) against a real Triton's and a real geogate
 replica's Prometheus /metrics: queue depth is seen while requests really queue, goes back to
-0, and is ignored once stale or when the scrape fails."""
+0, and is ignored once stale or when the scrape fails. And `geogate gateway` with
+``metrics_scrape = true``: its region summary shows each Triton's queue, and its replica choice
+avoids a Triton whose queue only /metrics reveals (another client's load)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import tritonclient.http as httpclient
 
+from gateway.balancer import LoadStats, pick_p2c
 from gateway.config import parse_config
 from gateway.load_signals import (
     DEFAULT_METRICS_PORT,
@@ -24,11 +30,15 @@ from gateway.load_signals import (
 )
 from replicas.demo_model import reference_outputs, write_repository_entry
 from replicas.demo_python_backend import write_python_backend_entry
+from tests.gateway_procs import http_call
 from tests.procs import ReplicaProc, TritonProc, http_ok
+from tests.test_triton_gateway import TritonGatewayProc, wait_for
 
 SLOW_EXECUTE_S = 0.25
 CONCURRENT = 6
 WAIT_S = 30.0
+GATEWAY_SCRAPE_MS = 250  # the scrape timeout is 80% of it: room for a busy 2-core host
+ROUTED_REQUESTS = 8
 
 
 def slow_triton_repository(root: Path) -> str:
@@ -226,3 +236,123 @@ def test_parse_metrics_sums_models_and_rejects_garbage():
         pass
     else:
         raise AssertionError("garbage parsed")
+
+
+class _Up:
+    """What pick_p2c reads of a gateway.pool.Upstream."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.load = LoadStats()
+        self.state = type("S", (), {"weight": 1})()
+
+
+def test_balancer_counts_a_fresh_queue_reading_only():
+    a, b = _Up("a"), _Up("b")
+    for up in (a, b):
+        up.load.observe(0.010, 100.0)
+    assert a.load.cost(100.0, 1) == b.load.cost(100.0, 1)
+    # Queue depth 3, valid until t=101: a costs like 3 more outstanding requests.
+    a.load.set_queue_depth(3.0, 101.0)
+    assert a.load.cost(100.5, 1) == 4 * b.load.cost(100.5, 1)
+    rng = random.Random(3)
+    assert {pick_p2c([a, b], 100.5, rng).name for _ in range(50)} == {"b"}
+    # Stale: ignored, outstanding requests alone decide again (b is busier).
+    b.load.outstanding = 1
+    assert a.load.cost(101.0, 1) < b.load.cost(101.0, 1)
+    assert {pick_p2c([a, b], 101.0, rng).name for _ in range(50)} == {"a"}
+    # A failed scrape drops the reading at once (valid_until 0); no latency sample yet: the
+    # queue still counts, with the no-data penalty per request.
+    fresh = LoadStats()
+    fresh.set_queue_depth(2.0, 200.0)
+    assert fresh.cost(150.0, 1) > 0.0
+    fresh.set_queue_depth(2.0, 0.0)
+    assert fresh.cost(150.0, 1) == 0.0
+
+
+def hidden_load(address: str, n: int, stop: threading.Event, errors: list[str]) -> list[threading.Thread]:
+    """`n` closed loops of inferences straight to one Triton (not through the gateway) until
+    `stop`: a client the gateway cannot see, keeping about n - 1 requests in Triton's queue."""
+    x = np.ones((1, 16), dtype=np.float32)
+
+    def loop() -> None:
+        client = httpclient.InferenceServerClient(address, network_timeout=60)
+        try:
+            inp = httpclient.InferInput("INPUT0", [1, 16], "FP32")
+            inp.set_data_from_numpy(x)
+            while not stop.is_set():
+                client.infer("demo", [inp])
+        except Exception as exc:  # collected: the test asserts there were none
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def replica_view(gw: TritonGatewayProc, triton: TritonProc) -> dict:
+    """The gateway's region-summary entry for `triton`."""
+    for pool in gw.region()["pools"]:
+        for rep in pool["replicas"]:
+            if rep["url"] == f"http://{triton.http_url}":
+                return rep
+    raise AssertionError(f"{triton.http_url} not in the region summary")
+
+
+def test_gateway_scores_replicas_by_scraped_queue_depth(tmp_path, procs):
+    repo = slow_triton_repository(tmp_path / "repo")
+    busy, idle = tritons = [TritonProc(repo, load=("demo",)) for _ in range(2)]
+    procs.extend(tritons)
+    for t in tritons:
+        t.wait_ready()
+        t.wait_until(lambda t=t: http_ok(f"http://127.0.0.1:{t.metrics_port}/metrics"), what="serving /metrics")
+    ports = ", ".join(f'"http://{t.http_url}" = {t.metrics_port}' for t in tritons)
+    gw = TritonGatewayProc(tmp_path, [f"http://{t.http_url}" for t in tritons], pool_extra=(
+        f"  metrics_scrape = true\n  metrics_interval_ms = {GATEWAY_SCRAPE_MS}\n  metrics_ports = {{ {ports} }}\n"))
+    procs.append(gw)
+    gw.wait_ready()
+    wait_for(lambda: gw.region()["replicas"]["healthy"] == 2, "both Tritons healthy", procs=[gw])
+    # Idle: both scraped, both queues empty.
+    wait_for(lambda: all(replica_view(gw, t).get("queue_depth") == 0.0 for t in tritons),
+             "the gateway to show both queues empty", procs=[gw])
+    assert replica_view(gw, busy)["load_signal"]["metrics_url"] == f"http://127.0.0.1:{busy.metrics_port}/metrics"
+
+    stop = threading.Event()
+    errors: list[str] = []
+    loops = hidden_load(busy.http_url, CONCURRENT, stop, errors)
+    try:
+        # The other client's requests queue in `busy`: the gateway sees it only in /metrics.
+        wait_for(lambda: (replica_view(gw, busy).get("queue_depth") or 0.0) >= 2,
+                 "the gateway to show the busy Triton's queue", procs=[gw, busy])
+        assert replica_view(gw, idle)["queue_depth"] == 0.0
+        # Neither has answered this gateway yet (no latency sample): without the queue, P2C
+        # tries whichever is still unmeasured, so `busy` gets at least one of these; with it, none.
+        x = np.ones((1, 16), dtype=np.float32)
+        body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
+                                       "data": x.flatten().tolist()}]}).encode()
+        served: Counter = Counter()
+        for _ in range(ROUTED_REQUESTS):
+            status, headers, answer = http_call(f"http://{gw.http}/v2/models/demo/infer", body,
+                                                {"Content-Type": "application/json"})
+            assert status == 200, answer
+            out = np.array(json.loads(answer)["outputs"][0]["data"], dtype=np.float32).reshape(1, 8)
+            np.testing.assert_allclose(out, reference_outputs("tiny", 1, x), rtol=1e-5, atol=1e-6)
+            served[{k.lower(): v for k, v in headers.items()}["geogate-replica"]] += 1
+        assert all(idle.http_url in r for r in served), served
+    finally:
+        stop.set()
+        for t in loops:
+            t.join(WAIT_S)
+    assert errors == []
+    # The queue drains: the gateway shows it.
+    wait_for(lambda: replica_view(gw, busy).get("queue_depth") == 0.0, "the busy queue to drain", procs=[gw])
+    # A replica whose /metrics stops answering: no queue depth to score with, and the reason.
+    busy.kill()
+    wait_for(lambda: replica_view(gw, busy)["load_signal"]["error"] != "", "the failed scrape to show", procs=[gw])
+    view = replica_view(gw, busy)
+    assert view["queue_depth"] is None and str(busy.metrics_port) in view["load_signal"]["error"]
+    gw.stop()
+    idle.kill()  # nothing to drain or save: skip Triton's exit timeout

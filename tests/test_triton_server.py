@@ -33,3 +33,6 @@ def test_triton_serves_demo_versions_with_reference_outputs(tmp_path, procs):
     assert index == {("demo", "1"): "READY", ("demo", "2"): "READY"}
     http.unload_model("demo")
     assert not http.is_model_ready("demo")
+    http.close()
+    grpc.close()
+    triton.kill()  # nothing to drain or save: skip Triton's exit timeout
