@@ -4,7 +4,9 @@
     geogate bench load --url grpc://127.0.0.1:8001 --protocol grpc --concurrency 8 --duration 10 --out DIR
     geogate bench load --url ... --schedule "0:100,10:500,20:100" --duration 30 --processes 2 --out DIR
     geogate bench scenario replica-kill [--quick] --out DIR
+    geogate bench scenario soak --duration 600 --out DIR
     geogate bench list
+    geogate bench table loadtests/results        # figures of the runs, as a Markdown table
 
 Each run writes DIR/results.json and DIR/report.png and prints a summary. Traffic goes to
 127.0.0.1 only; every run stops by itself after --duration.
@@ -50,9 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scen.add_argument("name", help="scenario name (see `geogate bench list`)")
     scen.add_argument("--quick", action="store_true", help="short, low-rate version (smoke test)")
     scen.add_argument("--processes", type=int, default=None, help="client processes (default: the scenario's)")
+    scen.add_argument("--duration", type=float, default=None,
+                      help="seconds of load, for scenarios without a fixed timeline (soak)")
     _common(scen)
 
     sub.add_parser("list", help="list the scenarios")
+    table = sub.add_parser("table", help="the figures table (Markdown) of scenario runs",
+                           description="Print the figures of scenario runs (DIR/results.json or DIR/*/results.json).")
+    table.add_argument("dirs", nargs="+", help="scenario output directories, or a directory holding them")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
         return _run_scenario(args)
     if cmd == "list":
         return _list()
-    print("geogate bench: choose load, scenario or list (see --help)", file=sys.stderr)
+    if cmd == "table":
+        from loadtests.table import build_table
+
+        print(build_table([Path(d) for d in args.dirs]))
+        return 0
+    print("geogate bench: choose load, scenario, list or table (see --help)", file=sys.stderr)
     return 2
 
 
@@ -121,6 +133,15 @@ def _run_scenario(args: argparse.Namespace) -> int:
     except KeyError as exc:
         print(f"geogate bench scenario: {exc.args[0]}", file=sys.stderr)
         return 2
+    if args.duration is not None:
+        if not scenario.configurable_duration:
+            print(f"geogate bench scenario {args.name}: --duration: this scenario has a fixed timeline "
+                  f"(use --quick for a short run)", file=sys.stderr)
+            return 2
+        if args.duration <= 0:
+            print("geogate bench scenario: --duration must be > 0", file=sys.stderr)
+            return 2
+        scenario.requested_duration_s = args.duration
     try:
         outcome = run_scenario(scenario, args.out, quick=args.quick, progress=not args.no_progress,
                                processes=args.processes)
@@ -130,10 +151,16 @@ def _run_scenario(args: argparse.Namespace) -> int:
         return 1
     _print_summary(outcome.results)
     for c in outcome.checks:
-        print(f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+        print(f"  [{check_label(c)}] {c.name}: {c.detail}")
     print(f"scenario {outcome.name}: {'PASSED' if outcome.passed else 'FAILED'}")
     print(f"results: {outcome.results_path}\nreport:  {outcome.report_path}")
     return 0 if outcome.passed else 1
+
+
+def check_label(c) -> str:
+    if c.goal:
+        return "goal met" if c.ok else "goal missed"
+    return "ok" if c.ok else "FAIL"
 
 
 def _list() -> int:

@@ -110,6 +110,7 @@ class LoadSpec:
     assume_version: str | None = None  # verify against this version instead of the response's
     grpc_channels: int = 1
     max_connections: int = 0  # HTTP connections per process; 0: as many as requests in flight
+    trace: bool = False  # keep every request's outcome (Recorder.trace) for sub-second figures
     meta: dict[str, Any] = field(default_factory=dict)  # free-form, copied into the results
 
     @property
@@ -166,7 +167,7 @@ class _Worker:
         self.spec = spec
         self.share = share
         self.shares = shares
-        self.recorder = Recorder()
+        self.recorder = Recorder(trace=spec.trace)
         self.verifier = Verifier(spec.model, assume_version=spec.assume_version)
         self.client = make_client(spec.protocol, spec.url, self.verifier, model_version=spec.model_version,
                                   timeout_s=spec.timeout_s, max_connections=spec.max_connections,
@@ -436,7 +437,7 @@ def _run_multiprocess(spec: LoadSpec, progress: bool, on_start: Callable[[float]
              for i in range(spec.processes)]
     for p in procs:
         p.start()
-    merged = Recorder()
+    merged = Recorder(trace=spec.trace)
     try:
         ready: set[int] = set()
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S

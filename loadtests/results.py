@@ -58,12 +58,16 @@ class _Second:
 
 
 class Recorder:
-    """Counts outcomes per second of intended send time; one per process, merged at the end."""
+    """Counts outcomes per second of intended send time; one per process, merged at the end.
 
-    def __init__(self) -> None:
+    `trace=True` also keeps every request as (t_s, ok, latency_ms, region, version, reason), for
+    figures finer than a second ("first success served by another region after the kill")."""
+
+    def __init__(self, *, trace: bool = False) -> None:
         self.seconds: dict[int, _Second] = {}
         self.send_lag = LatencyHistogram()  # actual send - intended send: the generator's own lateness
         self.in_flight = 0
+        self.trace: list[tuple[float, bool, float, str, str, str]] | None = [] if trace else None
 
     def _bucket(self, t_s: float) -> _Second:
         sec = max(0, int(t_s))
@@ -76,6 +80,8 @@ class Recorder:
                version: str = "", reason: str = "") -> None:
         b = self._bucket(t_s)
         b.sent += 1
+        if self.trace is not None:
+            self.trace.append((round(t_s, 4), ok, round(latency_s * 1000.0, 3), region, version, reason))
         if ok:
             b.ok += 1
             b.hist.record_s(latency_s)
@@ -107,6 +113,7 @@ class Recorder:
                               "replicas": dict(b.replicas)}
                         for sec, b in self.seconds.items()},
             "send_lag": self.send_lag.encode(),
+            "trace": self.trace,
         }
 
     def merge_dict(self, d: dict[str, Any]) -> None:
@@ -120,6 +127,18 @@ class Recorder:
             b.versions.update(src["versions"])
             b.replicas.update(src["replicas"])
         self.send_lag.merge(LatencyHistogram.decode(d["send_lag"]))
+        if d.get("trace") is not None:
+            self.trace = [*(self.trace or []), *map(tuple, d["trace"])]
+            self.trace.sort(key=lambda r: r[0])
+
+    def window_latency(self, start_s: float, end_s: float) -> dict[str, float | int]:
+        """Latency summary (ms) of the successful requests whose intended send second is in
+        [start_s, end_s): exact percentiles over the window, not an average of seconds."""
+        h = LatencyHistogram()
+        for sec, b in self.seconds.items():
+            if start_s <= sec < end_s:
+                h.merge(b.hist)
+        return h.summary()
 
 
 def _sorted(c: Counter[str]) -> dict[str, int]:

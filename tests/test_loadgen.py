@@ -1,12 +1,11 @@
 """The load generator against a REAL replica process (and, for scenarios, real gateways):
 open and closed loop over all three protocols, multi-process merging, answer verification
 catching a wrong version, the in-flight cap, latency from the intended send time, results JSON,
-report PNG, the CLI, and a smoke run of every chaos scenario."""
+report PNG and the CLI. (Smoke runs of the chaos scenarios: tests/test_scenarios_smoke.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -134,10 +133,30 @@ def test_closed_loop_keeps_its_concurrency_busy(replica, protocol):
 
 def test_several_processes_share_the_rate_and_merge_their_histograms(replica):
     spec = LoadSpec(url=target(replica, "grpc"), protocol="grpc", schedule=[(0.0, 20.0), (1.0, 40.0)],
-                    duration_s=DURATION_S, processes=2)
-    res = results_of(spec)
+                    duration_s=DURATION_S, processes=2, trace=True)
+    load = run_load(spec)
+    res = build_results(load.recorder, spec=spec.to_dict(), duration_s=spec.duration_s)
     assert [row["sent"] for row in res["timeline"]] == [20, 40]
     assert res["totals"]["ok"] == 60 and res["totals"]["latency_ms"]["count"] == 60
+    # every request of both processes in the merged trace, in send order
+    trace = load.recorder.trace
+    assert len(trace) == 60 and [e[0] for e in trace] == sorted(e[0] for e in trace)
+    assert all(e[1] and e[4] in ("1", "2") for e in trace)
+    assert load.recorder.window_latency(1, 2)["count"] == 40
+
+
+def test_trace_helpers_find_the_transition():
+    from loadtests import trace as tr
+
+    # (t_s, ok, latency_ms, region, version, reason)
+    t = [(0.0, True, 2.0, "a", "1", ""), (1.0, True, 2.0, "a", "1", ""), (2.0, False, 50.0, "", "", "http 503"),
+         (2.1, True, 30.0, "b", "1", ""), (2.05, True, 90.0, "b", "1", ""), (3.0, True, 3.0, "a", "2", "")]
+    first = tr.first_answer(t, 2.0, lambda e: e[tr.REGION] != "a")
+    assert first[0] == 2.1 and tr.done_at(first) == pytest.approx(2.13)  # answered before the 2.05 one
+    assert tr.last_sent(t, 0.0, lambda e: e[tr.REGION] == "b")[0] == 2.1
+    assert tr.failures(tr.between(t, 2.0, 3.0)) == {"http 503": 1}
+    assert tr.regions(t) == {"a": 3, "b": 2} and tr.versions(tr.between(t, 3.0)) == {"2": 1}
+    assert tr.percentile_ms(tr.between(t, 2.0, 2.2), 50) == pytest.approx(60.0)
 
 
 async def test_run_load_async_inside_a_running_event_loop(replica):
@@ -237,34 +256,3 @@ def test_cli_load_writes_results_and_refuses_remote_targets(replica, tmp_path, c
     code = loadtests_main(["load", "--url", "http://198.51.100.7:8000", "--rate", "1", "--duration", "1",
                            "--out", str(out)])
     assert code == 2 and "not a loopback address" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------- scenarios (smoke)
-
-
-def _checks(outcome) -> dict[str, bool]:
-    return {c.name: c.ok for c in outcome.checks}
-
-
-@pytest.mark.parametrize("name,kinds,must_hold", [
-    ("replica-kill", {"kill"}, ["answers verified", "victim silent after the kill"]),
-    ("slow-replica", {"fault", "clear"}, ["answers verified", "success ratio"]),
-    ("flapping-replica", {"stop", "cont"}, ["answers verified", "replica flapped"]),
-])
-def test_scenario_smoke(tmp_path, name, kinds, must_hold):
-    from loadtests import scenarios
-    from loadtests.scenario import run_scenario
-
-    outcome = run_scenario(scenarios.get(name), tmp_path / name, quick=True)
-    doc = load_results(outcome.results_path)
-    assert doc["scenario"]["name"] == name
-    assert {e["kind"] for e in doc["events"]} == kinds
-    assert doc["totals"]["sent"] > 0 and doc["totals"]["ok"] > 0
-    checks = _checks(outcome)
-    for check in must_hold:
-        assert checks[check], [c for c in outcome.checks if c.name == check]
-    assert outcome.report_path.stat().st_size > 0
-    # teardown killed everything it started
-    for info in doc["scenario"]["processes"].values():
-        with pytest.raises(ProcessLookupError):
-            os.kill(info["pid"], 0)

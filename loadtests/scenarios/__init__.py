@@ -12,7 +12,6 @@ SCENARIOS: dict[str, str] = {
     "replica-kill": "loadtests.scenarios.replica_kill",
     "slow-replica": "loadtests.scenarios.slow_replica",
     "flapping-replica": "loadtests.scenarios.flapping_replica",
-    "replica-kill-vs-haproxy": "loadtests.scenarios.peer_haproxy",
     "overhead": "loadtests.scenarios.overhead",
     "region-outage": "loadtests.scenarios.region_outage",
     "promotion-under-load": "loadtests.scenarios.promotion_under_load",

@@ -5,12 +5,17 @@ requests just hang, the nastiest kind of failure for a proxy.
 Expected: per-try timeouts and retries on the other replicas keep clients succeeding, with
 latency bounded by the per-try timeout; health checks and outlier ejection take the replica
 out while frozen and bring it back when it answers again.
+
+The same freeze/thaw sequence runs first behind HAProxy (phases/haproxy/: round-robin, the
+same health-check cadence, `retries 2` + `option redispatch`; no per-try timeout of its own
+short of `timeout server`), then behind geogate (the main load): figures side by side.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from loadtests.haproxy import require_haproxy, start_haproxy
 from loadtests.loadgen import LoadSpec
 from loadtests.procs import PoolConfig, RegionConfig
 from loadtests.scenario import (
@@ -22,7 +27,9 @@ from loadtests.scenario import (
     check_success_ratio,
     pause,
     resume,
+    run_phase,
 )
+from loadtests.scenarios.replica_kill import side_by_side, side_by_side_check
 
 REGION = "eu-west"
 FLAPPER = "replica-a"
@@ -36,18 +43,26 @@ GATEWAY = {"per_try_timeout_ms": PER_TRY_TIMEOUT_MS, "max_attempts": MAX_ATTEMPT
 
 class FlappingReplica(Scenario):
     name = "flapping-replica"
-    description = "SIGSTOP/SIGCONT one of three replicas repeatedly under load"
+    description = "SIGSTOP/SIGCONT one of three replicas repeatedly under load, behind HAProxy and geogate"
 
     def setup(self, ctx: ScenarioContext) -> LoadSpec:
+        require_haproxy()
+        self.duration_s = 5.0 if ctx.quick else 24.0
+        self.period_s = 1.0 if ctx.quick else 2.0  # frozen for one period, thawed for the next
+        self.rate = 30.0 if ctx.quick else 100.0
         repo = ctx.demo_repository()
         replicas = ctx.start_replicas([FLAPPER, "replica-b", "replica-c"], repo)
+        h = start_haproxy(ctx, [r.http_address for r in replicas])
+        self.peer = run_phase(ctx, "haproxy", self._spec(f"http://{h.address}"), self.actions(ctx))
+        h.kill()
         region = RegionConfig(REGION, pools=[PoolConfig("eu-ort", [r.url("http") for r in replicas])])
         (gw,) = ctx.start_gateways([region], sections={"health": HEALTH, "gateway": GATEWAY})
         ctx.notes["flapper_url"] = replicas[0].url("http")
-        self.duration_s = 6.0 if ctx.quick else 24.0
-        self.period_s = 1.0 if ctx.quick else 2.0  # frozen for one period, thawed for the next
-        return LoadSpec(url=f"http://{gw.http_address}", protocol="http", model="demo",
-                        rate=30.0 if ctx.quick else 100.0, duration_s=self.duration_s, timeout_s=5.0)
+        return self._spec(f"http://{gw.http_address}")
+
+    def _spec(self, url: str) -> LoadSpec:
+        return LoadSpec(url=url, protocol="http", model="demo", rate=self.rate, duration_s=self.duration_s,
+                        timeout_s=5.0)
 
     def actions(self, ctx: ScenarioContext) -> list[FaultAction]:
         p = ctx.replicas[FLAPPER]
@@ -68,6 +83,12 @@ class FlappingReplica(Scenario):
         bound = PER_TRY_TIMEOUT_MS * MAX_ATTEMPTS + P99_SLACK_MS
         checks.append(Check("p99 bounded by per-try timeouts", p99 <= bound,
                             f"p99 {p99:.1f} ms (need <= {bound} ms)"))
+        c = check_no_wrong_answers(self.peer)
+        c.name = "answers verified (haproxy)"
+        checks.append(c)
+        figs = side_by_side(ctx, results, self.peer, "stop")
+        ctx.notes["side_by_side"] = figs
+        checks.append(side_by_side_check(figs))
         return checks
 
 

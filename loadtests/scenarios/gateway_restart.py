@@ -9,16 +9,25 @@ two gateway processes for the same region, each `--workers 2` (so both share the
 through SO_REUSEPORT), restarted one at a time: SIGTERM the first, wait until it exited (it
 drained), start its replacement, wait until its workers serve, then the same for the second.
 
-Expected: zero failed requests and every answer verified.
+Why not one process: `geogate gateway --workers N` cannot restart its own workers one at a
+time. Its supervisor (gateway/main.py `_supervise`) passes SIGTERM (and SIGINT) to every
+worker at once, its SIGHUP only makes the workers re-read the API keys file (no re-exec, no
+new code or config), and it never replaces a worker that exits: a worker
+that drains after its own SIGTERM exits 0 and is simply gone (capacity N-1 until the whole
+gateway restarts), and one that exits non-zero makes the supervisor stop all the others.
+
+Expected: zero failed requests, every answer verified, each old unit drained (exit 0, no
+request cut off at the drain deadline).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from loadtests.loadgen import LoadSpec
-from loadtests.procs import GEOGATE, PoolConfig, Proc, RegionConfig, http_ok, write_config
+from loadtests.procs import GEOGATE, PoolConfig, Proc, RegionConfig, http_ok
 from loadtests.scenario import (
     Check,
     FaultAction,
@@ -37,6 +46,9 @@ START_TIMEOUT_S = 60.0
 # had time to pass a first health probe in those workers.
 SERVING_MARK = "serving: http"
 HEALTH = {"interval_ms": 250, "timeout_ms": 500, "rise": 1, "fall": 2}
+CUT_OFF = re.compile(r"stopped after [\d.]+ s drain \((\d+) requests cut off\)")
+WHY_TWO_UNITS = ("geogate gateway --workers N has no in-process rolling restart: the supervisor forwards SIGTERM "
+                 "to all workers at once, SIGHUP only re-reads the API keys, and no worker that exits is replaced")
 
 
 class GatewayUnit(Proc):
@@ -47,7 +59,7 @@ class GatewayUnit(Proc):
         self.workers = workers
         args = [*GEOGATE, "gateway", "--config", str(config_path), "--region", region.name,
                 "--workers", str(workers)]
-        super().__init__(args, name=name, log_dir=log_dir)
+        super().__init__(args, name=name, log_dir=log_dir, ports=region.ports)
         self.log_offset = 0
 
     def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> GatewayUnit:
@@ -67,10 +79,8 @@ class GatewayRestart(Scenario):
         repo = ctx.demo_repository()
         a, b = ctx.start_replicas(["replica-a", "replica-b"], repo)
         self.region = RegionConfig(REGION, pools=[PoolConfig("eu-ort", [a.url("http"), b.url("grpc")])])
-        self.config = write_config(ctx.work_dir / "geogate.toml", [self.region],
-                                   store_dir=str(ctx.work_dir / "store"),
-                                   sections={"health": HEALTH, "gateway": {"drain_timeout_ms": DRAIN_TIMEOUT_MS}})
-        ctx.notes["ports"] = [self.region.http_port, self.region.grpc_port, self.region.admin_port]
+        self.config = ctx.write_config([self.region], sections={"health": HEALTH,
+                                                                "gateway": {"drain_timeout_ms": DRAIN_TIMEOUT_MS}})
         self.units = [self._start_unit(ctx, "gateway-1"), self._start_unit(ctx, "gateway-2")]
         for u in self.units:
             u.wait_serving()
@@ -123,7 +133,20 @@ class GatewayRestart(Scenario):
         checks = [check_success_ratio(results, 1.0, name="no failed requests"), check_no_wrong_answers(results),
                   Check("both units restarted", len(restarts) == 2 and all(r["exit_code"] == 0 for r in restarts),
                         f"{restarts}")]
+        cut = [int(m.group(1)) for u in ("gateway-1", "gateway-2")
+               for m in CUT_OFF.finditer(_read(ctx.log_dir / f"{u}.log"))]
+        checks.append(Check("drained without cutting requests off", len(cut) >= 2 * WORKERS and not any(cut),
+                            f"requests cut off at the drain deadline, per stopped worker: {cut}"))
+        ctx.notes["rolling_restart"] = {"units": 2, "workers_per_unit": WORKERS, "restarts": restarts,
+                                        "cut_off_per_worker": cut, "why_two_units": WHY_TWO_UNITS}
         return checks
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 SCENARIO = GatewayRestart

@@ -1,4 +1,4 @@
-"""soak: a long steady run (default 10 minutes; quick: 20 s) through one gateway in front of two
+"""soak: a long steady run (default 10 minutes; quick: 8 s) through one gateway (two workers) in front of two
 replicas, watching every process's resident memory (VmRSS) and open file descriptors from
 /proc every few seconds.
 
@@ -6,8 +6,9 @@ Expected: no failures, and no process grows beyond a tolerance between the basel
 sample at a quarter of the run, after warm-up: connection pools, caches and allocator arenas
 have filled by then) and the end (median of the last samples, so one GC pause is not growth).
 
-Duration: `GEOGATE_SOAK_DURATION_S` (environment) or, standalone,
-`python -m loadtests.scenarios.soak --duration 600 --out DIR`.
+Duration: `geogate bench scenario soak --duration 600`, or `GEOGATE_SOAK_DURATION_S` (environment).
+The load generator itself (this process) is not watched: its per-second histograms grow with
+the run by design.
 Writes soak.png (RSS and fds per process over time) next to the report.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.loadgen import LoadSpec
-from loadtests.procs import PoolConfig, Proc, RegionConfig
+from loadtests.procs import PoolConfig, Proc, RegionConfig, proc_tree
 from loadtests.scenario import (
     Check,
     FaultAction,
@@ -35,7 +36,7 @@ from loadtests.scenario import (
 
 REGION = "eu-west"
 DEFAULT_DURATION_S = 600.0
-QUICK_DURATION_S = 20.0
+QUICK_DURATION_S = 8.0
 DURATION_ENV = "GEOGATE_SOAK_DURATION_S"
 SAMPLE_INTERVAL_S = 5.0
 QUICK_SAMPLE_INTERVAL_S = 1.0
@@ -46,27 +47,8 @@ RSS_TOLERANCE_MB = 30.0
 RSS_TOLERANCE_FRACTION = 0.15
 FD_TOLERANCE = 16
 SOAK_PNG = "soak.png"
+WORKERS = 2
 PAGE_KB = 1024
-
-
-def proc_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (gateway workers), from /proc/*/stat parents."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += parents.get(p, [])
-    return out
 
 
 def rss_mb(pid: int) -> float | None:
@@ -88,7 +70,8 @@ def fd_count(pid: int) -> int | None:
 
 
 class ProcSampler(threading.Thread):
-    """Samples RSS (MB, summed over the process tree) and fds of each process every interval."""
+    """Samples RSS (MB) and open fds of every process of the scenario, children (gateway
+    workers) each on their own ("gateway-eu-west/1234"), every interval."""
 
     def __init__(self, procs: list[Proc], interval_s: float):
         super().__init__(name="proc-sampler", daemon=True)
@@ -103,12 +86,12 @@ class ProcSampler(threading.Thread):
         for p in self.procs:
             if not p.alive():
                 continue
-            rss, fds = 0.0, 0
             for pid in proc_tree(p.pid):
-                r, n = rss_mb(pid), fd_count(pid)
-                rss += r or 0.0
-                fds += n or 0
-            self.samples[p.name].append((t, round(rss, 2), fds))
+                rss, fds = rss_mb(pid), fd_count(pid)
+                if rss is None or fds is None:
+                    continue
+                name = p.name if pid == p.pid else f"{p.name}/{pid}"
+                self.samples.setdefault(name, []).append((t, round(rss, 2), fds))
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -160,6 +143,8 @@ class Soak(Scenario):
     name = "soak"
     description = "long steady load; RSS and open fds of every process must not grow beyond a tolerance"
 
+    configurable_duration = True
+
     def __init__(self, duration_s: float | None = None):
         env = os.environ.get(DURATION_ENV)
         self.requested_duration_s = duration_s or (float(env) if env else None)
@@ -170,8 +155,9 @@ class Soak(Scenario):
         repo = ctx.demo_repository()
         a, b = ctx.start_replicas(["replica-a", "replica-b"], repo)
         region = RegionConfig(REGION, pools=[PoolConfig("eu-ort", [a.url("grpc"), b.url("http")])])
-        (gw,) = ctx.start_gateways([region], sections={"health": {"interval_ms": 500, "timeout_ms": 500}})
-        ctx.notes["ports"] = [region.http_port, region.grpc_port, region.admin_port]
+        # two workers: every worker process is watched on its own
+        (gw,) = ctx.start_gateways([region], sections={"health": {"interval_ms": 500, "timeout_ms": 500}},
+                                   workers=WORKERS)
         # half gRPC, half HTTP would need two loads; gRPC to the gateway, mixed protocols upstream
         return LoadSpec(url=f"grpc://{gw.grpc_address}", protocol="grpc", model="demo",
                         rate=30.0 if ctx.quick else 100.0, duration_s=self.duration_s, timeout_s=5.0)
