@@ -52,7 +52,9 @@ def _fraction(path: str, value: Any) -> None:
 
 def _host_port(path: str, value: Any) -> None:
     host, sep, port = str(value).rpartition(":")
-    _check(path, bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
+    # isascii(): str.isdigit() also accepts '²' (int() then raises) and other scripts' digits
+    # (int('١٢') == 12): both were found by fuzzing the loader.
+    _check(path, bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536),
            f"must be HOST:PORT, got {value!r}")
 
 
@@ -165,6 +167,77 @@ class GatewaySection:
 class AdminSection:
     token: str = ""
     token_env: str = "GEOGATE_ADMIN_TOKEN"
+    # Named operators with their own tokens, hashed at rest (a keys file in gateway.auth's format:
+    # `python -m gateway.auth new-key NAME`); the name is recorded as `who` in the release history
+    # and the audit log. Re-read when it changes. Either this or `token` (or both).
+    operators_file: str = ""
+
+
+# ---------------------------------------------------------------- security (gateway.auth, gateway.tls)
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """Client authentication on the client-facing listeners (gateway.auth)."""
+
+    keys_file: str = ""  # empty: no authentication, every client may call every model
+    reload_interval_ms: int = _v(_positive, default=1000)  # how often the keys file is checked for changes
+    # Server/model metadata, config, ready and stats need a key too (false); health never does.
+    open_metadata: bool = False
+    # The environment variable holding the API key this gateway presents when it forwards a
+    # request to a peer region's gateway (cross-region failover); that key must be in the peers'
+    # keys files. The client's own key was checked (and its limits applied) here already.
+    peer_key_env: str = "GEOGATE_PEER_KEY"
+
+
+@dataclass(frozen=True)
+class ClientTlsSection:
+    """The gateway as a TLS client (to replicas: [tls.upstream]; to peer gateways: [tls.peers])."""
+
+    enabled: bool = False
+    ca_file: str = ""  # empty: the system's trust store
+    cert_file: str = ""  # client certificate (with key_file) for mutual TLS
+    key_file: str = ""
+    server_name: str = ""  # name checked against the server's certificate instead of its address
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    """TLS on the client-facing HTTP and gRPC listeners (gateway.tls); files re-read on change."""
+
+    cert_file: str = ""  # empty (with key_file): plaintext listeners
+    key_file: str = ""
+    client_ca_file: str = ""  # require client certificates signed by this CA (mutual TLS)
+    check_interval_ms: int = _v(_positive, default=2000)
+    admin: bool = False  # the admin listener too (then status tools need https)
+    upstream: ClientTlsSection = field(default_factory=ClientTlsSection)
+    peers: ClientTlsSection = field(default_factory=ClientTlsSection)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Request limits of the client-facing listeners, beyond [gateway] max_body_bytes (body and
+    decompressed body) and max_concurrent_requests (per worker)."""
+
+    max_header_bytes: int = _v(_positive, default=16384)  # HTTP request line + headers; gRPC metadata
+    max_tensor_elements: int = _v(_positive, default=1 << 26)  # per input tensor, from its shape
+    # Slow clients (slowloris): the request line and headers must arrive within this of the first
+    # byte (or of the connection opening), and the body within request_body_timeout_ms after them.
+    request_head_timeout_ms: int = _v(_positive, default=10000)
+    request_body_timeout_ms: int = _v(_positive, default=30000)
+    idle_timeout_ms: int = _v(_positive, default=75000)  # idle keep-alive connections are closed
+
+
+@dataclass(frozen=True)
+class SigningSection:
+    """Ed25519 signatures of model manifests (replicas.manifest)."""
+
+    public_key_file: str = ""  # set: sites install only versions whose manifest this key signed
+    private_key_file: str = ""  # `geogate models push` signs with it (or --sign-key)
 
 
 @dataclass(frozen=True)
@@ -248,6 +321,9 @@ class CapacitySection:
     """Elastic capacity and overload handling (gateway.capacity, gateway.admission,
     gateway.load_spill, gateway.autoscaler)."""
 
+    # Capacity tracking, priority classes (shedding) and load-aware spill in the gateway's data
+    # path; false: none of them (desired replica counts are not exported either).
+    enabled: bool = True
     # Per-replica concurrency limit: > 0 configured; 0 learned from the latency knee.
     replica_concurrency_limit: int = _v(_non_negative, default=0)
     initial_concurrency_limit: int = _v(_positive, default=8)  # while learning
@@ -263,12 +339,16 @@ class CapacitySection:
     scale_up_window_s: float = _v(_non_negative, default=3.0)
     scale_down_window_s: float = _v(_non_negative, default=60.0)  # HPA's stabilization window
     sample_interval_ms: int = _v(_positive, default=250)
-    # Admission (priority classes): a class is refused above its utilization or queueing bound.
+    # Admission (priority classes): a class is refused above its utilization (in-flight over
+    # the replicas' concurrency limits) or expected-queueing bound. Queueing is the main signal;
+    # the utilization bound also works while service times are still unknown.
     default_priority: str = _v(_one_of("critical", "standard", "sheddable"), default="standard")
     sheddable_max_utilization: float = _v(_positive, default=1.0)
     sheddable_max_queue_ms: float = _v(_non_negative, default=50.0)
-    standard_max_utilization: float = _v(_positive, default=2.0)
-    standard_max_queue_ms: float = _v(_non_negative, default=500.0)
+    # Standard traffic is refused only in deep overload: a transient stall (a replica loading
+    # a model, a GC pause) must not cost standard requests that would have waited a moment.
+    standard_max_utilization: float = _v(_positive, default=8.0)
+    standard_max_queue_ms: float = _v(_non_negative, default=5000.0)
     # Load-aware spill to a peer region: enter above spill_queue_ms of expected local queueing,
     # leave below spill_queue_ms * spill_exit_fraction, staying at least spill_min_dwell_ms.
     spill_queue_ms: float = _v(_positive, default=100.0)
@@ -306,6 +386,10 @@ class Config:
     dns: DnsSection = field(default_factory=DnsSection)
     regions: list[RegionSection] = field(default_factory=list)
     capacity: CapacitySection = field(default_factory=CapacitySection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    signing: SigningSection = field(default_factory=SigningSection)
     # Where the file was read from: relative paths in it are relative to this directory.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -411,6 +495,19 @@ def _cross_checks(cfg: Config) -> None:
                 _check(f"{p}.weights", url in pool.replicas, f"weight for unknown replica {url!r}")
     scheme = cfg.store.url.partition("://")[0]
     _check("store.url", scheme in ("file", "s3"), f"must start with file:// or s3://, got {cfg.store.url!r}")
+    _security_checks(cfg)
+
+
+def _security_checks(cfg: Config) -> None:
+    t = cfg.tls
+    _check("tls.key_file" if t.cert_file else "tls.cert_file", bool(t.cert_file) == bool(t.key_file),
+           "give both tls.cert_file and tls.key_file (or neither: plaintext listeners)")
+    _check("tls.client_ca_file", not t.client_ca_file or bool(t.cert_file),
+           "client certificates need TLS on the listeners: set tls.cert_file and tls.key_file too")
+    _check("tls.admin", not t.admin or bool(t.cert_file), "needs tls.cert_file and tls.key_file")
+    for name, c in (("upstream", t.upstream), ("peers", t.peers)):
+        _check(f"tls.{name}.key_file" if c.cert_file else f"tls.{name}.cert_file",
+               bool(c.cert_file) == bool(c.key_file), "give both cert_file and key_file (or neither)")
 
 
 def parse_config(text: str, *, base_dir: str = ".", source: str = "<string>") -> Config:

@@ -190,6 +190,12 @@ class GatewayState:
                 up = pool.upstream_of(state)
                 if up is not None:
                     up.load.reset()
+            # Envoy's successful_active_health_check_uneject_host: a replica that was down and
+            # now passes its health checks again (restarted) is not kept out by an ejection
+            # its old failures earned.
+            if state.ejected_until_s:
+                state.ejected_until_s = 0.0
+                state.eject_reason = ""
         log.info("replica %s is now %s%s", state.url, "healthy" if state.healthy else "unhealthy",
                  "" if state.healthy else f" ({state.health_reason})")
 

@@ -103,7 +103,7 @@ def test_counters_and_metrics():
 
 def test_config_keeps_the_order_of_bounds():
     with pytest.raises(ConfigError, match=r"capacity\.standard_max_queue_ms"):
-        parse_config("[capacity]\nsheddable_max_queue_ms = 900.0\n")
+        parse_config("[capacity]\nsheddable_max_queue_ms = 9000.0\n")
     with pytest.raises(ConfigError, match=r"capacity\.default_priority"):
         parse_config("[capacity]\ndefault_priority = 'urgent'\n")
 
