@@ -20,8 +20,23 @@ FLUSH_AT_LINES = 512
 REQUEST_ID_HEADER = "x-request-id"
 
 
+MAX_REQUEST_ID_CHARS = 128
+
+
 def new_request_id() -> str:
     return os.urandom(8).hex()
+
+
+def request_id_from(value: str | None) -> str:
+    """The client's request id when it is usable as a log field and a response header (printable
+    ASCII, at most MAX_REQUEST_ID_CHARS), else a fresh one."""
+    if value and len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable():
+        return value
+    return new_request_id()
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class AccessLog:
@@ -45,7 +60,13 @@ class AccessLog:
                  "outcome": outcome}
         if error:
             entry["error"] = error
-        self._lines.append(orjson.dumps(entry) + b"\n")
+        try:
+            line = orjson.dumps(entry)
+        except TypeError:
+            # A str with lone surrogates (an undecodable header byte, via surrogateescape) is not
+            # UTF-8: found by schemathesis, it turned the request's answer into a 500.
+            line = orjson.dumps({k: _printable(v) if isinstance(v, str) else v for k, v in entry.items()})
+        self._lines.append(line + b"\n")
         if len(self._lines) >= FLUSH_AT_LINES:
             self.flush()
 

@@ -8,15 +8,25 @@
     GET  /admin/v1/status                    every site's status.json
 
 All need ``Authorization: Bearer <token>`` (401 without, 403 with a wrong one, 403 when the
-server has no token configured). POST bodies may add ``"who"`` (recorded in the history;
-default "admin-api") and ``"if_generation"`` (apply only at that generation). Errors are JSON
+server has no token configured). Two kinds of credentials, separate from the client API keys:
+- a named operator's token from ``[admin] operators_file`` (keys-file format, hashed at rest,
+  re-read when it changes; ``python -m gateway.auth new-key NAME``): the operator's name is
+  what the release history records as ``who``;
+- the shared ``[admin] token`` / ``token_env``: POST bodies may add ``"who"`` (recorded in the
+  history; default "admin-api").
+POST bodies may add ``"if_generation"`` (apply only at that generation). Errors are JSON
 ``{"error": "..."}``: 400 bad request, 404 unknown model/version, 409 the release record
 changed meanwhile (compare-and-swap lost: nothing applied) or the operation does not apply.
+
+Audit: every promote / canary / rollback, applied or refused (credentials included), is one
+log line on the ``geogate.audit`` logger with who, what, when, from where and the outcome, and
+applied ones are in the model's release history (``who``, ``when``).
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from typing import Any
 
@@ -30,6 +40,18 @@ from replicas.store import ObjectStore, StoreError, StoreUnavailable
 
 PREFIX = "/admin/v1"
 DEFAULT_WHO = "admin-api"
+audit_log = logging.getLogger("geogate.audit")
+
+
+def audit(*, who: str, action: str, model: str, status: int, remote: str, detail: dict | None = None,
+          error: str = "") -> None:
+    """One audit record (JSON logs carry it as the "audit" field; see gateway.main's formatter)."""
+    entry = {"who": who, "action": action, "model": model, "status": status, "remote": remote,
+             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(detail or {})}
+    if error:
+        entry["error"] = error
+    audit_log.info("admin %s %s by %s from %s: %s", action, model, who or "?", remote or "?",
+                   "applied" if status == 200 else f"refused ({status}: {error})", extra={"audit": entry})
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -40,43 +62,79 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
-def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: str) -> None:
+# Per-request storage: the authenticated operator ("" for the shared token), who the history
+# records, and the change's detail (for the audit line).
+OPERATOR_KEY = web.RequestKey("geogate.operator", str)
+WHO_KEY = web.RequestKey("geogate.who", str)
+DETAIL_KEY = web.RequestKey("geogate.detail", dict)
+
+
+def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: str, operators=None) -> None:
+    """`operators`: a gateway.auth.Authenticator over [admin] operators_file (None: shared token only)."""
     releases = Releases(store)
 
-    def authorized(request: web.Request) -> web.Response | None:
+    def authorized(request: web.Request) -> web.Response | str:
+        """The operator's name ("" for the shared token), or the refusal."""
         header = request.headers.get("Authorization", "")
         if not header:
             return _error(401, "missing 'Authorization: Bearer <token>' header")
         scheme, _, given = header.partition(" ")
+        given = given.strip()
         if scheme.lower() != "bearer" or not given:
             return _error(401, "Authorization header must be 'Bearer <token>'")
-        if not token:
-            return _error(403, "admin API disabled: no admin token configured ([admin] token / token_env)")
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if not token and operators is None:
+            return _error(403, "admin API disabled: no admin token configured ([admin] token / token_env / "
+                               "operators_file)")
+        if operators is not None and given.startswith("gk_"):
+            decision = operators.authorize(given, None, limits=False)
+            if decision.allowed:
+                return decision.key_name
+            return _error(403, f"invalid operator token: {decision.message}")
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
             return _error(403, "invalid admin token")
-        return None
+        return ""
 
-    def guarded(handler):
+    def guarded(handler, action: str = ""):
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            denied = authorized(request)
-            if denied is not None:
-                return denied
-            try:
-                return await handler(request)
-            except ConflictError as exc:
-                return _error(409, str(exc))
-            except (UnknownVersion, UnknownModel) as exc:
-                return _error(404, str(exc))
-            except ReleaseError as exc:
-                return _error(409, str(exc))
-            except ValueError as exc:
-                return _error(400, str(exc))
-            except StoreUnavailable as exc:
-                return _error(503, f"model store unavailable: {exc}")
-            except StoreError as exc:
-                return _error(502, f"model store error: {exc}")
+            who = authorized(request)
+            if isinstance(who, web.Response):
+                resp = who
+            else:
+                request[OPERATOR_KEY] = who
+                try:
+                    resp = await handler(request)
+                except ConflictError as exc:
+                    resp = _error(409, str(exc))
+                except (UnknownVersion, UnknownModel) as exc:
+                    resp = _error(404, str(exc))
+                except ReleaseError as exc:
+                    resp = _error(409, str(exc))
+                except ValueError as exc:
+                    resp = _error(400, str(exc))
+                except StoreUnavailable as exc:
+                    resp = _error(503, f"model store unavailable: {exc}")
+                except StoreError as exc:
+                    resp = _error(502, f"model store error: {exc}")
+            if action:  # a change: audited whatever happened
+                error = ""
+                if resp.status != 200 and isinstance(resp, web.Response) and resp.body:
+                    try:
+                        error = str(orjson.loads(resp.body).get("error", ""))
+                    except (orjson.JSONDecodeError, AttributeError):
+                        error = ""
+                audit(who=request.get(WHO_KEY, "") or (who if isinstance(who, str) else ""),
+                      action=action, model=request.match_info.get("name", ""), status=resp.status,
+                      remote=request.remote or "", detail=request.get(DETAIL_KEY), error=error)
+            return resp
 
         return wrapper
+
+    def who_of(request: web.Request, doc: dict[str, Any]) -> str:
+        """Who the history records: the operator's own name, or (shared token) the body's "who"."""
+        operator = request.get(OPERATOR_KEY, "")
+        who = operator or str(doc.get("who") or DEFAULT_WHO)
+        request[WHO_KEY] = who
+        return who
 
     async def body(request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -131,25 +189,30 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
 
     async def promote(request: web.Request) -> web.Response:
         doc = await body(request)
+        who = who_of(request, doc)
+        request[DETAIL_KEY] = {"version": doc.get("version")}
         rec = await releases.promote(request.match_info["name"], version_of(doc),
-                                     who=str(doc.get("who") or DEFAULT_WHO), expected_generation=gen(doc))
+                                     who=who, expected_generation=gen(doc))
         return _json({"release": rec.to_dict()})
 
     async def canary(request: web.Request) -> web.Response:
         doc = await body(request)
+        who = who_of(request, doc)
         weight = doc.get("weight")
+        request[DETAIL_KEY] = {"version": doc.get("version"), "weight": weight}
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ValueError("body needs \"weight\": a number between 0 and 1")
         rec = await releases.set_canary(request.match_info["name"], version_of(doc), float(weight),
-                                        who=str(doc.get("who") or DEFAULT_WHO), expected_generation=gen(doc))
+                                        who=who, expected_generation=gen(doc))
         return _json({"release": rec.to_dict()})
 
     async def rollback(request: web.Request) -> web.Response:
         doc = await body(request)
+        who = who_of(request, doc)
         name = request.match_info["name"]
         if await releases.get(name) is None:
             return _error(404, f"unknown model {name!r}: no release record")
-        rec = await releases.rollback(name, who=str(doc.get("who") or DEFAULT_WHO), expected_generation=gen(doc))
+        rec = await releases.rollback(name, who=who, expected_generation=gen(doc))
         return _json({"release": rec.to_dict()})
 
     async def status(request: web.Request) -> web.Response:
@@ -164,9 +227,9 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
 
     app.router.add_get(f"{PREFIX}/models", guarded(list_models))
     app.router.add_get(f"{PREFIX}/models/{{name}}", guarded(get_model))
-    app.router.add_post(f"{PREFIX}/models/{{name}}/promote", guarded(promote))
-    app.router.add_post(f"{PREFIX}/models/{{name}}/canary", guarded(canary))
-    app.router.add_post(f"{PREFIX}/models/{{name}}/rollback", guarded(rollback))
+    app.router.add_post(f"{PREFIX}/models/{{name}}/promote", guarded(promote, "promote"))
+    app.router.add_post(f"{PREFIX}/models/{{name}}/canary", guarded(canary, "canary"))
+    app.router.add_post(f"{PREFIX}/models/{{name}}/rollback", guarded(rollback, "rollback"))
     app.router.add_get(f"{PREFIX}/status", guarded(status))
 
 
@@ -178,9 +241,27 @@ def mount(admin_app: web.Application, gw: Any) -> None:
 
     cfg = gw.cfg
     store = open_store(cfg.store.url, cfg.store, base_dir=cfg.base_dir, create=False)
-    add_model_admin_routes(admin_app, store, token=cfg.admin_token())
+    operators = None
+    watcher = None
+    if cfg.admin.operators_file:
+        from gateway.auth import Authenticator
+
+        # A broken file at startup fails the mount (logged by gateway.main): the routes then
+        # do not exist rather than exist without the configured credentials.
+        operators = Authenticator(cfg.resolve_path(cfg.admin.operators_file), check_on_request=False)
+
+        async def start_watch(_app: web.Application) -> None:
+            nonlocal watcher
+            import asyncio
+
+            watcher = asyncio.get_running_loop().create_task(operators.watch(), name="operators-file-watch")
+
+        admin_app.on_startup.append(start_watch)
+    add_model_admin_routes(admin_app, store, token=cfg.admin_token(), operators=operators)
 
     async def close_store(_app: web.Application) -> None:
+        if watcher is not None:
+            watcher.cancel()
         await store.close()
 
     admin_app.on_cleanup.append(close_store)

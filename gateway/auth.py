@@ -347,11 +347,13 @@ class Authenticator:
     """
 
     def __init__(self, keys_file: str = "", *, table: Any = None, reload_interval_s: float = RELOAD_CHECK_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, check_on_request: bool = True) -> None:
         if not keys_file and table is None:
             raise KeysFileError("an Authenticator needs a keys file or a key table")
         self.keys_file = keys_file
         self.reload_interval_s = reload_interval_s
+        # False: the file is checked only by `watch()` (file IO off the event loop, the gateway's way)
+        self.check_on_request = check_on_request
         self.clock = clock
         self._file_sig: tuple[int, int, int] | None = None
         self._next_check_s = 0.0
@@ -418,18 +420,51 @@ class Authenticator:
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reload at once on SIGHUP (in addition to the mtime check)."""
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload_if_changed(force=True))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_async(force=True)))
+
+    async def reload_async(self, *, force: bool = False) -> bool:
+        """`reload_if_changed` with the stat and the file read in a thread; the new table is
+        installed on the caller's (event loop's) thread."""
+        if not self.keys_file:
+            return False
+        sig = await asyncio.to_thread(self._stat)
+        if not force and sig == self._file_sig:
+            return False
+        self._file_sig = sig
+        try:
+            table = await asyncio.to_thread(read_keys_file, self.keys_file)
+        except KeysFileError as exc:
+            self.last_error = str(exc)
+            log.error("keys file not reloaded, the previous keys stay in force: %s", exc)
+            return False
+        self._install(table)
+        self.last_error = ""
+        self.reloads += 1
+        log.info("keys file %s reloaded: %d keys, anonymous access %s", self.keys_file, len(self._states),
+                 "on" if self._anonymous else "off")
+        return True
+
+    async def watch(self, interval_s: float | None = None) -> None:
+        """Re-read the keys file when it changes, until cancelled (``asyncio.create_task``)."""
+        interval = interval_s or self.reload_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload_async()
+            except Exception:  # never let the watcher die
+                log.exception("keys file reload check failed")
 
     # ------------------------------------------------------------------ per request
 
     def authorize_headers(self, headers: Mapping[str, str], model: str | None) -> AuthDecision:
         return self.authorize(token_from_headers(headers), model)
 
-    def authorize(self, token: str | None, model: str | None) -> AuthDecision:
+    def authorize(self, token: str | None, model: str | None, *, limits: bool = True) -> AuthDecision:
         """May the holder of `token` (None: no key sent) call `model` (None: a server-level
-        endpoint, where only the key itself is checked) now?"""
+        endpoint, where only the key itself is checked) now? ``limits=False``: identity and model
+        only, no rate or concurrency accounting (metadata requests)."""
         now = self.clock()
-        if self.keys_file:
+        if self.keys_file and self.check_on_request:
             self._maybe_reload(now)
         if not token:
             if self._anonymous is None:
@@ -441,7 +476,7 @@ class Authenticator:
             if isinstance(state_or_no, AuthDecision):
                 return state_or_no
             state = state_or_no
-        return self._admit(state, model, now)
+        return self._admit(state, model, now, limits)
 
     def _verify(self, token: str, now_s: float) -> _KeyState | AuthDecision:
         hit = self._verified.get(token)
@@ -465,11 +500,13 @@ class Authenticator:
         self._verified[token] = (state, now_s + VERIFIED_CACHE_TTL_S)
         return state
 
-    def _admit(self, state: _KeyState, model: str | None, now_s: float) -> AuthDecision:
+    def _admit(self, state: _KeyState, model: str | None, now_s: float, limits: bool = True) -> AuthDecision:
         p = state.policy
         if model is not None and not state.allows(model):
             return _deny(403, f"key {p.name!r} may not call model {model!r} (allowed: {', '.join(p.models)})",
                          p.name)
+        if not limits:
+            return AuthDecision(True, key_name=p.name, priority=p.priority)
         limiter = state.limiter
         if limiter is not None and not limiter.try_acquire():
             return _deny(429, f"concurrency limit of {limiter.limit} requests in flight for key {p.name!r} "

@@ -7,6 +7,13 @@ to a gRPC replica. The other RPCs use tritonclient's generated messages and are 
 from the pool's state or proxied (gateway.model_catalog). Repository, shared-memory, trace
 and log RPCs are UNIMPLEMENTED on the gateway with a message saying so. The standard
 grpc.health.v1 service follows the gateway's readiness.
+
+Security, as on HTTP (gateway.http_front): API keys in the ``authorization: Bearer gk_...`` or
+``x-api-key`` metadata (UNAUTHENTICATED / PERMISSION_DENIED / RESOURCE_EXHAUSTED with a
+``retry-after`` trailer); ServerLive, ServerReady and grpc.health.v1 stay open. Limits: message
+size (``[gateway] max_body_bytes``), metadata size (``[limits] max_header_bytes``), handshake
+(``request_head_timeout_ms``) and idle-connection timeouts, concurrent streams, tensor elements,
+model/version names. TLS credentials come from gateway.tls (``[tls]``).
 """
 
 from __future__ import annotations
@@ -19,8 +26,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from gateway import deadline as dl
-from gateway.access_log import REQUEST_ID_HEADER, new_request_id
-from gateway.http_front import NOT_ON_GATEWAY, SERVER_EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from gateway.access_log import REQUEST_ID_HEADER, request_id_from
+from gateway.auth import AuthDecision, Authenticator, grpc_abort
+from gateway.http_front import (
+    NOT_ON_GATEWAY,
+    SERVER_EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    SHED_RETRY_AFTER_S,
+)
+from gateway.name_checks import cached_model_ref_problem as model_ref_problem
 from gateway.proto_peek import ProtoError, peek_infer_request
 from gateway.request_checks import RequestError, check_grpc
 from gateway.router import HOPS_HEADER, parse_hops
@@ -59,17 +74,27 @@ class GrpcFront:
         self.region = gw.region.name
         self.default_timeout_ms = gw.cfg.gateway.default_timeout_ms
         self.max_in_flight = gw.cfg.gateway.max_concurrent_requests
+        self.max_elements = gw.cfg.limits.max_tensor_elements
+        self.auth: Authenticator | None = getattr(gw, "auth", None)  # None: no client authentication
+        self.open_metadata = gw.cfg.auth.open_metadata
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
 
     # ------------------------------------------------------------------ server
 
-    def build_server(self, address: str, *, reuse_port: bool) -> grpc.aio.Server:
+    def build_server(self, address: str, *, reuse_port: bool,
+                     credentials: grpc.ServerCredentials | None = None) -> grpc.aio.Server:
+        """The listener; `credentials` (gateway.tls.ServerTls.grpc_credentials): TLS."""
         max_bytes = self.gw.cfg.gateway.max_body_bytes
+        limits = self.gw.cfg.limits
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", 1 << 30),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_concurrent_streams", self.gw.cfg.gateway.max_concurrent_requests),
+            ("grpc.max_metadata_size", limits.max_header_bytes),
+            # slow or silent clients: TLS/HTTP2 handshake, then idle connections, are bounded
+            ("grpc.server_handshake_timeout_ms", limits.request_head_timeout_ms),
+            ("grpc.max_connection_idle_ms", limits.idle_timeout_ms),
         ])
         handlers: dict[str, grpc.RpcMethodHandler] = {
             "ModelInfer": grpc.unary_unary_rpc_method_handler(
@@ -94,8 +119,32 @@ class GrpcFront:
             self._stream_unimplemented, request_deserializer=_identity, response_serializer=_identity)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        server.add_insecure_port(address)
+        if credentials is not None:
+            server.add_secure_port(address, credentials)
+        else:
+            server.add_insecure_port(address)
         return server
+
+    async def _authorize(self, context, model: str | None, md: dict | None = None) -> AuthDecision | None:
+        """None when authentication is off; aborts the call (raises) when the key is refused."""
+        if self.auth is None:
+            return None
+        if md is None:
+            md = {k: v for k, v in context.invocation_metadata() or ()}
+        decision = self.auth.authorize_headers(md, model)
+        if not decision.allowed:
+            await grpc_abort(context, decision)
+        return decision
+
+    async def _metadata_guard(self, context, name: str | None, version: str | None = None) -> AuthDecision | None:
+        """Key (unless [auth] open_metadata) and name checks for the metadata RPCs."""
+        if name:
+            bad = model_ref_problem(name, version)
+            if bad:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        if self.open_metadata:
+            return None
+        return await self._authorize(context, name or None)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -110,23 +159,37 @@ class GrpcFront:
         t0 = time.monotonic()
         gw = self.gw
         md = {k: v for k, v in context.invocation_metadata() or ()}
-        rid = md.get(REQUEST_ID_HEADER) or new_request_id()
+        rid = request_id_from(md.get(REQUEST_ID_HEADER))
         initial = [("geogate-region", self.region), (REQUEST_ID_HEADER, rid)]
         gw.load.in_flight += 1
         gw.metrics.in_flight_add(PROTOCOL_GRPC, 1)
+        decision: AuthDecision | None = None
         try:
+            if gw.load.in_flight > self.max_in_flight:
+                context.set_trailing_metadata((("retry-after", str(SHED_RETRY_AFTER_S)),))
+                await self._reject(context, initial, rid, "", None, 429,
+                                   f"gateway worker overloaded: more than {self.max_in_flight} requests in "
+                                   f"flight ([gateway] max_concurrent_requests); retry after {SHED_RETRY_AFTER_S} s",
+                                   t0)
             try:
                 peek = peek_infer_request(raw)
             except ProtoError as exc:
                 await self._reject(context, initial, rid, "", "", 400, f"malformed ModelInferRequest: {exc}", t0)
             model = peek.model_name
             requested = peek.model_version or None
-            if gw.load.in_flight > self.max_in_flight:
-                await self._reject(context, initial, rid, model, requested, 429,
-                                   f"gateway worker overloaded: more than {self.max_in_flight} requests in "
-                                   "flight (max_concurrent_requests)", t0)
             if not model:
                 await self._reject(context, initial, rid, "", "", 400, "ModelInferRequest has no model_name", t0)
+            bad_name = model_ref_problem(model, requested)  # before any lookup by that name
+            if bad_name:
+                await self._reject(context, initial, rid, model, requested, 400, bad_name, t0)
+            if self.auth is not None:
+                decision = self.auth.authorize_headers(md, model)
+                if not decision.allowed:
+                    trailers = decision.grpc_trailers()
+                    if trailers:
+                        context.set_trailing_metadata(trailers)
+                    await self._reject(context, initial, rid, model, requested, decision.http_status,
+                                       decision.message, t0)
             hops = parse_hops(md.get(HOPS_HEADER))
             unknown = gw.unknown_model(model, requested, hops)
             if unknown is not None:
@@ -137,12 +200,14 @@ class GrpcFront:
                                               peek.int_parameters.get(dl.TIMEOUT_PARAMETER),
                                               self.default_timeout_ms)
                 specs = gw.catalog.fresh_specs(model, version) or await gw.catalog.specs(model, version)
-                check_grpc(model, peek, specs)
+                check_grpc(model, peek, specs, self.max_elements)
             except RequestError as exc:
                 await self._reject(context, initial, rid, model, version, exc.status, str(exc), t0)
             call = InferCall(PROTOCOL_GRPC, model, requested, version, rid, deadline_s,
                              hops=hops, started_s=t0, raw=raw, peek=peek)
             call.priority = md.get(PRIORITY_HEADER, "")
+            if decision is not None:
+                call.key_priority = decision.priority
             if gw.locate_clients:
                 call.client_ip = grpc_peer_ip(context.peer())
                 call.forwarded_for = md.get("x-forwarded-for")
@@ -170,6 +235,8 @@ class GrpcFront:
                 context.set_trailing_metadata((("retry-after", str(reply.retry_after_s)),))
             await context.abort(reply.grpc_code, reply.message)
         finally:
+            if decision is not None:
+                decision.release()
             gw.load.in_flight -= 1
             gw.metrics.in_flight_add(PROTOCOL_GRPC, -1)
         raise AssertionError("unreachable")
@@ -194,16 +261,25 @@ class GrpcFront:
         return service_pb2.ServerReadyResponse(ready=self.gw.readiness()[0])
 
     async def server_metadata(self, request, context):
+        decision = await self._metadata_guard(context, None)
+        if decision is not None:
+            decision.release()
         return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
                                                   extensions=SERVER_EXTENSIONS)
 
     async def model_ready(self, request, context):
         version = request.version or None
+        decision = await self._metadata_guard(context, request.name, version)
+        if decision is not None:
+            decision.release()
         if self.gw.unknown_model(request.name, version) is not None:
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=self.gw.catalog.ready(request.name, version))
 
     async def _proxied(self, context, name: str, version: str | None, fetch) -> dict:
+        decision = await self._metadata_guard(context, name, version)
+        if decision is not None:
+            decision.release()
         unknown = self.gw.unknown_model(name, version)
         if unknown is not None:
             await context.abort(grpc.StatusCode.NOT_FOUND, unknown.message)

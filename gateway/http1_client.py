@@ -19,6 +19,7 @@ import asyncio
 import collections
 import re
 import socket
+import ssl
 
 CRLF = b"\r\n"
 _HEADER_LINE = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
@@ -207,10 +208,12 @@ SMALL_BODY_BYTES = 32 * 1024  # below this, header and body go out in one write
 class ConnectionPool:
     """Keep-alive connections to one HOST:PORT."""
 
-    def __init__(self, address: str, *, max_connections: int, connect_timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, *, max_connections: int, connect_timeout_s: float = 2.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
+        self.ssl_context = ssl_context  # set: TLS (mutual when it holds a client certificate)
         self.host_header = address.encode()
         self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s
@@ -222,8 +225,13 @@ class ConnectionPool:
     async def _connect(self, timeout_s: float) -> _Conn:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(_Conn, self.host, self.port), timeout_s)
-        except (OSError, TimeoutError) as exc:
+            if self.ssl_context is None:
+                _, conn = await asyncio.wait_for(loop.create_connection(_Conn, self.host, self.port), timeout_s)
+            else:
+                _, conn = await asyncio.wait_for(loop.create_connection(
+                    _Conn, self.host, self.port, ssl=self.ssl_context, server_hostname=self.host,
+                    ssl_handshake_timeout=timeout_s), timeout_s)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise UpstreamConnectError(f"cannot connect to {self.host}:{self.port}: "
                                        f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
                                        ) from None

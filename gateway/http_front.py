@@ -5,17 +5,33 @@ header parsed and checked (gateway.request_checks), the version resolved, and th
 forwarded untouched (gateway.forwarder). Everything else (health, server/model metadata,
 config, ready, statistics) is answered from the pool's state or proxied to a replica that has
 the model (gateway.model_catalog). The model repository extension is not exposed.
+
+Security (all off unless configured, see README "Security"):
+- API keys (gateway.auth, ``[auth] keys_file``): every request but health (``/v2/health/*``)
+  and the region summary (``/geogate/v1/region``, read by peers and GeoDNS) needs a key;
+  401 / 403 / 429 with ``{"error": ...}`` and Retry-After. The key's priority class goes to the
+  admission control with the call (``InferCall.key_priority``).
+- Limits: ``[gateway] max_body_bytes`` (also after gzip/deflate decoding: 413),
+  ``max_concurrent_requests`` per worker (503 + Retry-After before anything else is done),
+  ``[limits]`` header bytes (431), tensor elements (400), model/version names (400), and slow
+  clients: a ``SlowClientGuard`` around each connection answers 408 and closes when a request
+  head does not arrive within ``request_head_timeout_ms``; a body not read within
+  ``request_body_timeout_ms`` is 408 too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 
 import orjson
 from aiohttp import HttpVersion11, web
 
 from gateway import deadline as dl
-from gateway.access_log import REQUEST_ID_HEADER, new_request_id
+from gateway.access_log import REQUEST_ID_HEADER, request_id_from
+from gateway.auth import AuthDecision, Authenticator
+from gateway.name_checks import cached_model_ref_problem as model_ref_problem
 from gateway.region_summary import region_summary
 from gateway.request_checks import RequestError, ValidatedHeaders
 from gateway.router import HOPS_HEADER, parse_hops
@@ -35,10 +51,184 @@ def json_response(body: object, status: int = 200, headers: dict | None = None) 
 
 
 PRIORITY_HEADER = "geogate-priority"
+# Paths that never need an API key: load balancers, peers and GeoDNS read them.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region"})
+SHED_RETRY_AFTER_S = 1  # an overloaded worker tells clients to come back this soon
+LINGERING_MAX_S = 2.0  # aiohttp's default (10 s) would let a slow sender hold a refused connection
+# Paths of the client API with their methods: any other method on them is 405, not 404.
+KNOWN_PATHS = (
+    (re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer"), "POST"),
+    (re.compile(r"/v2(/health/(live|ready)|/models/stats|/models/[^/]+(/versions/[^/]+)?(/ready|/config|/stats)?)?"),
+     "GET, HEAD"),
+    (re.compile(r"/geogate/v1/region"), "GET, HEAD"),
+)
 
 
 def error_response(message: str, status: int, headers: dict | None = None) -> web.Response:
     return json_response({"error": message}, status, headers)
+
+
+def refusal_response(decision: AuthDecision, headers: dict | None = None) -> web.Response:
+    """401 / 403 / 429 for a refused API key, with WWW-Authenticate / Retry-After."""
+    return error_response(decision.message, decision.http_status, {**(headers or {}), **decision.http_headers()})
+
+
+def model_of_path(path: str) -> tuple[str | None, str | None]:
+    """(model, version) named by a /v2/models/... path; (None, None) for server-level paths."""
+    if not path.startswith("/v2/models/"):
+        return None, None
+    parts = path[len("/v2/models/"):].split("/")
+    if not parts[0] or (len(parts) == 1 and parts[0] == "stats"):
+        return None, None
+    version = parts[2] if len(parts) >= 3 and parts[1] == "versions" else None
+    return parts[0], version
+
+
+# ---------------------------------------------------------------------------- slow clients
+
+
+_408 = "request head not received within {ms} ms ([limits] request_head_timeout_ms)"
+_431 = "request line and headers are larger than {n} bytes ([limits] max_header_bytes)"
+
+
+def _raw_error(status: int, reason: str, message: str) -> bytes:
+    body = orjson.dumps({"error": message})
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {JSON}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+class SlowClientGuard(asyncio.Protocol):
+    """Wraps aiohttp's protocol of one client connection and watches the request HEAD phase,
+    which aiohttp itself does not bound (its keep-alive timer only covers silence): from the
+    first byte of a request (or the connection opening) to its blank line must take at most
+    ``head_timeout_s`` and ``max_head_bytes``. A slowloris sender dribbling header bytes gets 408
+    and a closed connection; an oversized head 431. The request body is bounded by the handler
+    (``request_body_timeout_ms``). One sweep task per listener checks deadlines (no timer per
+    request on the hot path)."""
+
+    __slots__ = ("_seen", "_since", "_tail", "guards", "inner", "limits", "state", "transport")
+
+    IDLE, HEAD, IN_REQUEST, CLOSED = range(4)
+
+    def __init__(self, inner: asyncio.Protocol, limits: GuardLimits, guards: dict) -> None:
+        self.inner = inner
+        self.limits = limits
+        self.guards = guards
+        self.transport: asyncio.Transport | None = None
+        self.state = self.HEAD
+        self._since = 0.0
+        self._seen = 0
+        self._tail = b""
+
+    # asyncio.Protocol, delegated
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._since = asyncio.get_running_loop().time()
+        self.guards[transport] = self
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        self.state = self.CLOSED
+        self.guards.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == self.IN_REQUEST:
+            self.inner.data_received(data)
+            return
+        if state == self.IDLE:
+            self.state = self.HEAD
+            self._since = self.limits.loop.time()
+            self._seen = 0
+            self._tail = b""
+        elif state == self.CLOSED:
+            return
+        buf = self._tail + data if self._tail else data
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            if self._seen + end - len(self._tail) + 4 > self.limits.max_head_bytes:
+                self.refuse(431, "Request Header Fields Too Large", _431.format(n=self.limits.max_head_bytes))
+                return
+            self.state = self.IN_REQUEST
+        else:
+            self._seen += len(data)
+            if self._seen > self.limits.max_head_bytes:
+                self.refuse(431, "Request Header Fields Too Large", _431.format(n=self.limits.max_head_bytes))
+                return
+            self._tail = buf[-3:]
+        self.inner.data_received(data)
+
+    # called by the front
+    def request_started(self) -> None:
+        self.state = self.IN_REQUEST
+
+    def request_done(self) -> None:
+        if self.state == self.IN_REQUEST:
+            self.state = self.IDLE
+
+    def refuse(self, status: int, reason: str, message: str) -> None:
+        if self.state == self.CLOSED or self.transport is None:
+            return
+        self.state = self.CLOSED
+        if self._seen or self._tail or status != 408:  # nothing was sent: nothing to answer
+            self.transport.write(_raw_error(status, reason, message))
+        self.transport.close()
+
+    def expired(self, now_s: float) -> bool:
+        return self.state == self.HEAD and now_s - self._since > self.limits.head_timeout_s
+
+
+class GuardLimits:
+    __slots__ = ("head_timeout_s", "loop", "max_head_bytes")
+
+    def __init__(self, head_timeout_s: float, max_head_bytes: int) -> None:
+        self.head_timeout_s = head_timeout_s
+        self.max_head_bytes = max_head_bytes
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
+class GuardedSockSite(web.SockSite):
+    """aiohttp's SockSite with every connection's protocol wrapped in a SlowClientGuard."""
+
+    __slots__ = ("_guards", "_limits")
+
+    def __init__(self, runner: web.BaseRunner, sock, *, limits: GuardLimits, guards: dict,
+                 ssl_context=None) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context, backlog=1024)
+        self._limits = limits
+        self._guards = guards
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._limits.loop = loop
+        factory = self._runner.server
+        limits, guards = self._limits, self._guards
+        kw = {"ssl_handshake_timeout": limits.head_timeout_s} if self._ssl_context is not None else {}
+        self._server = await loop.create_server(lambda: SlowClientGuard(factory(), limits, guards),
+                                               sock=self._sock, ssl=self._ssl_context, backlog=self._backlog, **kw)
+
+
+async def sweep_slow_clients(guards: dict, limits: GuardLimits) -> None:
+    """Cut off connections whose request head is overdue (run as a task per worker)."""
+    interval = min(1.0, max(0.05, limits.head_timeout_s / 4))
+    message = _408.format(ms=round(limits.head_timeout_s * 1000))
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        now = loop.time()
+        for guard in [g for g in guards.values() if g.expired(now)]:
+            guard.refuse(408, "Request Timeout", message)
 
 
 class HttpFront:
@@ -47,15 +237,31 @@ class HttpFront:
         self.region = gw.region.name
         self.default_timeout_ms = gw.cfg.gateway.default_timeout_ms
         self.max_body_bytes = gw.cfg.gateway.max_body_bytes
-        self.validated = ValidatedHeaders()
+        limits = gw.cfg.limits
+        self.limits = limits
+        self.validated = ValidatedHeaders(max_elements=limits.max_tensor_elements,
+                                          max_decoded_bytes=self.max_body_bytes)
         self.max_in_flight = gw.cfg.gateway.max_concurrent_requests
+        self.body_timeout_s = limits.request_body_timeout_ms / 1000.0
+        # None: no client authentication ([auth] keys_file not set)
+        self.auth: Authenticator | None = getattr(gw, "auth", None)
+        self.open_metadata = gw.cfg.auth.open_metadata
+        self.guard_limits = GuardLimits(limits.request_head_timeout_ms / 1000.0, limits.max_header_bytes)
+        self.guards: dict = {}  # transport -> SlowClientGuard, for the client listener's connections
 
     # ------------------------------------------------------------------ apps
 
     def client_app(self) -> web.Application:
         # auto_decompress off: a gzip'd body is forwarded as received (Content-Encoding kept).
+        lim = self.limits
         app = web.Application(client_max_size=self.max_body_bytes,
-                              handler_args={"access_log": None, "auto_decompress": False})
+                              handler_args={"access_log": None, "auto_decompress": False,
+                                            "max_line_size": lim.max_header_bytes,
+                                            "max_field_size": lim.max_header_bytes,
+                                            "keepalive_timeout": lim.idle_timeout_ms / 1000.0,
+                                            # after an early answer (408, 413, 401...) the rest of the
+                                            # body is read and dropped for at most this long
+                                            "lingering_time": min(LINGERING_MAX_S, self.body_timeout_s)})
         r = app.router
         r.add_post("/v2/models/{model}/infer", self.infer)
         r.add_post("/v2/models/{model}/versions/{version}/infer", self.infer)
@@ -105,17 +311,46 @@ class HttpFront:
         (Profiling: route resolution and the app's handler chain were a visible share of a
         proxied request; the infer URL is simple enough to split by hand.)"""
         app_handle = runner.server.request_handler  # the Application's own _handle
+        guards = self.guards
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-            if request.method == "POST":
-                target = _split_infer_path(request.path)
-                if target is not None:
-                    if "Expect" in request.headers:  # curl / perf_analyzer wait for this
-                        await _continue(request)
-                    return await self._infer(request, target[0], target[1])
-            return await app_handle(request)
+            guard = guards.get(request.transport)
+            if guard is not None:
+                guard.request_started()
+            try:
+                if request.method == "POST":
+                    target = _split_infer_path(request.path)
+                    if target is not None:
+                        if "Expect" in request.headers:  # curl / perf_analyzer wait for this
+                            await _continue(request)
+                        return await self._infer(request, target[0], target[1])
+                if self.auth is None or request.path in OPEN_PATHS or \
+                        (self.open_metadata and request.path.startswith("/v2")):
+                    return await app_handle(request)
+                model, version = model_of_path(request.path)
+                bad_name = model_ref_problem(model, version) if model is not None else ""
+                if bad_name:
+                    return error_response(bad_name, 400)
+                decision = self.auth.authorize_headers(request.headers, model)
+                if not decision.allowed:
+                    return refusal_response(decision)
+                try:
+                    return await app_handle(request)
+                finally:
+                    decision.release()
+            finally:
+                if guard is not None:
+                    guard.request_done()
 
         runner.server.request_handler = dispatch
+
+    def client_site(self, runner: web.BaseRunner, sock, ssl_context=None) -> web.BaseSite:
+        """The client listener's site: connections guarded against slow clients."""
+        return GuardedSockSite(runner, sock, limits=self.guard_limits, guards=self.guards, ssl_context=ssl_context)
+
+    def sweep_task(self) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(sweep_slow_clients(self.guards, self.guard_limits),
+                                                      name="slow-client-sweep")
 
     async def infer(self, request: web.Request) -> web.Response:
         mi = request.match_info
@@ -125,15 +360,26 @@ class HttpFront:
         t0 = time.monotonic()
         gw = self.gw
         headers = request.headers
-        rid = headers.get(REQUEST_ID_HEADER) or new_request_id()
+        rid = request_id_from(headers.get(REQUEST_ID_HEADER))
         resp_headers = {"geogate-region": self.region, REQUEST_ID_HEADER: rid}
         gw.load.in_flight += 1
         gw.metrics.in_flight_add(PROTOCOL_HTTP, 1)
+        decision: AuthDecision | None = None
         try:
             if gw.load.in_flight > self.max_in_flight:
+                resp_headers["Retry-After"] = str(SHED_RETRY_AFTER_S)
                 return self._reject(rid, model, requested, f"gateway worker overloaded: more than "
-                                    f"{self.max_in_flight} requests in flight (max_concurrent_requests)",
-                                    503, resp_headers, t0)
+                                    f"{self.max_in_flight} requests in flight ([gateway] max_concurrent_requests); "
+                                    f"retry after {SHED_RETRY_AFTER_S} s", 503, resp_headers, t0)
+            bad_name = model_ref_problem(model, requested)  # before any lookup by that name
+            if bad_name:
+                return self._reject(rid, model, requested, bad_name, 400, resp_headers, t0)
+            if self.auth is not None:
+                decision = self.auth.authorize_headers(headers, model)
+                if not decision.allowed:
+                    resp_headers.update(decision.http_headers())
+                    return self._reject(rid, model, requested, decision.message, decision.http_status,
+                                        resp_headers, t0)
             hops = parse_hops(headers.get(HOPS_HEADER))
             unknown = gw.unknown_model(model, requested, hops)
             if unknown is not None:
@@ -143,10 +389,21 @@ class HttpFront:
                 return self._reject(rid, model, requested, f"request body of {cl} bytes is larger than "
                                     f"the gateway's limit of {self.max_body_bytes} bytes", 413, resp_headers, t0)
             try:
-                body = await request.read()
+                if request.content.is_eof():  # the usual case: the whole body came with the head
+                    body = await request.read()
+                else:  # still arriving: bound how long a (slow) sender may take
+                    async with asyncio.timeout(self.body_timeout_s):
+                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._reject(rid, model, requested, f"request body is larger than the gateway's "
                                     f"limit of {self.max_body_bytes} bytes", 413, resp_headers, t0)
+            except TimeoutError:
+                resp_headers["Connection"] = "close"
+                resp = self._reject(rid, model, requested, f"request body not received within "
+                                    f"{self.limits.request_body_timeout_ms} ms ([limits] request_body_timeout_ms)",
+                                    408, resp_headers, t0)
+                resp.force_close()
+                return resp
             hl = headers.get(HEADER_LENGTH)
             enc = headers.get("Content-Encoding")
             version = gw.resolve_version(model, requested)
@@ -165,6 +422,8 @@ class HttpFront:
                              header_len=hl, content_encoding=enc,
                              accept_encoding=headers.get("Accept-Encoding"))
             call.priority = headers.get(PRIORITY_HEADER, "")
+            if decision is not None:
+                call.key_priority = decision.priority
             if gw.locate_clients:
                 call.client_ip = request.remote or ""
                 call.forwarded_for = headers.get("X-Forwarded-For")
@@ -203,6 +462,8 @@ class HttpFront:
                 resp_headers["Retry-After"] = str(reply.retry_after_s)
             return error_response(reply.message, reply.http_status, resp_headers)
         finally:
+            if decision is not None:
+                decision.release()
             gw.load.in_flight -= 1
             gw.metrics.in_flight_add(PROTOCOL_HTTP, -1)
 
@@ -235,6 +496,9 @@ class HttpFront:
 
     async def _proxied(self, request: web.Request, fetch) -> web.Response:
         model, version = self._model_args(request)
+        bad_name = model_ref_problem(model, version)
+        if bad_name:
+            return error_response(bad_name, 400)
         unknown = self.gw.unknown_model(model, version)
         if unknown is not None:
             return error_response(unknown.message, 404)
@@ -259,6 +523,9 @@ class HttpFront:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         model, version = self._model_args(request)
+        bad_name = model_ref_problem(model, version)
+        if bad_name:
+            return error_response(bad_name, 400)
         unknown = self.gw.unknown_model(model, version)
         if unknown is not None:
             return error_response(unknown.message, 404)
@@ -275,7 +542,12 @@ class HttpFront:
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def no_route(self, request: web.Request) -> web.Response:
-        return error_response(f"Not Found: {request.method} {request.path}", 404)
+        path = request.path
+        for pattern, allow in KNOWN_PATHS:
+            if pattern.fullmatch(path):
+                return error_response(f"Method Not Allowed: {request.method} {path} (allowed: {allow})", 405,
+                                      {"Allow": allow})
+        return error_response(f"Not Found: {request.method} {path}", 404)
 
     def not_here(self, what: str):
         message = NOT_ON_GATEWAY.format(what=what)

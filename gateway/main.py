@@ -11,6 +11,12 @@ connections); SIGTERM is passed to every worker, each drains, and the supervisor
 all did. Metrics use prometheus-client's multiprocess mode (gateway.gateway_metrics), so
 /metrics on any worker reports all of them; the region summary and health state are per
 worker (each worker health-checks the replicas itself).
+
+Security (README "Security"): ``[auth] keys_file`` turns on API keys on both client listeners
+(re-read when the file changes, or at once on SIGHUP); ``[tls]`` serves them over TLS
+(certificates re-read when their files change) and ``[tls.upstream]`` / ``[tls.peers]`` make
+the links to replicas and peer gateways TLS (mutual with a client certificate). A bad keys or
+certificate file at startup is fatal (exit 2) with a message naming the file.
 """
 
 from __future__ import annotations
@@ -26,8 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from gateway.auth import Authenticator
 
 log = logging.getLogger("geogate.gateway")
 
@@ -45,9 +55,12 @@ class _JsonFormatter(logging.Formatter):
 
         entry = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
                  "msg": record.getMessage()}
+        audit = getattr(record, "audit", None)  # gateway.admin_models: who did what, when
+        if audit is not None:
+            entry["audit"] = audit
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        return orjson.dumps(entry, default=str).decode()
 
 
 def _setup_logging() -> None:
@@ -86,20 +99,51 @@ def _bound_socket(address: str, reuse_port: bool) -> socket.socket:
 # ---------------------------------------------------------------------------- one worker
 
 
+def make_authenticator(cfg: Config) -> Authenticator | None:
+    """The client listeners' Authenticator (None: [auth] keys_file not set, no authentication)."""
+    if not cfg.auth.keys_file:
+        return None
+    from gateway.auth import Authenticator
+
+    # check_on_request False: the keys file is re-read by a background task (file IO off the loop)
+    return Authenticator(cfg.resolve_path(cfg.auth.keys_file), reload_interval_s=cfg.auth.reload_interval_ms / 1000.0,
+                         check_on_request=False)
+
+
+class StartupError(Exception):
+    """A security file (keys, certificates) the config names cannot be used."""
+
+
 async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> int:
     from aiohttp import web
 
+    from gateway.auth import KeysFileError
     from gateway.gateway_state import GatewayState
     from gateway.grpc_front import GrpcFront
     from gateway.http_front import HttpFront
+    from gateway.tls import TlsConfigError, configure_links_from_config, server_tls_from_config
 
+    try:
+        # Before GatewayState: the replica and peer clients it makes read the links' TLS.
+        configure_links_from_config(cfg)
+        server_tls = server_tls_from_config(cfg)
+        auth = make_authenticator(cfg)
+    except (TlsConfigError, KeysFileError) as exc:
+        raise StartupError(str(exc)) from None
     gw = GatewayState(cfg, region, worker=worker)
+    gw.auth = auth
     http_front = HttpFront(gw)
     grpc_front = GrpcFront(gw)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    background: list[asyncio.Task] = [http_front.sweep_task()]
+    if auth is not None:
+        auth.install_sighup(loop)
+        background.append(loop.create_task(auth.watch(), name="keys-file-watch"))
+    if server_tls is not None:
+        background.append(loop.create_task(server_tls.watch(), name="tls-files-watch"))
 
     # startup
     await gw.start()
@@ -113,8 +157,10 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
     await client_runner.setup()
     http_front.install_fast_path(client_runner)
     await admin_runner.setup()
-    sites = [web.SockSite(client_runner, _bound_socket(region.http, reuse_port)),
-             web.SockSite(admin_runner, _bound_socket(region.admin, reuse_port))]
+    ssl_context = server_tls.ssl_context() if server_tls is not None else None
+    sites = [http_front.client_site(client_runner, _bound_socket(region.http, reuse_port), ssl_context),
+             web.SockSite(admin_runner, _bound_socket(region.admin, reuse_port),
+                          ssl_context=ssl_context if cfg.tls.admin else None)]
     if cfg.gateway.metrics:
         metrics_runner = web.AppRunner(http_front.metrics_app(), access_log=None, handle_signals=False)
         await metrics_runner.setup()
@@ -122,11 +168,14 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
         sites.append(web.SockSite(metrics_runner, _bound_socket(cfg.gateway.metrics, reuse_port)))
     for site in sites:
         await site.start()
-    grpc_server = grpc_front.build_server(region.grpc, reuse_port=reuse_port)
+    grpc_server = grpc_front.build_server(region.grpc, reuse_port=reuse_port,
+                                          credentials=server_tls.grpc_credentials() if server_tls else None)
     await grpc_server.start()
     await grpc_front.set_serving(True)
-    log.info("gateway %s worker %d serving: http %s, grpc %s, admin %s", region.name, worker,
-             region.http, region.grpc, region.admin)
+    log.info("gateway %s worker %d serving: http %s, grpc %s, admin %s%s%s", region.name, worker,
+             region.http, region.grpc, region.admin,
+             f"; TLS{' (client certificates required)' if server_tls.mutual else ''}" if server_tls else "",
+             f"; API keys from {auth.keys_file} ({len(auth.key_names)} keys)" if auth else "")
 
     # serve
     await stop.wait()
@@ -145,6 +194,9 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
         await asyncio.sleep(DRAIN_POLL_S)
     left = gw.load.in_flight
     await grpc_stop
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     for runner in runners:
         await runner.cleanup()
     await gw.close()
@@ -153,7 +205,7 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
 
 
 # Modules that add routes to the admin listener: each exposes mount(admin_app, gateway_state).
-ADMIN_MOUNTS = ("gateway.admin_models", "gateway.status_page")
+ADMIN_MOUNTS = ("gateway.admin_models", "gateway.status_page", "gateway.capacity")
 
 
 def _mount_extras(admin_app, gw) -> None:
@@ -200,8 +252,14 @@ def _supervise(args: argparse.Namespace) -> int:
             if c.poll() is None:
                 c.send_signal(signum)
 
+    def forward_hup(signum, _frame):  # keys file reload: every worker
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward_hup)
     code = 0
     try:
         while True:
@@ -240,6 +298,10 @@ def run(args: argparse.Namespace) -> int:
     worker = int(worker_env or 0)
     try:
         return _run_worker(cfg, region, worker, reuse_port=args.workers > 1)
+    except StartupError as exc:
+        log.error("gateway %s worker %d cannot start: %s", region.name, worker, exc)
+        print(f"geogate gateway: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("gateway %s worker %d cannot start: %s", region.name, worker, exc)
         return 1

@@ -20,6 +20,7 @@ Rules
 
 from __future__ import annotations
 
+import functools
 import re
 
 MAX_MODEL_NAME_LEN = 128
@@ -93,3 +94,10 @@ def check_version(version: object) -> str:
 def model_ref_problem(name: object, version: object | None) -> str:
     """Both at once, for request paths: `version` None means "no version given" (allowed)."""
     return model_name_problem(name) or ("" if version is None else version_problem(version))
+
+
+@functools.lru_cache(maxsize=4096)
+def cached_model_ref_problem(name: str, version: str | None) -> str:
+    """`model_ref_problem` for the request path: clients repeat the same few names, so the
+    answer is remembered (bounded: a flood of distinct names only evicts)."""
+    return model_ref_problem(name, version)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import aiohttp
 import grpc
@@ -22,6 +23,7 @@ import grpc
 from gateway.deadline import TIMEOUT_HEADER
 from gateway.proto_peek import peek_response_version
 from gateway.router import HOPS_HEADER, TARGET_PEER, Target
+from gateway.tls import ClientTls, peer_tls
 from gateway.upstream_grpc import GrpcUpstream, classify_rpc_error
 from gateway.upstream_http import HttpUpstream, make_session
 from gateway.upstream_types import PROTOCOL_HTTP, InferCall, Reply
@@ -58,15 +60,20 @@ class PeerLink:
     """One peer region's gateway, over HTTP and gRPC."""
 
     def __init__(self, region: str, http: str, grpc_address: str, session: aiohttp.ClientSession,
-                 connections: int) -> None:
+                 connections: int, tls: ClientTls | None = None, api_key: str = "") -> None:
         self.region = region
-        self.http = HttpUpstream(http, session, connections=connections)
-        self.grpc = PeerGrpc(grpc_address)
+        # The API key presented to the peer ([auth] peer_key_env), if its gateway checks keys.
+        self.auth_header = f"Bearer {api_key}" if api_key else ""
+        # tls: [tls.peers] (the peer's client-facing listeners serve TLS; mutual with a client cert)
+        self.http = HttpUpstream(http, session, connections=connections, tls=tls)
+        self.grpc = PeerGrpc(grpc_address, tls=tls)
         self.label = f"peer:{region}"
 
     async def forward(self, call: InferCall, timeout_s: float) -> Reply:
         timeout_s = max(0.001, timeout_s)
         headers = {"x-request-id": call.request_id, HOPS_HEADER: str(call.hops + 1)}
+        if self.auth_header:
+            headers["authorization"] = self.auth_header
         # The client's version, not ours: the peer resolves its own release record.
         peer_call = dataclasses.replace(call, version=call.requested_version)
         if call.protocol == PROTOCOL_HTTP:
@@ -97,9 +104,12 @@ class PeerLinks:
     def start(self) -> None:
         conns = self._cfg.gateway.upstream_connections_per_replica
         self._session = make_session(conns)
+        auth = getattr(self._cfg, "auth", None)
+        api_key = os.environ.get(auth.peer_key_env, "") if auth is not None and auth.peer_key_env else ""
         for r in self._cfg.regions:
             if r.name != self.local_region:
-                self.links[r.name] = PeerLink(r.name, r.http, r.grpc, self._session, conns)
+                self.links[r.name] = PeerLink(r.name, r.http, r.grpc, self._session, conns, peer_tls(),
+                                              api_key)
 
     def link(self, target: Target) -> PeerLink | None:
         return self.links.get(target.region) if target.kind == TARGET_PEER else None

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 WIRE_VARINT = 0
 WIRE_FIXED64 = 1
 WIRE_LEN = 2
+WIRE_START_GROUP = 3
+WIRE_END_GROUP = 4
 WIRE_FIXED32 = 5
+MAX_GROUP_DEPTH = 100  # protobuf's own recursion limit
 
 # ModelInferRequest / ModelInferResponse
 F_MODEL_NAME = 1
@@ -78,7 +81,7 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise ProtoError("varint too long")
 
 
-def _skip(buf: memoryview, pos: int, end: int, wire: int) -> int:
+def _skip(buf: memoryview, pos: int, end: int, wire: int, fno: int = -1) -> int:
     if wire == WIRE_VARINT:
         _, pos = _varint(buf, pos, end)
     elif wire == WIRE_FIXED64:
@@ -88,10 +91,34 @@ def _skip(buf: memoryview, pos: int, end: int, wire: int) -> int:
         pos += n
     elif wire == WIRE_FIXED32:
         pos += 4
+    elif wire == WIRE_START_GROUP:
+        pos = _skip_group(buf, pos, end, fno)
     else:
         raise ProtoError(f"unsupported wire type {wire}")
     if pos > end:
         raise ProtoError("field runs past the end of the message")
+    return pos
+
+
+def _skip_group(buf: memoryview, pos: int, end: int, fno: int) -> int:
+    """Past the END_GROUP matching a START_GROUP of field `fno` (an unknown field encoded as a
+    proto2 group is legal in any message: protobuf skips it, so must we). Found by fuzzing the
+    peek against the protobuf runtime."""
+    open_groups = [fno]
+    while open_groups:
+        if pos >= end:
+            raise ProtoError("group field runs past the end of the message")
+        key, pos = _varint(buf, pos, end)
+        f, w = key >> 3, key & 7
+        if w == WIRE_END_GROUP:
+            if f != open_groups.pop():
+                raise ProtoError(f"end-group tag of field {f} does not match its start")
+        elif w == WIRE_START_GROUP:
+            if len(open_groups) >= MAX_GROUP_DEPTH:
+                raise ProtoError(f"groups nested deeper than {MAX_GROUP_DEPTH}")
+            open_groups.append(f)
+        else:
+            pos = _skip(buf, pos, end, w)
     return pos
 
 
@@ -139,9 +166,9 @@ def _peek_tensor(buf: memoryview, pos: int, end: int) -> TensorHeader:
             t.shape.append(_signed64(v))
         elif fno == F_T_CONTENTS:
             t.has_contents = True
-            pos = _skip(buf, pos, end, wire)
+            pos = _skip(buf, pos, end, wire, fno)
         else:
-            pos = _skip(buf, pos, end, wire)
+            pos = _skip(buf, pos, end, wire, fno)
     return t
 
 
@@ -166,10 +193,10 @@ def _peek_parameter_entry(buf: memoryview, pos: int, end: int, out: dict[str, in
                     v, p = _varint(buf, p, e)
                     value = _signed64(v) if f2 == 2 else v
                 else:
-                    p = _skip(buf, p, e, w2)
+                    p = _skip(buf, p, e, w2, f2)
             pos = e
         else:
-            pos = _skip(buf, pos, end, wire)
+            pos = _skip(buf, pos, end, wire, fno)
     if key_name and value is not None:
         out[key_name] = value
 
@@ -200,7 +227,7 @@ def peek_infer_request(raw: bytes | memoryview) -> InferRequestPeek:
                 _peek_parameter_entry(buf, s, e, peek.int_parameters)
             pos = e
         else:
-            pos = _skip(buf, pos, end, wire)
+            pos = _skip(buf, pos, end, wire, fno)
     return peek
 
 
@@ -224,7 +251,7 @@ def peek_response_version(raw: bytes | memoryview) -> str:
             # stop at the first bulky field instead of walking the tensors.
             if version:
                 break
-            pos = _skip(buf, pos, end, wire)
+            pos = _skip(buf, pos, end, wire, fno)
     return version
 
 

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import orjson
 
 from gateway.proto_peek import InferRequestPeek
-from gateway.translate import TranslateError, decode_body
+from gateway.translate import DEFAULT_MAX_DECODED_BYTES, BodyTooLarge, TranslateError, decode_body
 from replicas.datatypes import ELEMENT_SIZE
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# [limits] max_tensor_elements default: a shape naming more elements than this is refused before
+# any replica allocates for it (BYTES tensors have no byte size to check the shape against).
+DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 26
 
 
 class RequestError(ValueError):
@@ -55,11 +58,28 @@ def _fmt(shape) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
+def _element_count(shape: list[int], cap: int) -> int:
+    """The product of `shape`, but stops once past `cap` (a shape of a million huge dimensions
+    must not cost a quadratic big-integer product)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > cap:
+            return n
+    return n
+
+
 def _check_tensor(model: str, name: str, datatype: str, shape: list[int], spec: TensorSpec | None,
-                  byte_size: int | None) -> None:
+                  byte_size: int | None, max_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS) -> None:
     if any((not isinstance(d, int)) or isinstance(d, bool) or d < 0 for d in shape):
         raise RequestError(f"input '{name}' has an invalid shape {shape!r} for model '{model}': "
                            "dimensions must be non-negative integers")
+    elements = _element_count(shape, max_elements)
+    if elements > max_elements:
+        raise RequestError(f"input '{name}' for model '{model}': shape {_fmt(shape)} has {elements} elements, "
+                           f"more than the gateway's limit of {max_elements} ([limits] max_tensor_elements)")
     if spec is not None:
         if datatype != spec.datatype:
             raise RequestError(f"inference input '{name}' data-type is '{datatype}', but model '{model}' "
@@ -69,7 +89,7 @@ def _check_tensor(model: str, name: str, datatype: str, shape: list[int], spec: 
             raise RequestError(f"unexpected shape for input '{name}' for model '{model}'. "
                                f"Expected {_fmt(spec.shape)}, got {_fmt(shape)}")
     if byte_size is not None and datatype in ELEMENT_SIZE:
-        expected = math.prod(shape) * ELEMENT_SIZE[datatype]
+        expected = elements * ELEMENT_SIZE[datatype]
         if byte_size != expected:
             raise RequestError(f"input '{name}' for model '{model}': unexpected total byte size "
                                f"{byte_size}, expecting {expected} for shape {_fmt(shape)} of {datatype}")
@@ -94,12 +114,15 @@ def _check_names(model: str, given: list[str], specs: ModelSpecs | None) -> None
 # ------------------------------------------------------------------ HTTP
 
 
-def parse_http_header(body: bytes, header_len: str | None, content_encoding: str | None
-                      ) -> tuple[dict, int]:
-    """(JSON header, number of binary bytes after it); RequestError when malformed."""
+def parse_http_header(body: bytes, header_len: str | None, content_encoding: str | None,
+                      max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> tuple[dict, int]:
+    """(JSON header, number of binary bytes after it); RequestError when malformed (413 when a
+    compressed body expands past `max_decoded_bytes`)."""
     if content_encoding and content_encoding != "identity":
         try:
-            body = decode_body(body, content_encoding)
+            body = decode_body(body, content_encoding, max_decoded_bytes)
+        except BodyTooLarge as exc:
+            raise RequestError(str(exc), 413) from None
         except TranslateError as exc:
             raise RequestError(str(exc)) from None
     if header_len is not None:
@@ -125,7 +148,8 @@ def parse_http_header(body: bytes, header_len: str | None, content_encoding: str
     return header, binary_len
 
 
-def check_http(model: str, header: dict, binary_len: int, specs: ModelSpecs | None) -> None:
+def check_http(model: str, header: dict, binary_len: int, specs: ModelSpecs | None,
+               max_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS) -> None:
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError(f"the inference request for model '{model}' must have a non-empty 'inputs' list")
@@ -161,7 +185,7 @@ def check_http(model: str, header: dict, binary_len: int, specs: ModelSpecs | No
             raise RequestError(f"input '{name}' for model '{model}' has neither 'data' nor "
                                "binary_data_size")
         spec = specs.inputs.get(name) if specs is not None else None
-        _check_tensor(model, name, datatype, shape, spec, byte_size)
+        _check_tensor(model, name, datatype, shape, spec, byte_size, max_elements)
         if byte_size is None and datatype in ELEMENT_SIZE:
             data = inp["data"]
             # A flat list is counted; nested lists are left to the replica (no deep walk).
@@ -194,8 +218,11 @@ class ValidatedHeaders:
     MAX_ENTRIES = 512
     MAX_HEADER_BYTES = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS,
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> None:
         self._ok: dict[tuple, tuple[dict, int]] = {}
+        self.max_elements = max_elements
+        self.max_decoded_bytes = max_decoded_bytes
 
     def check(self, model: str, body: bytes, header_len: str | None, content_encoding: str | None,
               specs: ModelSpecs | None) -> dict:
@@ -211,8 +238,8 @@ class ValidatedHeaders:
                 hit = self._ok.get(key)
                 if hit is not None and hit[1] == len(body) - n:
                     return hit[0]
-        header, binary_len = parse_http_header(body, header_len, content_encoding)
-        check_http(model, header, binary_len, specs)
+        header, binary_len = parse_http_header(body, header_len, content_encoding, self.max_decoded_bytes)
+        check_http(model, header, binary_len, specs, self.max_elements)
         if key is not None:
             if len(self._ok) >= self.MAX_ENTRIES:
                 self._ok.clear()
@@ -223,7 +250,8 @@ class ValidatedHeaders:
 # ------------------------------------------------------------------ gRPC
 
 
-def check_grpc(model: str, peek: InferRequestPeek, specs: ModelSpecs | None) -> None:
+def check_grpc(model: str, peek: InferRequestPeek, specs: ModelSpecs | None,
+               max_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS) -> None:
     if not peek.inputs:
         raise RequestError(f"the inference request for model '{model}' has no inputs")
     raw = peek.raw_input_lengths
@@ -241,5 +269,5 @@ def check_grpc(model: str, peek: InferRequestPeek, specs: ModelSpecs | None) -> 
         if not raw and not t.has_contents:
             raise RequestError(f"input '{t.name}' for model '{model}' has no data (neither contents "
                                "nor raw_input_contents)")
-        _check_tensor(model, t.name, t.datatype, t.shape, spec, raw[i] if raw else None)
+        _check_tensor(model, t.name, t.datatype, t.shape, spec, raw[i] if raw else None, max_elements)
     _check_names(model, names, specs)

@@ -27,8 +27,12 @@ import os
 import ssl
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from gateway.config import ClientTlsSection, Config
 
 log = logging.getLogger("geogate.tls")
 
@@ -209,14 +213,36 @@ def _check_pair(s: ServerTlsSettings) -> None:
 # ---------------------------------------------------------------------------- client side
 
 
+class _NamedContext(ssl.SSLContext):
+    """A client context that checks the server's certificate against a fixed name (and sends it
+    as SNI) whatever address the connection went to: replicas are dialled by IP:port, their
+    certificates often name a service. Every TLS client (asyncio, uvloop, aiohttp) goes through
+    ``wrap_bio``/``wrap_socket``, so the override holds for all of them."""
+
+    server_name_override = ""
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        return super().wrap_bio(incoming, outgoing, server_side=server_side,
+                                server_hostname=self.server_name_override or server_hostname, session=session)
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, suppress_ragged_eofs=True,
+                    server_hostname=None, session=None):
+        return super().wrap_socket(sock, server_side=server_side, do_handshake_on_connect=do_handshake_on_connect,
+                                   suppress_ragged_eofs=suppress_ragged_eofs,
+                                   server_hostname=self.server_name_override or server_hostname, session=session)
+
+
 def client_ssl_context(settings: ClientTlsSettings) -> ssl.SSLContext:
     """For HTTP clients (aiohttp ``ssl=`` / a TLS socket) talking to replicas or peers."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
+    ctx.server_name_override = settings.server_name
     ctx.minimum_version = MIN_TLS_VERSION
     try:
         if settings.ca_file:
             _read(settings.ca_file, "CA file")
             ctx.load_verify_locations(cafile=settings.ca_file)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if settings.cert_file or settings.key_file:
             if not (settings.cert_file and settings.key_file):
                 raise TlsConfigError("client TLS: give both cert_file and key_file for mutual TLS")
@@ -240,3 +266,79 @@ def grpc_channel_credentials(settings: ClientTlsSettings) -> grpc.ChannelCredent
 
 def grpc_channel_options(settings: ClientTlsSettings) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", settings.server_name)] if settings.server_name else []
+
+
+# ---------------------------------------------------------------------------- from the config
+
+
+class ClientTls:
+    """One kind of outgoing link's TLS (gateway -> replicas, or -> peer gateways), built once per
+    worker from files: an SSL context for HTTP and channel credentials for gRPC."""
+
+    def __init__(self, settings: ClientTlsSettings) -> None:
+        self.settings = settings
+        self.ssl_context = client_ssl_context(settings)  # raises TlsConfigError naming the file
+        self._grpc_credentials = grpc_channel_credentials(settings)
+        self.grpc_options = grpc_channel_options(settings)
+
+    @property
+    def mutual(self) -> bool:
+        return bool(self.settings.cert_file)
+
+    def http_base(self, address: str) -> str:
+        return f"https://{address}"
+
+    def grpc_channel(self, address: str, options: list | None = None) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(address, self._grpc_credentials, options=[*(options or []),
+                                                                                   *self.grpc_options])
+
+
+def server_tls_from_config(cfg: Config) -> ServerTls | None:
+    """The client-facing listeners' TLS from ``[tls]`` (None: plaintext); TlsConfigError when a
+    file is unusable (a gateway must not start without the TLS it was told to serve)."""
+    t = cfg.tls
+    if not t.cert_file:
+        return None
+    return ServerTls(ServerTlsSettings(cfg.resolve_path(t.cert_file), cfg.resolve_path(t.key_file),
+                                       cfg.resolve_path(t.client_ca_file) if t.client_ca_file else "",
+                                       check_interval_s=t.check_interval_ms / 1000.0))
+
+
+def client_tls_from_section(cfg: Config, section: ClientTlsSection, what: str) -> ClientTls | None:
+    """``[tls.upstream]`` / ``[tls.peers]`` as a ClientTls (None when not enabled)."""
+    if not section.enabled:
+        return None
+
+    def path(p: str) -> str:
+        return cfg.resolve_path(p) if p else ""
+
+    try:
+        return ClientTls(ClientTlsSettings(path(section.ca_file), path(section.cert_file), path(section.key_file),
+                                           section.server_name))
+    except TlsConfigError as exc:
+        raise TlsConfigError(f"[tls.{what}]: {exc}") from None
+
+
+# The worker's outgoing TLS, set once at startup (gateway.main) before any client is made. The
+# replica clients (data path, health checks) and the peer clients (forwarding, region health)
+# read it here instead of having it passed through every constructor on the way.
+_links: dict[str, ClientTls | None] = {"upstream": None, "peers": None}
+
+
+def configure_links(*, upstream: ClientTls | None, peers: ClientTls | None) -> None:
+    _links["upstream"], _links["peers"] = upstream, peers
+
+
+def configure_links_from_config(cfg: Config) -> None:
+    configure_links(upstream=client_tls_from_section(cfg, cfg.tls.upstream, "upstream"),
+                    peers=client_tls_from_section(cfg, cfg.tls.peers, "peers"))
+
+
+def replica_tls() -> ClientTls | None:
+    """TLS for connections to replicas (None: plaintext)."""
+    return _links["upstream"]
+
+
+def peer_tls() -> ClientTls | None:
+    """TLS for connections to peer gateways (None: plaintext)."""
+    return _links["peers"]

@@ -10,7 +10,6 @@ little-endian length-prefixed strings).
 
 from __future__ import annotations
 
-import gzip
 import zlib
 
 import numpy as np
@@ -32,18 +31,46 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 # ------------------------------------------------------------------ helpers
 
 
-def decode_body(body: bytes, content_encoding: str | None) -> bytes:
-    """The request body without its Content-Encoding (gzip / deflate)."""
+class BodyTooLarge(TranslateError):
+    """A compressed body that expands past the size limit (a 413 / RESOURCE_EXHAUSTED)."""
+
+
+# zlib window bits: gzip container, zlib container (HTTP "deflate").
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+DEFAULT_MAX_DECODED_BYTES = 1 << 30
+
+
+def decode_body(body: bytes, content_encoding: str | None, max_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> bytes:
+    """The request body without its Content-Encoding (gzip / deflate), at most `max_bytes` of it:
+    a small compressed body must not expand to gigabytes in memory (decompression bomb), so
+    the output is bounded while decompressing and BodyTooLarge says when the limit was hit."""
     if not content_encoding or content_encoding == "identity":
         return body
+    wbits = _WBITS.get(content_encoding)
+    if wbits is None:
+        raise TranslateError(f"unsupported Content-Encoding {content_encoding!r} (use gzip or deflate)")
+    parts: list[bytes] = []
+    size = 0
+    data = body
     try:
-        if content_encoding == "gzip":
-            return gzip.decompress(body)
-        if content_encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error, EOFError) as exc:
+        while True:
+            d = zlib.decompressobj(wbits)
+            out = d.decompress(data, max_bytes - size + 1)
+            size += len(out)
+            if size > max_bytes or d.unconsumed_tail:
+                raise BodyTooLarge(f"the {content_encoding} request body expands to more than the limit of "
+                                   f"{max_bytes} bytes")
+            if not d.eof:
+                raise TranslateError(f"body is not valid {content_encoding} data: the compressed stream is "
+                                     "truncated")
+            parts.append(out)
+            # gzip allows several members back to back (as gzip.decompress reads them)
+            if not d.unused_data or wbits != _WBITS["gzip"]:
+                break
+            data = d.unused_data
+    except zlib.error as exc:
         raise TranslateError(f"body is not valid {content_encoding} data: {exc}") from None
-    raise TranslateError(f"unsupported Content-Encoding {content_encoding!r} (use gzip or deflate)")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def split_body(body: bytes, header_len: str | None) -> tuple[bytes, memoryview]:

@@ -15,6 +15,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway import translate
 from gateway.proto_peek import peek_response_version, with_model_version
+from gateway.tls import ClientTls, replica_tls
 from gateway.upstream_types import InferCall, Reply, grpc_to_http
 from health.outcomes import Outcome, classify_grpc_code
 
@@ -57,12 +58,18 @@ def _shape_ints(d: dict) -> dict:
     return d
 
 
+# GrpcUpstream's `tls` default: the worker's [tls.upstream] settings (gateway.tls.replica_tls).
+FOR_REPLICAS = object()
+
+
 class GrpcUpstream:
     scheme = "grpc"
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, tls: ClientTls | object | None = FOR_REPLICAS) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.tls: ClientTls | None = replica_tls() if tls is FOR_REPLICAS else tls  # type: ignore[assignment]
+        self.channel = (self.tls.grpc_channel(address, CHANNEL_OPTIONS) if self.tls is not None
+                        else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
         self._infer = self.channel.unary_unary(MODEL_INFER, request_serializer=_identity,
                                                response_deserializer=_identity)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)

@@ -16,6 +16,7 @@ import orjson
 
 from gateway import translate
 from gateway.http1_client import ConnectionPool, UpstreamConnectError
+from gateway.tls import ClientTls, replica_tls
 from gateway.upstream_types import InferCall, Reply, http_to_grpc
 from health.outcomes import Outcome, classify_http_status
 
@@ -82,14 +83,22 @@ def _failure(exc: BaseException, address: str, timeout_s: float) -> Reply:
                                               f"{type(exc).__name__}: {exc}")
 
 
+# HttpUpstream's `tls` default: the worker's [tls.upstream] settings (gateway.tls.replica_tls).
+FOR_REPLICAS = object()
+
+
 class HttpUpstream:
     scheme = "http"
 
-    def __init__(self, address: str, session: aiohttp.ClientSession, *, connections: int) -> None:
+    def __init__(self, address: str, session: aiohttp.ClientSession, *, connections: int,
+                 tls: ClientTls | object | None = FOR_REPLICAS) -> None:
         self.address = address
-        self.base = f"http://{address}"
+        self.tls: ClientTls | None = replica_tls() if tls is FOR_REPLICAS else tls  # type: ignore[assignment]
+        self.base = self.tls.http_base(address) if self.tls is not None else f"http://{address}"
+        self._ssl = self.tls.ssl_context if self.tls is not None else True  # aiohttp's default
         self.session = session  # metadata, config, statistics
-        self.pool = ConnectionPool(address, max_connections=connections, connect_timeout_s=CONNECT_TIMEOUT_S)
+        self.pool = ConnectionPool(address, max_connections=connections, connect_timeout_s=CONNECT_TIMEOUT_S,
+                                   ssl_context=self.tls.ssl_context if self.tls is not None else None)
 
     async def _post(self, path: str, body: bytes, headers: dict[str, str], timeout_s: float):
         resp = await self.pool.post(path, body, headers, timeout_s)
@@ -156,7 +165,7 @@ class HttpUpstream:
     async def get_json(self, path: str, timeout_s: float) -> tuple[int, dict | None]:
         """GET (or POST for repository calls) a small JSON resource; status 0 on no answer."""
         try:
-            async with self.session.get(self.base + path,
+            async with self.session.get(self.base + path, ssl=self._ssl,
                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 data = await resp.read()
                 status = resp.status

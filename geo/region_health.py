@@ -97,7 +97,16 @@ class RegionHealthMonitor:
     (``gateway.config.RegionSection``).  ``on_change(state)`` runs when a region flips."""
 
     def __init__(self, regions: Sequence[Any], *, interval_ms: int, timeout_ms: int, fall: int, rise: int,
-                 fetch_summary: bool = True, on_change: Callable[[RegionHealth], None] | None = None):
+                 fetch_summary: bool = True, on_change: Callable[[RegionHealth], None] | None = None,
+                 ssl_context: Any = None):
+        if ssl_context is None:  # a gateway worker's [tls.peers] (gateway.tls), if it set one
+            from gateway.tls import peer_tls
+
+            tls = peer_tls()
+            ssl_context = tls.ssl_context if tls is not None else None
+        # Set: the gateways' client-facing listeners serve TLS ([tls]); probe them over https.
+        self._ssl = ssl_context if ssl_context is not None else True
+        scheme = "https" if ssl_context is not None else "http"
         self.interval_s = interval_ms / 1000.0
         self.timeout_ms = timeout_ms
         self.fall = fall
@@ -105,7 +114,7 @@ class RegionHealthMonitor:
         self.fetch_summary = fetch_summary
         self.on_change = on_change
         self.states: dict[str, RegionHealth] = {
-            r.name: RegionHealth(r.name, f"http://{r.http}") for r in regions}
+            r.name: RegionHealth(r.name, f"{scheme}://{r.http}") for r in regions}
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._first_round = asyncio.Event()
@@ -114,6 +123,11 @@ class RegionHealthMonitor:
     def from_config(cls, cfg: Any, **kw: Any) -> RegionHealthMonitor:
         """A monitor with the ``[dns]`` check settings of a ``gateway.config.Config``."""
         d = cfg.dns
+        tls_peers = getattr(getattr(cfg, "tls", None), "peers", None)
+        if tls_peers is not None and tls_peers.enabled and "ssl_context" not in kw:
+            from gateway.tls import client_tls_from_section
+
+            kw["ssl_context"] = client_tls_from_section(cfg, tls_peers, "peers").ssl_context
         return cls(cfg.regions, interval_ms=d.check_interval_ms, timeout_ms=d.check_timeout_ms,
                    fall=d.fall, rise=d.rise, **kw)
 
@@ -121,7 +135,8 @@ class RegionHealthMonitor:
 
     async def start(self) -> None:
         # One connection per region is plenty; keep-alive avoids a handshake per probe.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, ttl_dns_cache=None, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, ttl_dns_cache=None, enable_cleanup_closed=True,
+                                         ssl=self._ssl)
         self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False,
                                               headers={"User-Agent": "geogate-region-health"})
         self._tasks = [asyncio.create_task(self._probe_loop(s), name=f"region-health-{s.name}")

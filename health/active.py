@@ -91,9 +91,13 @@ class _HttpProber:
     """Readiness + repository index over one keep-alive aiohttp session."""
 
     def __init__(self, address: str):
-        self.base = f"http://{address}"
+        from gateway.tls import replica_tls  # [tls.upstream]: replicas serve TLS
+
+        tls = replica_tls()
+        self.base = tls.http_base(address) if tls is not None else f"http://{address}"
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=HTTP_CONNECTIONS_PER_REPLICA),
+            connector=aiohttp.TCPConnector(limit=HTTP_CONNECTIONS_PER_REPLICA,
+                                           ssl=tls.ssl_context if tls is not None else True),
             timeout=aiohttp.ClientTimeout(total=None),
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
         )
@@ -138,8 +142,12 @@ class _GrpcProber:
     """grpc.health.v1 Check + RepositoryIndex over one grpc.aio channel."""
 
     def __init__(self, address: str, interval_ms: int):
+        from gateway.tls import replica_tls  # [tls.upstream]: replicas serve TLS
+
         max_backoff_ms = max(GRPC_RECONNECT_MIN_MS, interval_ms)
-        self.channel = grpc.aio.insecure_channel(address, options=[
+        tls = replica_tls()
+        channel = tls.grpc_channel if tls is not None else grpc.aio.insecure_channel
+        self.channel = channel(address, options=[
             ("grpc.initial_reconnect_backoff_ms", GRPC_RECONNECT_MIN_MS),
             ("grpc.min_reconnect_backoff_ms", GRPC_RECONNECT_MIN_MS),
             ("grpc.max_reconnect_backoff_ms", max_backoff_ms),

@@ -17,6 +17,8 @@ PATH for push (Triton repository layout):
 - or a single version directory ``./repo/demo/2``: uploads its files (N = ``--version`` or the
   directory's name) and the parent's ``config.pbtxt`` when the directory has none of its own.
 In the store: ``models/NAME/N/<files>``, ``models/NAME/N/config.pbtxt``, then MANIFEST.json last.
+``--sign-key FILE`` (or the config's ``[signing] private_key_file``) signs the manifest with an
+Ed25519 private key; sites with ``[signing] public_key_file`` install only signed versions.
 
 Exit status: 0 done, 1 refused or failed (the message says why), 2 usage, 3 conflict (someone
 else changed the release record meanwhile: nothing was applied; re-read and retry).
@@ -41,8 +43,10 @@ from replicas.manifest import (
     check_model_name,
     check_version,
     list_stored_versions,
+    load_private_key,
     manifest_key,
     read_manifest,
+    sign_manifest,
     version_prefix,
 )
 from replicas.releases import ConflictError, ReleaseError, Releases
@@ -108,8 +112,9 @@ def collect_push_files(path: str | Path, version: str | None) -> tuple[str, dict
 
 async def push_version(store: ObjectStore, name: str, path: str | Path, *, version: str | None = None,
                        who: str, progress: ProgressCallback | None = None,
-                       on_total=None) -> tuple[str, Any]:
-    """Upload a version: files first, MANIFEST.json last (create-only). Returns (version, manifest)."""
+                       on_total=None, signing_key=None) -> tuple[str, Any]:
+    """Upload a version: files first, MANIFEST.json last (create-only). Returns (version, manifest).
+    `signing_key` (an Ed25519 private key): the manifest is signed with it."""
     check_model_name(name)
     version, files = collect_push_files(path, version)
     existing = await read_manifest(store, name, version)
@@ -117,6 +122,8 @@ async def push_version(store: ObjectStore, name: str, path: str | Path, *, versi
         raise PushError(f"version {version} of {name!r} already exists in {store.url} (pushed by {existing.who}"
                         f" at {existing.when}); versions are immutable: push a new version number")
     manifest = await build_manifest(name, version, files, who=who)
+    if signing_key is not None:
+        manifest = sign_manifest(manifest, signing_key)
     if on_total:
         on_total(manifest.total_bytes)
     prefix = version_prefix(name, version)
@@ -157,14 +164,18 @@ def _print_json(obj: Any) -> None:
 async def cmd_push(store: ObjectStore, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    key_file = getattr(args, "sign_key", None) or getattr(args, "config_sign_key", "")
+    signing_key = load_private_key(key_file) if key_file else None
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), transient=False, disable=args.quiet) as bar:
         task = bar.add_task(f"push {args.name}", total=None)
         version, manifest = await push_version(
             store, args.name, args.path, version=args.version, who=args.who,
-            progress=lambda n: bar.advance(task, n), on_total=lambda t: bar.update(task, total=t))
+            progress=lambda n: bar.advance(task, n), on_total=lambda t: bar.update(task, total=t),
+            signing_key=signing_key)
+    signed = f", signed by key {manifest.signature['key_id']}" if manifest.signature else ""
     print(f"pushed {args.name} version {version}: {len(manifest.files)} files, "
-          f"{_fmt_bytes(manifest.total_bytes)} to {store.url}")
+          f"{_fmt_bytes(manifest.total_bytes)} to {store.url}{signed}")
     return 0
 
 
@@ -299,6 +310,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="model directory (NAME/<N>/..., NAME/config.pbtxt) or a version directory")
     p.add_argument("--version", help="version number (default: highest in the model dir / the dir's name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sign-key", metavar="FILE", default=None,
+                   help="sign the manifest with this Ed25519 private key (PEM; default: the config's "
+                        "[signing] private_key_file)")
     p = sub.add_parser("list", help="release records and versions in the store")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     for name, helptext in (("promote", "make VERSION the stable version"),
@@ -327,7 +341,10 @@ def _open(args: argparse.Namespace) -> ObjectStore:
         from gateway.config import load_config
         from replicas.store import open_store_from_config
 
-        return open_store_from_config(load_config(args.config), args.store or "")
+        cfg = load_config(args.config)
+        if cfg.signing.private_key_file:
+            args.config_sign_key = cfg.resolve_path(cfg.signing.private_key_file)
+        return open_store_from_config(cfg, args.store or "")
     if args.store:
         return open_store(args.store)
     raise PushError("give --config FILE or --store URL")

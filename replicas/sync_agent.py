@@ -15,9 +15,19 @@ pool's replicas:
    with that config as an override (KServe repository extension: HTTP
    ``POST /v2/repository/models/{name}/load {"parameters": {"config": "<JSON>"}}`` or gRPC
    ``RepositoryModelLoad``), then read the repository index until the versions are READY.
-   Old versions stay in the load set until every wanted version is READY everywhere.
-3. Garbage-collect: only then load with just the wanted versions (the replicas drop the old
-   ones) and delete the old version directories.
+   Old versions stay in the load set until every wanted version is READY everywhere. Replicas
+   load one at a time: while Triton loads a model (a new config reloads it) its readiness
+   answers 400, the model's requests stall, and gateways' health checks cannot read its index;
+   the other replicas keep serving meanwhile, and by the time the last one is done the gateways
+   have seen the new version READY on the others.
+3. Garbage-collect: only then, and only once no gateway routes unversioned traffic to them
+   any more, load with just the wanted versions (the replicas drop the old ones) and delete the
+   old version directories. Gateways switch when the *published* site statuses say so (global
+   or per-site cutover, ``gateway.version_resolver``) and re-read them every
+   ``resolver_poll_interval_ms``: the agent applies the same rule to the statuses in the store
+   and unloads only after that rule has pointed away from the old versions for a poll interval
+   plus a margin. Unloading in the pass that first saw the new version READY (before its status
+   was even published) failed every request still routed to the old one.
 4. Publish ``sites/{site}/status.json`` (ready / loading / failed with reason / serving) with a
    heartbeat every poll, also while a long download runs.
 
@@ -48,9 +58,18 @@ import orjson
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from replicas.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest, verify_dir
+from gateway.version_resolver import VersionResolver  # the cutover rule gateways apply
+from replicas.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    load_public_key,
+    read_manifest,
+    signature_problem,
+    verify_dir,
+)
 from replicas.releases import ReleaseRecord, Releases
-from replicas.site_status import ModelStatus, SiteStatus, publish
+from replicas.site_status import ModelStatus, SiteStatus, publish, read_all_sites
 from replicas.store import ObjectStore, StoreError, StoreUnavailable
 
 log = logging.getLogger("geogate.sync")
@@ -58,12 +77,16 @@ log = logging.getLogger("geogate.sync")
 CONFIG_NAME = "config.pbtxt"
 STAGING_DIR = ".staging"
 READY = "READY"
+UNLOADING = "UNLOADING"
 MAX_STORE_BACKOFF_S = 30.0
 FAILED_RETRY_BASE_S = 30.0  # a refused/failed version is retried after this, doubling
 FAILED_RETRY_MAX_S = 600.0
 READY_POLL_S = 0.25
 INDEX_TIMEOUT_S = 5.0
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_RESOLVER_POLL_S = 1.0  # [sync] resolver_poll_interval_ms's default
+DEFAULT_SITE_STALE_AFTER_S = 15.0  # [sync] site_stale_after_ms's default
+RETIRE_MARGIN_S = 1.0  # after gateways have re-read the statuses: requests routed before finish
 
 
 # ====================================================================== replica control
@@ -272,6 +295,9 @@ class ModelState:
     failed: dict[str, Failure] = field(default_factory=dict)
     ready: list[str] = field(default_factory=list)
     serving: list[str] = field(default_factory=list)
+    # Per repository: old versions waiting to be unloaded, and since when (time.monotonic())
+    # the cutover rule has routed unversioned traffic away from them.
+    retiring: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
 
 
 def _sorted_versions(vs) -> list[str]:
@@ -280,14 +306,22 @@ def _sorted_versions(vs) -> list[str]:
 
 class SyncAgent:
     def __init__(self, store: ObjectStore, site: str, targets: list[Target], *, poll_interval_s: float,
-                 load_timeout_s: float, keep_previous: int, rate_limit_bytes_per_s: int = 0):
+                 load_timeout_s: float, keep_previous: int, rate_limit_bytes_per_s: int = 0,
+                 cutover: str = "global", resolver_poll_s: float = DEFAULT_RESOLVER_POLL_S,
+                 site_stale_after_s: float = DEFAULT_SITE_STALE_AFTER_S, manifest_public_key=None):
         self.store = store
+        # Ed25519 public key ([signing] public_key_file): install only versions it signed.
+        self.manifest_public_key = manifest_public_key
         self.site = site
         self.targets = targets
         self.poll_interval_s = poll_interval_s
         self.load_timeout_s = load_timeout_s
         self.keep_previous = keep_previous
         self.rate_limit_bytes_per_s = rate_limit_bytes_per_s
+        self.cutover = cutover
+        self.site_stale_after_s = site_stale_after_s
+        # How long the cutover rule must point away from a version before it is unloaded.
+        self.retire_grace_s = resolver_poll_s + RETIRE_MARGIN_S
         self.releases = Releases(store)
         self.models: dict[str, ModelState] = {}
         self.replica_health: dict[str, dict] = {}
@@ -410,8 +444,11 @@ class SyncAgent:
         if not set(usable) <= ready:
             # Load the wanted versions alongside what serves now: nothing is dropped yet.
             load_set = set(usable) | (serving & installed)
-            errors = await self._load(t, name, load_set, installed, st)
-            indexes = await self._wait_ready(t, name, set(usable))
+            errors: dict[str, str] = {}
+            for url in t.replicas:  # one at a time (step 2 above)
+                errors |= await self._load(t, name, load_set, installed, st, replicas=[url])
+                await self._wait_ready(t, name, set(usable), replicas=[url])
+            indexes = await self._indexes(t)
             ready, serving = self._ready_sets(indexes, name)
             for v in usable:
                 if v not in ready and indexes:
@@ -424,14 +461,55 @@ class SyncAgent:
         if usable and set(usable) <= ready and reachable and set(wanted) <= set(usable):
             extras = (serving | installed) - set(usable)
             if serving - set(usable):
-                # Every wanted version is READY everywhere: now the old ones may go.
-                await self._load(t, name, set(usable), installed, st)
+                # Every wanted version is READY everywhere: the old ones may go once gateways
+                # no longer send them traffic.
+                drop = frozenset(serving - set(usable))
+                if not await self._may_retire(t, name, rec, drop, st):
+                    return ready, serving
+                # One replica at a time: Triton reloads the model for the new config, and while
+                # it does its readiness answers 400 and the model's requests can stall; the other
+                # replicas keep serving meanwhile.
+                for url in t.replicas:
+                    await self._load(t, name, set(usable), installed, st, replicas=[url])
+                    await self._wait_retired(url, name, drop)
                 indexes = await self._indexes(t)
                 ready, serving = self._ready_sets(indexes, name)
             if not (serving - set(usable)):
                 for v in _sorted_versions(extras & installed):
                     await asyncio.to_thread(self._remove_version, t, name, v)
         return ready, serving
+
+    async def _may_retire(self, t: Target, name: str, rec: ReleaseRecord, drop: frozenset[str],
+                          st: ModelState) -> bool:
+        """Whether versions `drop` may be unloaded now: the gateways' cutover rule, applied to the
+        site statuses as published, has routed unversioned traffic to a version outside `drop`
+        for at least ``retire_grace_s`` (gateways' resolvers re-read statuses every poll)."""
+        if rec.stable is None:
+            return True  # no release-routed traffic: replicas answer unversioned requests themselves
+        try:
+            sites = await read_all_sites(self.store)
+        except StoreError as exc:
+            log.warning("cannot read site statuses: keeping old versions loaded",
+                        extra={"fields": {"model": name, "versions": _sorted_versions(drop), "error": str(exc)}})
+            return False
+        judge = VersionResolver(None, cutover=self.cutover, stale_after_s=self.site_stale_after_s, site=self.site)
+        judge.update({name: rec}, sites)
+        routed, _ = judge.effective_stable(rec, self.site)
+        now = time.monotonic()
+        key = str(t.repository)
+        if routed in drop:
+            st.retiring.pop(key, None)
+            return False
+        since = st.retiring.get(key)
+        if since is None or since[0] != drop:
+            since = st.retiring[key] = (drop, now)
+            log.info("old versions unload once gateways have switched",
+                     extra={"fields": {"model": name, "versions": _sorted_versions(drop), "routed": routed,
+                                       "in_s": round(self.retire_grace_s, 1), "repository": key}})
+        if now - since[1] < self.retire_grace_s:
+            return False
+        del st.retiring[key]
+        return True
 
     def _fail(self, st: ModelState, name: str, version: str, reason: str) -> None:
         prev = st.failed.get(version)
@@ -474,6 +552,11 @@ class SyncAgent:
             raise VersionRefused(f"unreadable manifest: {exc}") from None
         if manifest is None:
             raise VersionRefused("incomplete in the store: no MANIFEST.json (an interrupted push?)")
+        if self.manifest_public_key is not None:
+            problem = signature_problem(manifest, self.manifest_public_key)
+            if problem:
+                self.metrics.installs.labels(self.site, "refused").inc()
+                raise VersionRefused(f"signature check failed, refused: {problem}")
         stage = t.staging_root / name / f"{version}-{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(stage.mkdir, parents=True, exist_ok=True)
         total = manifest.total_bytes
@@ -550,8 +633,10 @@ class SyncAgent:
         return None
 
     async def _load(self, t: Target, name: str, versions: set[str], installed: set[str],
-                    st: ModelState) -> dict[str, str]:
-        """Ask every replica to load exactly ``versions``; returns replica URL -> error."""
+                    st: ModelState, replicas: list[str] | None = None) -> dict[str, str]:
+        """Ask every replica (or just `replicas`) to load exactly ``versions``; returns replica
+        URL -> error."""
+        replicas = t.replicas if replicas is None else replicas
         versions = {v for v in versions if v in installed}
         errors: dict[str, str] = {}
         if not versions:
@@ -569,8 +654,8 @@ class SyncAgent:
         log.info("loading", extra={"fields": {"site": self.site, "model": name,
                                               "versions": _sorted_versions(versions)}})
         results = await asyncio.gather(*(self._clients[u].load(name, cfg_json, self.load_timeout_s)
-                                         for u in t.replicas), return_exceptions=True)
-        for url, res in zip(t.replicas, results, strict=True):
+                                         for u in replicas), return_exceptions=True)
+        for url, res in zip(replicas, results, strict=True):
             self.metrics.loads.labels(self.site, "error" if isinstance(res, BaseException) else "ok").inc()
             if isinstance(res, BaseException):
                 if not isinstance(res, ReplicaError):
@@ -584,10 +669,11 @@ class SyncAgent:
             st.loading.pop(v, None)
         return errors
 
-    async def _indexes(self, t: Target) -> dict[str, Index]:
-        results = await asyncio.gather(*(self._clients[u].index() for u in t.replicas), return_exceptions=True)
+    async def _indexes(self, t: Target, replicas: list[str] | None = None) -> dict[str, Index]:
+        replicas = t.replicas if replicas is None else replicas
+        results = await asyncio.gather(*(self._clients[u].index() for u in replicas), return_exceptions=True)
         out: dict[str, Index] = {}
-        for url, res in zip(t.replicas, results, strict=True):
+        for url, res in zip(replicas, results, strict=True):
             if isinstance(res, ReplicaError):
                 self.replica_health[url] = {"ok": False, "error": str(res)}
                 if res.reachable:  # it answered, just not the index: count it as there, knowing nothing
@@ -599,15 +685,31 @@ class SyncAgent:
                 out[url] = res
         return out
 
-    async def _wait_ready(self, t: Target, name: str, versions: set[str]) -> dict[str, Index]:
-        """Until every reachable replica has ``versions`` READY or none is still LOADING."""
+    async def _wait_ready(self, t: Target, name: str, versions: set[str],
+                          replicas: list[str] | None = None) -> dict[str, Index]:
+        """Until every reachable replica (of `replicas`, default all) has ``versions`` READY or
+        none is still LOADING."""
         deadline = time.monotonic() + self.load_timeout_s
         while True:
-            indexes = await self._indexes(t)
+            indexes = await self._indexes(t, replicas)
             ready, _ = self._ready_sets(indexes, name)
             loading = any(s.state == "LOADING" for idx in indexes.values() for s in idx.get(name, {}).values())
             if versions <= ready or not loading or time.monotonic() > deadline:
                 return indexes
+            await asyncio.sleep(READY_POLL_S)
+
+    async def _wait_retired(self, url: str, name: str, drop: frozenset[str]) -> None:
+        """Until `url` has finished unloading `drop` (none READY or UNLOADING), it stopped
+        answering, or load_timeout_s passed."""
+        deadline = time.monotonic() + self.load_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                index = await self._clients[url].index()
+            except ReplicaError:
+                return
+            states = index.get(name, {})
+            if not any(states[v].state in (READY, UNLOADING) for v in drop if v in states):
+                return
             await asyncio.sleep(READY_POLL_S)
 
     @staticmethod
@@ -724,7 +826,11 @@ async def _amain(args: argparse.Namespace) -> int:
     store = open_store_from_config(cfg, args.store)
     agent = SyncAgent(store, args.site, targets, poll_interval_s=cfg.sync.poll_interval_ms / 1000,
                       load_timeout_s=cfg.sync.load_timeout_ms / 1000, keep_previous=cfg.sync.keep_previous,
-                      rate_limit_bytes_per_s=getattr(cfg.sync, "download_rate_limit_bytes_per_s", 0))
+                      rate_limit_bytes_per_s=getattr(cfg.sync, "download_rate_limit_bytes_per_s", 0),
+                      cutover=cfg.routing.cutover, resolver_poll_s=cfg.sync.resolver_poll_interval_ms / 1000,
+                      site_stale_after_s=cfg.sync.site_stale_after_ms / 1000,
+                      manifest_public_key=load_public_key(cfg.resolve_path(cfg.signing.public_key_file))
+                      if cfg.signing.public_key_file else None)
     log.info("sync agent starting", extra={"fields": {
         "site": args.site, "store": store.url, "repositories": [str(t.repository) for t in targets],
         "replicas": [u for t in targets for u in t.replicas]}})

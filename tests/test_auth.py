@@ -449,3 +449,107 @@ async def test_refusals_over_real_http_and_grpc():
     finally:
         await server.stop(None)
         await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------- as the gateway uses it
+
+
+def test_identity_only_check_spends_no_tokens():
+    """Metadata requests may be checked for identity and model only (limits=False)."""
+    key, e = make_key("a", models=["demo"], rate_per_s=0.001, burst=1, max_concurrent=1)
+    auth = Authenticator(table={"keys": [e]})
+    for _ in range(5):
+        d = auth.authorize(key, "demo", limits=False)
+        assert d.allowed and d.key_name == "a"
+    assert auth.authorize(key, "other", limits=False).http_status == 403
+    assert auth.authorize(None, "demo", limits=False).http_status == 401
+    held = auth.authorize(key, "demo")  # the one token and the one slot are still there
+    assert held.allowed
+    assert auth.authorize(key, "demo").http_status == 429
+    held.release()
+
+
+async def test_watch_reloads_off_the_request_path(tmp_path):
+    """The gateway's mode: check_on_request=False, and `watch()` re-reads the file in a thread."""
+    import asyncio
+
+    ka, ea = make_key("a")
+    kb, eb = make_key("b")
+    p = tmp_path / "keys.toml"
+    toml_file(p, [ea])
+    clock = FakeClock()
+    auth = Authenticator(str(p), reload_interval_s=0.05, clock=clock, check_on_request=False)
+    toml_file(p, [eb])
+    _bump_mtime(p)
+    clock.t += 10  # the request path would have reloaded by now; it must not
+    assert auth.authorize(ka, "m").allowed and auth.reloads == 0
+    task = asyncio.get_running_loop().create_task(auth.watch())
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if auth.reloads:
+                break
+        assert auth.reloads == 1
+        assert auth.authorize(ka, "m").http_status == 401 and auth.authorize(kb, "m").allowed
+        p.write_text("{ broken")
+        _bump_mtime(p)
+        assert not await auth.reload_async()
+        assert "not valid TOML" in auth.last_error and auth.authorize(kb, "m").allowed
+    finally:
+        task.cancel()
+
+
+async def test_admin_operators_are_recorded_and_audited(tmp_path, caplog):
+    """gateway.admin_models with [admin] operators_file: the operator's own name goes into the
+    release history (not the body's "who"); every change, refused ones too, is an audit line."""
+    import logging
+
+    import aiohttp
+    from aiohttp import web
+
+    from gateway.admin_models import add_model_admin_routes
+    from replicas.demo_model import write_repository_entry
+    from replicas.models_cli import push_version
+    from replicas.store import open_store
+    from tests.procs import free_port
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    for v in (1, 2):
+        write_repository_entry(tmp_path / "repo", v)
+        await push_version(store, "demo", tmp_path / "repo" / "demo", version=str(v), who="ci")
+    op_key, op = make_key("ops-ann")
+    ops = Authenticator(table={"keys": [op]})
+    app = web.Application()
+    add_model_admin_routes(app, store, token="shared", operators=ops)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    caplog.set_level(logging.INFO, logger="geogate.audit")
+    url = f"http://127.0.0.1:{port}/admin/v1/models/demo/promote"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def promote(token: str, who: str, version: str = "1") -> tuple[int, dict]:
+                async with s.post(url, json={"version": version, "who": who},
+                                  headers={"Authorization": f"Bearer {token}"}) as r:
+                    return r.status, await r.json()
+
+            status, doc = await promote(op_key, "mallory")
+            assert status == 200 and doc["release"]["history"][-1]["who"] == "ops-ann"
+            status, doc = await promote("shared", "bob", "2")  # the shared token: the body says who
+            assert status == 200 and doc["release"]["history"][-1]["who"] == "bob"
+            status, doc = await promote("gk_000000000000_forged", "eve")
+            assert status == 403 and "invalid operator token" in doc["error"]
+            status, doc = await promote("wrong", "eve")
+            assert status == 403 and doc["error"] == "invalid admin token"
+            async with s.get(f"http://127.0.0.1:{port}/admin/v1/models",
+                             headers={"Authorization": f"Bearer {op_key}"}) as r:
+                assert r.status == 200  # reads are allowed, and not audited
+    finally:
+        await runner.cleanup()
+        await store.close()
+    audits = [r.audit for r in caplog.records if hasattr(r, "audit")]
+    assert [(a["who"], a["action"], a["status"]) for a in audits] == \
+        [("ops-ann", "promote", 200), ("bob", "promote", 200), ("", "promote", 403), ("", "promote", 403)]
+    assert all(a["model"] == "demo" and a["when"] and a["remote"] == "127.0.0.1" for a in audits)
+    assert audits[0]["version"] == "1" and "invalid operator token" in audits[2]["error"]

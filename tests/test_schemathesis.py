@@ -10,13 +10,14 @@ Each operation runs MAX_EXAMPLES generated requests (positive and negative data)
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error, positive_data_acceptance, unsupported_method
+from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from tests.gateway_procs import GatewayProc, demo_repository, http_call, replica_urls, start_replicas
 
@@ -68,16 +69,12 @@ def _printable_ascii(value: object) -> bool:
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_gateway_conforms_to_openapi(case, world):
-    # Known bug, pinned by test_non_utf8_request_id_is_not_a_500: keep it out of the property.
-    if case.headers and not _printable_ascii(case.headers.get("x-request-id", "")):
-        case.headers["x-request-id"] = "schemathesis-replaced"
     # Excluded checks: schema-valid inference bodies are mostly still wrong for the demo model
     # (input names, shapes), so 400 is right and "positive data must be accepted" does not apply;
-    # 5xx are judged below (503/504 are documented answers); undeclared methods get 404, not 405
-    # (pinned by test_undeclared_method_is_405).
+    # 5xx are judged below (503/504 are documented answers). Undeclared methods must be 405
+    # (schemathesis' unsupported_method check runs).
     response = case.call_and_validate(base_url=f"http://{world.http}", timeout=30,
-                                      excluded_checks=[not_a_server_error, positive_data_acceptance,
-                                                       unsupported_method])
+                                      excluded_checks=[not_a_server_error, positive_data_acceptance])
     CALLS[f"{case.method} {case.path}"] += 1
     if case.path.endswith("/infer") and response.status_code == 200:
         OK_INFERENCES[case.path] += 1
@@ -109,13 +106,11 @@ def test_every_operation_was_exercised(request):
 # ---------------------------------------------------------------------------- regressions found here
 
 
-@pytest.mark.xfail(strict=False, reason="gateway/access_log.py: orjson.dumps refuses the surrogate-escaped "
-                                        "x-request-id -> aiohttp answers a plain-text 500 (remove this mark "
-                                        "once fixed)")
 def test_non_utf8_request_id_is_not_a_500(world):
     """Found by schemathesis: an `x-request-id` header that is not valid UTF-8 (byte 0xff)
-    reaches AccessLog.log as a str with surrogates; orjson raises TypeError and the request
-    dies with a text/plain 500 instead of its real answer."""
+    reached AccessLog.log as a str with surrogates; orjson raised TypeError and the request
+    died with a text/plain 500 instead of its real answer. Fixed: such an id is replaced by a
+    fresh one (gateway.access_log.request_id_from) and the log escapes surrogates."""
     import socket
 
     body = b'{"inputs":[]}'
@@ -128,26 +123,29 @@ def test_non_utf8_request_id_is_not_a_500(world):
             reply += chunk
     status_line = reply.split(b"\r\n", 1)[0]
     assert status_line.split()[1] == b"400", reply[:300]
+    headers = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    rid = next(line.split(":", 1)[1].strip() for line in headers.split("\r\n") if line.startswith("x-request-id:"))
+    assert rid and _printable_ascii(rid)  # a fresh id, not the undecodable one
 
 
-@pytest.mark.xfail(strict=False, reason="gateway/http_front.py: the catch-all route answers 404 for a known "
-                                        "path with an undeclared method (remove this mark once fixed)")
 def test_undeclared_method_is_405(world):
-    """Found by schemathesis: `DELETE /v2` (or TRACE, POST on a GET endpoint) should be 405 with an
-    `Allow` header, as aiohttp and Triton answer, not 404 "Not Found"."""
-    status, headers, _ = http_call(f"http://{world.http}/v2", method="DELETE")
+    """Found by schemathesis: `DELETE /v2` (or TRACE, POST on a GET endpoint) answered 404 "Not
+    Found" from the catch-all route; now 405 with an `Allow` header, as aiohttp and Triton answer.
+    Unknown paths stay 404."""
+    status, headers, body = http_call(f"http://{world.http}/v2", method="DELETE")
+    assert status == 405 and "GET" in headers.get("Allow", ""), body
+    status, headers, _ = http_call(f"http://{world.http}/v2/models/demo/infer", method="GET")
+    assert status == 405 and headers.get("Allow") == "POST"
+    status, headers, _ = http_call(f"http://{world.http}/v2/models/demo/versions/1/ready", b"{}", method="PUT")
     assert status == 405 and "GET" in headers.get("Allow", "")
+    assert http_call(f"http://{world.http}/v2/nothing/here", method="DELETE")[0] == 404
 
 
-@pytest.mark.xfail(strict=False, reason="gateway/translate.py decode_body: gzip.decompress/zlib.decompress have no "
-                                        "output limit (decompression bomb); remove this mark once fixed")
 def test_gzip_bomb_is_refused_413(world):
     """Found reviewing the request path: a small gzip body that expands past [gateway]
-    max_body_bytes (64 MiB by default) is decompressed whole in memory by the gateway before
-    any check; 64 MiB of gzip'd zeros would need ~64 GiB. Fix: decompress with
-    zlib.decompressobj(wbits=31 for gzip / 15 for deflate).decompress(body, max_body_bytes + 1)
-    and refuse with 413 when the output reaches the limit or unconsumed_tail is non-empty
-    (the replica already counts client_max_size after decompression)."""
+    max_body_bytes (64 MiB by default) was decompressed whole in memory by the gateway before
+    any check; 64 MiB of gzip'd zeros would need ~64 GiB. Fixed: gateway.translate.decode_body
+    decompresses with an output bound and refuses with 413 past it."""
     import gzip
 
     expanded_bytes = 65 * 1024 * 1024  # just over the default 64 MiB limit
@@ -155,4 +153,15 @@ def test_gzip_bomb_is_refused_413(world):
     assert len(body) < 1024 * 1024
     status, _, text = http_call(f"http://{world.http}/v2/models/demo/infer", body,
                                 {"Content-Encoding": "gzip", "Content-Type": "application/json"}, timeout_s=60)
-    assert status == 413, text[:300]
+    assert status == 413 and b"expands to more than" in text, text[:300]
+    import zlib
+
+    bomb = zlib.compress(b"0" * expanded_bytes, 9)
+    status, _, text = http_call(f"http://{world.http}/v2/models/demo/infer", bomb,
+                                {"Content-Encoding": "deflate"}, timeout_s=60)
+    assert status == 413 and b"deflate" in text, text[:300]
+    # A small gzip'd request still works (the bound is on size, not on compression).
+    ok = gzip.compress(json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
+                                              "data": [0.5] * 16}]}).encode())
+    status, _, text = http_call(f"http://{world.http}/v2/models/demo/infer", ok, {"Content-Encoding": "gzip"})
+    assert status == 200, text[:300]

@@ -300,3 +300,103 @@ async def test_grpc_mutual_tls(pki):
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(None)
+
+
+# ---------------------------------------------------------------------------- the gateway's clients
+
+
+def _leaf_named(ca, dns_name: str):
+    """A server certificate naming only `dns_name` (not the address it is reached at)."""
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(dns_name)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return key, cert
+
+
+async def test_server_name_override_and_the_data_path_client(pki):
+    """Replicas are dialled by IP; their certificates may name a service. `server_name` makes every
+    client (aiohttp, the gateway's own HTTP/1.1 pool) check that name, and only that name."""
+    from gateway.http1_client import ConnectionPool, UpstreamConnectError
+
+    cert, key = write_pair(pki["dir"], "svc", _leaf_named(pki["ca1_pair"], "replica.internal"))
+    tls = ServerTls(ServerTlsSettings(cert, key, client_ca_file=pki["ca1"]))
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"len": len(await request.read())})
+
+    app = web.Application()
+    app.router.add_post("/x", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, HOST, port, ssl_context=tls.ssl_context()).start()
+    mutual = dict(ca_file=pki["ca1"], cert_file=pki["client_cert"], key_file=pki["client_key"])
+    try:
+        named = client_ssl_context(ClientTlsSettings(**mutual, server_name="replica.internal"))
+        pool = ConnectionPool(f"{HOST}:{port}", max_connections=2, ssl_context=named)
+        resp = await pool.post("/x", b"12345", {}, 10.0)
+        assert resp.status == 200 and resp.body == b'{"len": 5}'
+        await pool.close()
+        async with aiohttp.ClientSession() as s, s.post(f"https://{HOST}:{port}/x", data=b"ab", ssl=named) as r:
+            assert r.status == 200
+        for settings in (ClientTlsSettings(**mutual),  # checks 127.0.0.1: not in the certificate
+                         ClientTlsSettings(**mutual, server_name="other.internal"),
+                         ClientTlsSettings(ca_file=pki["ca1"], server_name="replica.internal")):  # no client cert
+            pool = ConnectionPool(f"{HOST}:{port}", max_connections=1, ssl_context=client_ssl_context(settings))
+            with pytest.raises((UpstreamConnectError, ConnectionError)):
+                await pool.post("/x", b"1", {}, 5.0)
+            await pool.close()
+    finally:
+        await runner.cleanup()
+
+
+def test_tls_from_the_config(pki, tmp_path):
+    """[tls], [tls.upstream], [tls.peers]: relative paths are relative to the config file; a bad
+    file names the section; inconsistent keys are config errors naming the key."""
+    from gateway.config import ConfigError, parse_config
+    from gateway.tls import ClientTls, client_tls_from_section, configure_links, replica_tls, server_tls_from_config
+
+    assert os.path.dirname(pki["server_cert"]) == str(tmp_path)  # the files are there: relative names work
+    cfg = parse_config("""
+[tls]
+cert_file = "server.crt"
+key_file = "server.key"
+client_ca_file = "ca1.crt"
+[tls.upstream]
+enabled = true
+ca_file = "ca1.crt"
+cert_file = "client.crt"
+key_file = "client.key"
+server_name = "localhost"
+[tls.peers]
+enabled = true
+ca_file = "missing.crt"
+""", base_dir=str(tmp_path))
+    server = server_tls_from_config(cfg)
+    assert server is not None and server.mutual and server.settings.cert_file == str(tmp_path / "server.crt")
+    up = client_tls_from_section(cfg, cfg.tls.upstream, "upstream")
+    assert isinstance(up, ClientTls) and up.mutual and up.grpc_options == [("grpc.ssl_target_name_override",
+                                                                          "localhost")]
+    with pytest.raises(TlsConfigError, match=r"\[tls\.peers\].*missing\.crt"):
+        client_tls_from_section(cfg, cfg.tls.peers, "peers")
+    assert server_tls_from_config(parse_config("")) is None
+    assert client_tls_from_section(cfg, parse_config("").tls.upstream, "upstream") is None
+    configure_links(upstream=up, peers=None)
+    try:
+        assert replica_tls() is up
+    finally:
+        configure_links(upstream=None, peers=None)
+    for text, key in (('[tls]\ncert_file = "a"\n', "tls.key_file"),
+                      ('[tls]\nclient_ca_file = "a"\n', "tls.client_ca_file"),
+                      ('[tls]\nadmin = true\n', "tls.admin"),
+                      ('[tls.upstream]\nenabled = true\ncert_file = "a"\n', "tls.upstream.key_file"),
+                      ('[tls.peers]\nkey_file = "a"\n', "tls.peers.cert_file"),
+                      ('[tls]\ncheck_interval_ms = 0\n', "tls.check_interval_ms"),
+                      ('[tls.upstream]\nenable = true\n', "tls.upstream.enable")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_config(text)
