@@ -216,6 +216,7 @@ class Forwarder:
         total_ms = (call.deadline_s - (call.started_s or time.monotonic())) * MS_PER_S
         panic_detail = ""
         no_local = ""  # why the local region could not serve, for the answer if nothing else can
+        left_downed_region = False
         targets = self.router.targets_for(call)
         if spill_to:
             targets = spill_first(targets, spill_to)
@@ -228,14 +229,16 @@ class Forwarder:
                 if remaining <= 0.0005:
                     return ForwardResult(deadline_reply(total_ms, attempts, last), attempts, last_up)
                 # Moving to another region after failures there is a retry like any other
-                # (budgeted), unless nothing was sent anywhere yet or the failures never reached
-                # a replica (refused connections add no load).
-                if last is not None and last.outcome is not Outcome.CONNECT_FAILURE and not self.budget.try_spend():
+                # (budgeted), unless nothing was sent anywhere yet, the failures never reached
+                # a replica (refused connections add no load) or the region that failed is down.
+                if last is not None and last.outcome is not Outcome.CONNECT_FAILURE and not left_downed_region \
+                        and not self.budget.try_spend():
                     self.metrics.budget_exhausted()
                     last.message += " (retry budget exhausted: not sent to another region)"
                     break
                 attempts += 1
                 reply = await link.forward(call, remaining)
+                left_downed_region = link.is_down
                 self.metrics.cross_region_request(target.region, OUTCOME_NAME[reply.outcome])
                 if self.on_cross_region is not None:
                     why = spill_why if target.region == spill_to and last is None else ""

@@ -206,6 +206,8 @@ class GatewayState:
 
     def _on_peer_change(self, state) -> None:
         self.metrics.peer_health(state.name, state.healthy)
+        if self.peers is not None:
+            self.peers.mark(state.name, state.healthy, state.reason)
         verb = "healthy" if state.healthy else f"unhealthy ({state.reason})"
         self.event("region", f"peer region {state.name} is {verb}")
         log.info("peer region %s is now %s", state.name, verb)

@@ -13,6 +13,7 @@ re-encoded), with three differences:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -37,6 +38,7 @@ MS_PER_S = 1000.0
 DEADLINE_MARGIN_S = 0.002
 REGION_HEADER = "geogate-region"
 REPLICA_HEADER = "geogate-replica"
+PRIORITY_HEADER = "geogate-priority"
 
 
 class PeerGrpc(GrpcUpstream):
@@ -68,19 +70,57 @@ class PeerLink:
         self.http = HttpUpstream(http, session, connections=connections, tls=tls)
         self.grpc = PeerGrpc(grpc_address, tls=tls)
         self.label = f"peer:{region}"
+        # Resolved when the region monitor marks this peer down (see `mark`).
+        self._down: asyncio.Future[str] | None = None
+
+    @property
+    def is_down(self) -> bool:
+        return self._down is not None and self._down.done()
+
+    def mark(self, healthy: bool, reason: str = "") -> None:
+        """The region monitor's verdict on this peer. Going down fails the requests in flight
+        to it at once (they move on to the next region) instead of letting them wait out their
+        deadline on a connection that will never answer (a blackholed region)."""
+        if healthy:
+            if self._down is not None and self._down.done():
+                self._down = None
+        else:
+            if self._down is None:
+                self._down = asyncio.get_running_loop().create_future()
+            if not self._down.done():
+                self._down.set_result(reason or "health checks failed")
 
     async def forward(self, call: InferCall, timeout_s: float) -> Reply:
         timeout_s = max(0.001, timeout_s)
         headers = {"x-request-id": call.request_id, HOPS_HEADER: str(call.hops + 1)}
         if self.auth_header:
             headers["authorization"] = self.auth_header
+        if call.priority:  # the class this gateway resolved: the peer's admission uses it
+            headers[PRIORITY_HEADER] = call.priority
         # The client's version, not ours: the peer resolves its own release record.
         peer_call = dataclasses.replace(call, version=call.requested_version)
         if call.protocol == PROTOCOL_HTTP:
             headers[TIMEOUT_HEADER] = f"{max(1.0, (timeout_s - DEADLINE_MARGIN_S) * MS_PER_S):.0f}"
-            reply = await self.http.infer_http(peer_call, timeout_s, headers)
+            send = self.http.infer_http(peer_call, timeout_s, headers)
         else:
-            reply = await self.grpc.infer_grpc(peer_call, max(0.001, timeout_s - DEADLINE_MARGIN_S), headers)
+            send = self.grpc.infer_grpc(peer_call, max(0.001, timeout_s - DEADLINE_MARGIN_S), headers)
+        if self._down is None:
+            self._down = asyncio.get_running_loop().create_future()
+        down = self._down
+        if down.done():  # already known down (tried only as a last resort): plain attempt
+            reply = await send
+        else:
+            task = asyncio.ensure_future(send)
+            try:
+                await asyncio.wait((task, down), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not task.done():
+                    task.cancel()
+            if task.done() and not task.cancelled():
+                reply = task.result()
+            else:
+                reply = Reply(Outcome.RESET, 503, grpc.StatusCode.UNAVAILABLE,
+                              message=f"the region went down while the request was in flight ({down.result()})")
         if not reply.region:
             reply.region = self.region
         if reply.message:
@@ -110,6 +150,11 @@ class PeerLinks:
             if r.name != self.local_region:
                 self.links[r.name] = PeerLink(r.name, r.http, r.grpc, self._session, conns, peer_tls(),
                                               api_key)
+
+    def mark(self, region: str, healthy: bool, reason: str = "") -> None:
+        link = self.links.get(region)
+        if link is not None:
+            link.mark(healthy, reason)
 
     def link(self, target: Target) -> PeerLink | None:
         return self.links.get(target.region) if target.kind == TARGET_PEER else None

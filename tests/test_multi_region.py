@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import time
 
 import numpy as np
@@ -171,3 +172,29 @@ def test_nearest_to_client_cidr_and_forwarded_for(tmp_path, procs):
     # the same header from an untrusted address is ignored: unknown client, served locally
     assert infer_from(us.http, xff, source="127.0.0.3")[1]["geogate-region"] == "us-east"
     assert infer_from(us.http, source="127.0.0.3")[1]["geogate-region"] == "us-east"
+
+
+def test_frozen_peer_requests_in_flight_move_to_the_next_region(tmp_path, procs):
+    """A peer that stops answering without closing anything (SIGSTOP: like a blackholed
+    network, connections stay open and probes time out): once the health checks mark it down,
+    requests waiting on it move to the next region instead of waiting out their deadline."""
+    world = World(tmp_path, demo_repository(tmp_path), procs, hold_ms=HOLD_MS).start()
+    us = world.regions["us-east"]
+    world.kill_replicas("us-east")
+    world.wait(lambda: world.healthy_replicas("us-east") == 0, 10, "us-east replicas marked down")
+    with Stream(us, http_threads=3, grpc_threads=1) as stream:
+        stream.wait_for(300)
+        served = stream.results.regions.most_common(1)[0][0]
+        other = "ap-south" if served == "eu-west" else "eu-west"
+        frozen = world.regions[served].gateway
+        frozen.kill(signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            time.sleep(3.0)
+            stream.wait_for(stream.results.total + 300)
+            results = stream.stop()
+        finally:
+            frozen.kill(signal.SIGCONT)
+    assert results.failures == [], results.failures[:5]
+    after = {r for t, r in results.timeline if t > stopped_at + 2.5}
+    assert after == {other}, after
