@@ -313,7 +313,18 @@ class HttpFront:
         app_handle = runner.server.request_handler  # the Application's own _handle
         guards = self.guards
 
+        gw = self.gw
+
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            resp = await routed(request)
+            if gw.draining:
+                # Draining: answer, then close the keep-alive connection (Connection: close),
+                # so the client's next request opens a new one to a worker that stays; closing
+                # idle connections instead would race with requests already on their way.
+                resp.force_close()
+            return resp
+
+        async def routed(request: web.BaseRequest) -> web.StreamResponse:
             guard = guards.get(request.transport)
             if guard is not None:
                 guard.request_started()

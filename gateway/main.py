@@ -6,9 +6,9 @@ gRPC health NOT_SERVING, region summary "draining"), requests in flight finish (
 ``[gateway] drain_timeout_ms``), then the listeners close and the worker exits 0.
 
 ``--workers N`` (N > 1): this process becomes a small supervisor of N worker processes that
-all bind the same HTTP, gRPC and admin ports with SO_REUSEPORT (the kernel spreads
-connections); SIGTERM is passed to every worker, each drains, and the supervisor exits 0 when
-all did. Metrics use prometheus-client's multiprocess mode (gateway.gateway_metrics), so
+all bind the same HTTP, gRPC and admin ports with SO_REUSEPORT (gateway.worker_supervisor:
+SIGTERM drains all, SIGUSR2 restarts them one at a time with no failed request, a crashed
+worker is replaced). Metrics use prometheus-client's multiprocess mode (gateway.gateway_metrics), so
 /metrics on any worker reports all of them; the region summary and health state are per
 worker (each worker health-checks the replicas itself).
 
@@ -25,16 +25,14 @@ import argparse
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from typing import TYPE_CHECKING
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.worker_supervisor import WORKER_ENV, announce_ready
 
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
@@ -45,8 +43,6 @@ DRAIN_POLL_S = 0.05
 # After readiness turns false, keep serving new arrivals this long so load balancers and
 # peers that poll readiness notice before the listeners close (bounded by drain_timeout_ms).
 DRAIN_NOTICE_S = 0.5
-WORKER_ENV = "GEOGATE_GATEWAY_WORKER"
-SUPERVISOR_STOP_EXTRA_S = 5.0
 
 
 class _JsonFormatter(logging.Formatter):
@@ -114,7 +110,8 @@ class StartupError(Exception):
     """A security file (keys, certificates) the config names cannot be used."""
 
 
-async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> int:
+async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
+    reuse_port = workers > 1
     from aiohttp import web
 
     from gateway.auth import KeysFileError
@@ -130,7 +127,7 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
         auth = make_authenticator(cfg)
     except (TlsConfigError, KeysFileError) as exc:
         raise StartupError(str(exc)) from None
-    gw = GatewayState(cfg, region, worker=worker)
+    gw = GatewayState(cfg, region, worker=worker, workers=workers)
     gw.auth = auth
     http_front = HttpFront(gw)
     grpc_front = GrpcFront(gw)
@@ -138,6 +135,9 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGUSR2 is the supervisor's (rolling restart): a worker it reaches through the process
+    # group must not die of it.
+    loop.add_signal_handler(signal.SIGUSR2, lambda: None)
     background: list[asyncio.Task] = [http_front.sweep_task()]
     if auth is not None:
         auth.install_sighup(loop)
@@ -172,6 +172,7 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
                                           credentials=server_tls.grpc_credentials() if server_tls else None)
     await grpc_server.start()
     await grpc_front.set_serving(True)
+    announce_ready()
     log.info("gateway %s worker %d serving: http %s, grpc %s, admin %s%s%s", region.name, worker,
              region.http, region.grpc, region.admin,
              f"; TLS{' (client certificates required)' if server_tls.mutual else ''}" if server_tls else "",
@@ -189,8 +190,12 @@ async def serve(cfg, region, *, worker: int = 0, reuse_port: bool = False) -> in
     await asyncio.sleep(min(DRAIN_NOTICE_S, drain_s))
     grpc_stop = asyncio.ensure_future(grpc_server.stop(max(0.0, drain_s - (time.monotonic() - t0))))
     await sites[0].stop()  # no new HTTP connections; open ones finish their requests
+    closed_s = time.monotonic()
     # Polling a counter the hot path bumps is cheaper than signalling an Event per request.
-    while gw.load.in_flight > 0 and time.monotonic() - t0 < drain_s:  # noqa: ASYNC110
+    # Keep-alive clients get DRAIN_NOTICE_S more to send their next request on an open
+    # connection: it is answered with Connection: close (http_front), so they move on cleanly.
+    while (gw.load.in_flight > 0 or time.monotonic() - closed_s < DRAIN_NOTICE_S) \
+            and time.monotonic() - t0 < drain_s:  # noqa: ASYNC110
         await asyncio.sleep(DRAIN_POLL_S)
     left = gw.load.in_flight
     await grpc_stop
@@ -224,61 +229,10 @@ def _mount_extras(admin_app, gw) -> None:
             log.exception("mounting %s on the admin listener failed", module_name)
 
 
-def _run_worker(cfg, region, worker: int, reuse_port: bool) -> int:
+def _run_worker(cfg, region, worker: int, workers: int) -> int:
     import uvloop
 
-    return uvloop.run(serve(cfg, region, worker=worker, reuse_port=reuse_port))
-
-
-# ---------------------------------------------------------------------------- supervisor
-
-
-def _supervise(args: argparse.Namespace) -> int:
-    """Start N workers, pass SIGTERM/SIGINT on, exit 0 when all drained."""
-    mp_dir = tempfile.mkdtemp(prefix="geogate-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mp_dir}
-    children: list[subprocess.Popen] = []
-    for i in range(args.workers):
-        children.append(subprocess.Popen(
-            [sys.executable, "-m", "gateway", "gateway", "--config", args.config, "--region", args.region,
-             "--workers", str(args.workers)],
-            env={**env, WORKER_ENV: str(i)}))
-    stopping = False
-
-    def forward(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
-
-    def forward_hup(signum, _frame):  # keys file reload: every worker
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGHUP, forward_hup)
-    code = 0
-    try:
-        while True:
-            alive = [c for c in children if c.poll() is None]
-            if not alive:
-                break
-            if not stopping and any(c.returncode not in (None, 0) for c in children):
-                log.error("a gateway worker exited unexpectedly; stopping the others")
-                forward(signal.SIGTERM, None)
-            time.sleep(0.1)
-        for c in children:
-            if c.returncode not in (0, None):
-                code = 1
-    finally:
-        for c in children:
-            if c.poll() is None:
-                c.kill()
-        shutil.rmtree(mp_dir, ignore_errors=True)
-    return code
+    return uvloop.run(serve(cfg, region, worker=worker, workers=workers))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -294,10 +248,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     worker_env = os.environ.get(WORKER_ENV)
     if args.workers > 1 and worker_env is None:
-        return _supervise(args)
+        from gateway.worker_supervisor import supervise
+
+        return supervise(args.config, args.region, args.workers)
     worker = int(worker_env or 0)
     try:
-        return _run_worker(cfg, region, worker, reuse_port=args.workers > 1)
+        return _run_worker(cfg, region, worker, args.workers)
     except StartupError as exc:
         log.error("gateway %s worker %d cannot start: %s", region.name, worker, exc)
         print(f"geogate gateway: {exc}", file=sys.stderr)

@@ -5,13 +5,16 @@ the requests in flight finish, and the gateway exits 0."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as tgrpc
 
+from tests.gateway_load import Stream
 from tests.gateway_procs import (
     GatewayProc,
     demo_repository,
@@ -81,3 +84,46 @@ def test_two_workers_share_ports_and_drain(tmp_path, procs):
     assert gw.popen.wait(20) == 0, gw.output()[-3000:]
     for r in reps:
         set_faults(r)
+
+
+def _worker_pids(gw: GatewayProc) -> set[int]:
+    """The supervisor's worker processes (its children), from /proc."""
+    children = Path(f"/proc/{gw.pid}/task/{gw.pid}/children").read_text().split()
+    return {int(p) for p in children}
+
+
+def test_rolling_restart_and_crashed_worker_replaced_without_failures(tmp_path, procs):
+    reps = start_replicas(procs, demo_repository(tmp_path), 2)
+    gw = GatewayProc(tmp_path, replicas=replica_urls(reps), workers=2)
+    procs.append(gw)
+    gw.wait_ready()
+    deadline = time.monotonic() + 30
+    while len(_worker_pids(gw)) != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first = _worker_pids(gw)
+    assert len(first) == 2
+
+    with Stream(gw, http_threads=3, grpc_threads=1) as stream:
+        stream.wait_for(200)
+        # SIGUSR2: one worker at a time, the replacement serves before the old one drains
+        os.kill(gw.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while (_worker_pids(gw) & first or len(_worker_pids(gw)) != 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = _worker_pids(gw)
+        assert len(second) == 2 and not second & first, (first, second)
+        stream.wait_for(stream.results.total + 200)
+        results = stream.stop()
+    assert results.failures == [], results.failures[:5]
+
+    # a worker killed outright is reported and replaced; the gateway keeps serving
+    victim = min(second)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (victim in _worker_pids(gw) or len(_worker_pids(gw)) != 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert victim not in _worker_pids(gw) and len(_worker_pids(gw)) == 2
+    assert "killed by SIGKILL" in gw.output()
+    for _ in range(20):
+        status, _, raw = http_call(f"http://{gw.http}/v2/models/demo/infer", BODY)
+        assert status == 200, raw
