@@ -1,20 +1,19 @@
 """ONNX Runtime sessions for one model version, run off the event loop.
 
-One session per instance (instance_group count), each used by one worker thread at a time, so
-up to `count` batches run in parallel and never on the event loop. The execution provider is
-what the session really got (`session.get_providers()[0]`), not what we asked for: asking for
-CUDA on a machine without a usable GPU falls back to CPU silently.
+One session per instance (instance_group count), each used by one thread at a time: the
+scheduler's worker threads call `run_batch` (blocking), so up to `count` batches run in parallel
+and never on the event loop. The execution provider is what the session really got
+(`session.get_providers()[0]`), not what we asked for: asking for CUDA on a machine without a
+usable GPU falls back to CPU silently.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +60,7 @@ class OrtRunner:
                  intra_op_threads: int = DEFAULT_INTRA_OP_THREADS, label: str = ""):
         """Blocking (loads the model `count` times): call it from a worker thread."""
         self.model_path = model_path
+        self.label = label
         self.count = max(1, count)
         providers = choose_providers(want_gpu)
         opts = session_options(intra_op_threads)
@@ -80,7 +80,6 @@ class OrtRunner:
             log.warning("asked for CUDA but ONNX Runtime fell back; serving on %s", self.provider,
                         extra={"fields": {"model": label, "execution_provider": self.provider}})
         self._local = threading.local()
-        self._executor = ThreadPoolExecutor(max_workers=self.count, thread_name_prefix=f"ort-{label}")
         log.info("sessions created", extra={"fields": {
             "model": label, "path": str(model_path), "instances": self.count, "asked_providers": providers,
             "execution_provider": self.provider, "load_s": round(time.perf_counter() - started, 3)}})
@@ -100,9 +99,10 @@ class OrtRunner:
         np.concatenate(arrays, out=out)
         return out
 
-    def _run_in_thread(self, parts: list[dict[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
-        """Concatenate the requests' inputs (in this thread, not on the loop) and run once. The
-        buffers are reused: ORT only reads them during run(), and outputs are fresh arrays."""
+    def run_batch(self, parts: list[dict[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
+        """Blocking (call it from a worker thread): concatenate the requests' inputs and run once.
+        Returns (outputs in `output_names` order, compute ns). The concatenation buffers are reused:
+        ORT only reads them during run(), and outputs are fresh arrays."""
         if len(parts) == 1:
             feeds = parts[0]
         else:
@@ -115,16 +115,9 @@ class OrtRunner:
         finally:
             self._free.put(session)
 
-    def submit(self, loop: asyncio.AbstractEventLoop, parts: list[dict[str, np.ndarray]]) -> asyncio.Future:
-        """Future of (outputs in `output_names` order, compute ns) for the concatenated batch."""
-        return loop.run_in_executor(self._executor, self._run_in_thread, parts)
-
-    async def run(self, parts: list[dict[str, np.ndarray]]) -> tuple[list[np.ndarray], int]:
-        return await self.submit(asyncio.get_running_loop(), parts)
-
     def close(self) -> None:
-        """Blocking: waits for running batches, then frees the sessions."""
-        self._executor.shutdown(wait=True)
+        """Blocking: waits for running batches (each holds a session until it ends), then frees the
+        sessions."""
+        for _ in range(len(self._sessions)):
+            self._free.get()
         self._sessions.clear()
-        while not self._free.empty():
-            self._free.get_nowait()

@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Python thread switch interval (default 0.5 ms, Python's own is 5 ms): how long "
                              "a finished ORT batch may wait for the event loop to yield the GIL")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--tls-cert", default="", metavar="FILE",
+                        help="serve HTTP and gRPC over TLS with this certificate (PEM, with --tls-key); "
+                             "re-read when the files change")
+    parser.add_argument("--tls-key", default="", metavar="FILE", help="the certificate's private key (PEM)")
+    parser.add_argument("--tls-client-ca", default="", metavar="FILE",
+                        help="require client certificates signed by this CA (mutual TLS: only the gateway "
+                             "with its certificate can call)")
 
 
 class ReplicaServer:
@@ -99,6 +106,7 @@ class ReplicaServer:
         self.health = ReadinessHealthServicer(self.repository)
         self.grpc_servicer = GrpcInferenceServicer(self.service, self.repository)
         self._stop = asyncio.Event()
+        self._tls_watch: asyncio.Task | None = None  # --tls-cert: certificate files re-read on change
 
     async def serve(self) -> int:
         from aiohttp import web
@@ -114,20 +122,34 @@ class ReplicaServer:
 
         runners: list[web.AppRunner] = []
         grpc_server = build_server(self.grpc_servicer, self.health, max_receive_bytes=args.max_body_bytes)
+        server_tls = None
+        if getattr(args, "tls_cert", ""):  # the metrics listener stays plaintext (scrapers)
+            from gateway.tls import ServerTls, ServerTlsSettings, TlsConfigError
+
+            try:
+                server_tls = ServerTls(ServerTlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca))
+            except TlsConfigError as exc:
+                log.error("cannot start listeners", extra={"fields": {"error": str(exc)}})
+                return 2
+            self._tls_watch = asyncio.create_task(server_tls.watch())  # lives as long as the process
         try:
-            http_runner = web.AppRunner(self.http.build_app(), access_log=None, handle_signals=False,
-                                        shutdown_timeout=args.drain_timeout_s)
+            http_runner = self.http.make_runner(access_log=None, handle_signals=False,
+                                                shutdown_timeout=args.drain_timeout_s)
             await http_runner.setup()
             runners.append(http_runner)
             await web.TCPSite(http_runner, args.host, args.http_port, backlog=HTTP_BACKLOG,
-                              reuse_address=True).start()
+                              reuse_address=True,
+                              ssl_context=server_tls.ssl_context() if server_tls else None).start()
             if args.metrics_port:
                 metrics_runner = web.AppRunner(self.http.build_metrics_app(), access_log=None,
                                                handle_signals=False)
                 await metrics_runner.setup()
                 runners.append(metrics_runner)
                 await web.TCPSite(metrics_runner, args.host, args.metrics_port, reuse_address=True).start()
-            if grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}") == 0:
+            address = f"{args.host}:{args.grpc_port}"
+            bound = (grpc_server.add_secure_port(address, server_tls.grpc_credentials()) if server_tls
+                     else grpc_server.add_insecure_port(address))
+            if bound == 0:
                 raise OSError(f"cannot listen on {args.host}:{args.grpc_port} (gRPC)")
             await grpc_server.start()
         except OSError as exc:

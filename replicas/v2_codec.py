@@ -4,11 +4,17 @@ Decoding checks each input against the model's signature as it goes (name, datat
 byte count), so a bad request is refused before any tensor is copied. Binary inputs become
 numpy views of the request body (`np.frombuffer`, no copy); binary outputs are appended to the
 response as buffers (no `tobytes` copy before the final join).
+
+Binary requests from one client repeat the same JSON header byte for byte (same inputs, shapes,
+options), so a header that decoded and validated cleanly is remembered per model version as a
+plan (offsets, dtypes, shapes, batch key, requested outputs): the next request with those exact
+header bytes skips JSON parsing and validation and only needs the body length to match.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +28,11 @@ from replicas.signature import ModelSignature
 ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 # orjson serializes these numpy dtypes natively; others (float16) go through tolist().
 _ORJSON_NUMPY_OK = frozenset("bool uint8 uint16 uint32 uint64 int8 int16 int32 int64 float32 float64".split())
+
+# Header plans: only small headers are remembered, and only so many per model version (a client
+# that varies ids or shapes per request just misses; the cache then starts over).
+PLAN_MAX_HEADER_BYTES = 4096
+PLANS_PER_VERSION = 64
 
 # gRPC typed `contents` field per datatype (FP16 travels only as raw bytes, as in Triton).
 GRPC_CONTENTS_FIELD: dict[str, str] = {
@@ -60,8 +71,51 @@ def _finish(sig: ModelSignature, request_id: str, feeds: dict[str, np.ndarray],
 
 # ---------------------------------------------------------------------------------------- HTTP
 
+@dataclass(frozen=True, slots=True)
+class _BinaryPlan:
+    """What a validated all-binary request header decodes to, for reuse on identical headers."""
+
+    request_id: str
+    inputs: tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]  # name, dtype, shape, count, offset
+    body_length: int
+    rows: int
+    key: tuple
+    outputs: list[RequestedOutput] | None
+    binary_default: bool
+
+
+_PLANS: weakref.WeakKeyDictionary[ModelSignature, dict[bytes, _BinaryPlan]] = weakref.WeakKeyDictionary()
+
+
+def _from_plan(plan: _BinaryPlan, body: bytes) -> DecodedRequest:
+    feeds = {name: np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+             for name, dtype, shape, count, offset in plan.inputs}
+    return DecodedRequest(plan.request_id, feeds, plan.rows, plan.key, plan.outputs, plan.binary_default)
+
+
 def decode_http(body: bytes, header_length: int | None, sig: ModelSignature) -> DecodedRequest:
     """An HTTP infer body (JSON, or JSON + binary blobs when `header_length` is given)."""
+    plan_key = None
+    if header_length is not None and 0 < header_length <= min(PLAN_MAX_HEADER_BYTES, len(body)):
+        plan_key = body[:header_length]
+        plans = _PLANS.get(sig)
+        plan = plans.get(plan_key) if plans is not None else None
+        if plan is not None and plan.body_length == len(body):
+            return _from_plan(plan, body)
+    decoded, plan = _decode_http(body, header_length, sig)
+    if plan is not None and plan_key is not None:
+        plans = _PLANS.get(sig)
+        if plans is None:
+            plans = _PLANS[sig] = {}
+        elif len(plans) >= PLANS_PER_VERSION:
+            plans.clear()
+        plans[plan_key] = plan
+    return decoded
+
+
+def _decode_http(body: bytes, header_length: int | None, sig: ModelSignature
+                 ) -> tuple[DecodedRequest, _BinaryPlan | None]:
+    """The full decode; also the plan for these header bytes when every input is binary."""
     if header_length is None:
         header_bytes: Any = body
         blob_offset = len(body)
@@ -85,6 +139,7 @@ def decode_http(body: bytes, header_length: int | None, sig: ModelSignature) -> 
         request_id = str(request_id)
     feeds: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    planned: list[tuple[str, np.dtype, tuple[int, ...], int, int]] | None = []
     for item in inputs:
         if not isinstance(item, dict):
             raise invalid("each entry of 'inputs' must be an object")
@@ -104,13 +159,17 @@ def decode_http(body: bytes, header_length: int | None, sig: ModelSignature) -> 
             if blob_offset + size > len(body):
                 raise invalid(f"unexpected end of binary data for input '{spec.name}': needs {size} bytes "
                               f"at offset {blob_offset}, the body has {len(body)}")
-            arr = np.frombuffer(body, dtype=spec.dtype, count=math.prod(shape), offset=blob_offset)
+            count = math.prod(shape)
+            arr = np.frombuffer(body, dtype=spec.dtype, count=count, offset=blob_offset)
+            if planned is not None:
+                planned.append((spec.name, spec.dtype, shape, count, blob_offset))
             blob_offset += size
             feeds[spec.name] = arr.reshape(shape)
         else:
             if "data" not in item:
                 raise invalid(f"input '{spec.name}' has neither 'data' nor a binary_data_size parameter")
             feeds[spec.name] = _json_tensor(spec.name, item["data"], spec.dtype, shape)
+            planned = None  # the data lives in the header: nothing to reuse
         shapes[spec.name] = shape
     if blob_offset != len(body):
         raise invalid(f"the request body has {len(body) - blob_offset} bytes of binary data that no "
@@ -135,7 +194,12 @@ def decode_http(body: bytes, header_length: int | None, sig: ModelSignature) -> 
                     raise invalid(f"output '{name}': the classification extension is not supported")
                 binary = bool(oparams.get("binary_data", binary_default))
             outputs.append(RequestedOutput(name, binary))
-    return _finish(sig, request_id, feeds, shapes, outputs, binary_default)
+    decoded = _finish(sig, request_id, feeds, shapes, outputs, binary_default)
+    plan = None
+    if planned is not None and header_length is not None:
+        plan = _BinaryPlan(request_id, tuple(planned), len(body), decoded.rows, decoded.key, outputs,
+                           binary_default)
+    return decoded, plan
 
 
 def _json_tensor(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
