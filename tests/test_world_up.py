@@ -9,7 +9,9 @@ the supervisor) started as a user starts it, in a temp directory on a port block
 - promoting v2 with the printed command makes every region answer with version 2;
 - SIGTERM stops every process and leaves no port listening;
 - other shapes: `--regions/--replicas --store s3://... --s3-endpoint`, `--config FILE` (with
-  a gRPC replica URL and a Triton pool it must leave out, saying why), and refusals.
+  a gRPC replica URL and a Triton pool it must leave out, saying why), and refusals;
+- `--autoscale`: the autoscaler gives the pool its minimum through DNS SRV, the printed
+  override scales it up and down again (world.json follows), SIGTERM leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from gateway import world as world_mod
+from gateway import world_plan, world_ports
 from replicas.demo_model import reference_outputs
 from tests.procs import GEOGATE, Proc, http_ok
 from tests.s3_fixtures import moto_s3  # noqa: F401
@@ -145,11 +147,16 @@ class World:
         assert cmd in self.output().splitlines(), f"{key} command not printed as is:\n{cmd}\n{self.output()}"
         return cmd
 
+    def udp_ports(self) -> set[int]:
+        """GeoDNS, and the autoscaler's SRV DNS when there is one."""
+        return {_port(self.info["dns"]["listen"])} | ({_port(a["dns"])} if (a := self.info["autoscaler"]) else set())
+
     def tcp_ports(self) -> set[int]:
-        ports = {_port(self.info["dns"]["listen"])}
+        ports = self.udp_ports()
         for r in self.info["regions"]:
             ports |= {_port(r[k]) for k in ("http", "grpc", "admin")}
             ports |= {_port(rep[k]) for rep in r["replicas"] for k in ("http", "grpc", "metrics")}
+            ports |= {_port(rep[k]) for p in r["autoscaled"] for rep in p["replicas"] for k in ("http", "grpc")}
         return ports
 
     def stop(self) -> None:
@@ -341,7 +348,7 @@ def test_sigterm_stops_every_process_and_frees_every_port(world: World):
     named = {r["gateway_pid"] for r in world.info["regions"]} | {world.info["dns"]["pid"]}
     named |= {rep["pid"] for r in world.info["regions"] for rep in r["replicas"]}
     assert named <= set(procs), "world.json names processes that are not the world's children"
-    ports, dns_port = world.tcp_ports(), {_port(world.info["dns"]["listen"])}
+    ports, dns_port = world.tcp_ports(), world.udp_ports()
     # The check below means something only if the world really listens on them now.
     assert _listening(ports, udp_ports=dns_port) == ports
 
@@ -368,7 +375,7 @@ def _run_small_world(w: World, expect_regions: list[str], check=None) -> None:
                 assert tritonclient_infer(r, protocol) == "1"
         res = run_printed(w.printed("curl"))
         assert res.returncode == 0 and " 200 " in res.stdout.splitlines()[0], res.stdout + res.stderr
-        procs, ports, dns_port = _descendants(w.proc.pid), w.tcp_ports(), {_port(w.info["dns"]["listen"])}
+        procs, ports, dns_port = _descendants(w.proc.pid), w.tcp_ports(), w.udp_ports()
         assert _listening(ports, udp_ports=dns_port) == ports
         w.stop()
         assert w.proc.popen.returncode == 0, w.output()[-3000:]
@@ -439,8 +446,106 @@ addresses = ["127.0.0.1"]
     _run_small_world(start_world(tmp_path, "--config", str(config)), ["eu-west"], check)
 
 
+def _gateway_pool(region: dict, pool: str) -> list[dict]:
+    """The replicas the region's gateway holds in ``pool`` (as its region summary lists them)."""
+    with urllib.request.urlopen(f"http://{region['admin']}/geogate/v1/region", timeout=5) as resp:
+        summary = json.loads(resp.read())
+    return next((p["replicas"] for p in summary["pools"] if p["name"] == pool), [])
+
+
+def _serving(w: World, region: str) -> list[str]:
+    (pool,) = w.region(region)["autoscaled"]
+    return sorted(rep["url"] for rep in pool["replicas"] if rep["state"] == "serving")
+
+
+def test_autoscale_world_scales_through_srv_and_stops_clean(tmp_path):
+    """--autoscale: the region's pool gets its minimum from the autoscaler, registered in the
+    autoscaler's DNS as SRV records that the gateway discovers and routes to; the printed
+    override command scales it up and world.json follows; deleting the override lets the
+    gateway's count rule again and the extra replica is drained away; SIGTERM leaves nothing."""
+    w = start_world(tmp_path, "--autoscale", "--regions", "eu-west", "--replicas", "1",
+                    "--base-port", str(_base_port()))
+    try:
+        w.wait_ready()
+        region = w.region("eu-west")
+        assert region["replicas"] == []  # no fixed replicas: the pool is the autoscaler's
+        (pool,) = region["autoscaled"]
+        assert (pool["pool"], pool["min_replicas"], pool["desired"]) == ("eu-west-ort", 1, 1)
+
+        def gateways_count() -> dict | None:  # the autoscaler's first rounds may predate the gateway
+            w.reload()
+            (p,) = w.region("eu-west")["autoscaled"]
+            return p if p["source"] == "gateway" and "min_replicas" in p["reason"] else None
+
+        # The gateway's own reason (idle: raised to the minimum), as world.json follows it.
+        pool = wait_for(gateways_count, 30, "the gateway's desired count in world.json")
+        assert pool["desired"] == 1
+        (first,) = _serving(w, "eu-west")
+        assert "eu-west-ort: autoscaled 1..6, desired 1" in w.output()
+        assert f"status {w.info['autoscaler']['status_file']}" in w.output()
+
+        # Registered through DNS SRV: the autoscaler's DNS names it, the gateway found it there.
+        service = pool["discover"].removeprefix("dns+srv://")
+        dns_host, dns_port = w.info["autoscaler"]["dns"].rsplit(":", 1)
+        res = subprocess.run(["dig", f"@{dns_host}", "-p", dns_port, "+short", service, "SRV"],
+                             capture_output=True, text=True, timeout=10, check=False)
+        assert res.returncode == 0, res.stderr
+        assert [line.split()[2] for line in res.stdout.splitlines()] == [str(_port(first))]
+        assert [r["url"] for r in _gateway_pool(region, "eu-west-ort")] == [first]
+
+        headers, answer = infer_http(region["http"])
+        assert headers["geogate-replica"] == first
+        check_output(answer["model_version"], answer["outputs"][0]["data"])
+        assert tritonclient_infer(region, "grpc") == "1"
+        assert "release" not in w.info["commands"]  # promotion does not reach running autoscaled replicas yet
+
+        # The printed override: a second replica joins; world.json and the log follow.
+        res = run_printed(w.printed("autoscale"))
+        assert res.returncode == 0, res.stderr
+        def two_serving() -> list[str] | None:
+            w.reload()
+            return urls if len(urls := _serving(w, "eu-west")) == 2 else None
+
+        both = wait_for(two_serving, 60, "two serving replicas in world.json")
+        assert first in both
+        wait_for(lambda: sorted(r["url"] for r in _gateway_pool(region, "eu-west-ort") if r["routable"]) == both,
+                 30, "the gateway routing to both replicas")
+        assert "autoscaler: eu-west/eu-west-ort: 2 serving, desired 2 (override" in w.output()
+
+        procs, ports, udp = _descendants(w.proc.pid), w.tcp_ports(), w.udp_ports()
+        assert w.info["autoscaler"]["pid"] in procs
+        assert _listening(ports, udp_ports=udp) == ports
+
+        # Without the override the gateway's count (1) rules again: one replica is drained away
+        # (out of DNS, let go by the gateway, then stopped: only then does world.json drop it).
+        Path(w.info["autoscaler"]["override_file"]).unlink()
+
+        def one_left() -> list[dict] | None:
+            w.reload()
+            (p,) = w.region("eu-west")["autoscaled"]
+            return p["replicas"] if len(p["replicas"]) == 1 else None
+
+        (left,) = wait_for(one_left, 60, "back to one replica in world.json")
+        assert left["state"] == "serving"
+        (gone,) = set(both) - {left["url"]}
+        assert "autoscaler: eu-west/eu-west-ort: 1 serving, desired 1 (gateway" in w.output()
+        assert [r["url"] for r in _gateway_pool(region, "eu-west-ort")] == [left["url"]]
+        assert not _listening({_port(gone)})
+        assert tritonclient_infer(region, "http") == "1"
+
+        w.stop()
+        assert w.proc.popen.returncode == 0, w.output()[-3000:]
+        assert _still_running(procs) == []
+        assert _listening(ports, udp_ports=udp) == set()
+        assert not w.json_path.exists()
+    finally:
+        if w.proc.alive():
+            w.proc.stop(STOP_TIMEOUT_S)
+
+
 @pytest.mark.parametrize(("args", "reason"), [
     (["--config", "x.toml", "--replicas", "3"], "--config runs the config as written; drop --replicas"),
+    (["--config", "x.toml", "--autoscale"], "--config runs the config as written; drop --autoscale"),
     (["--regions", "eu-west,atlantis"], "unknown region 'atlantis'"),
     (["--replicas", "0"], "--replicas must be between 1 and 6"),
     (["--store", "ftp://x"], "expected file://DIR or s3://BUCKET/PREFIX"),
@@ -454,20 +559,24 @@ def test_refusals_say_why(tmp_path, args: list[str], reason: str):
 
 
 def test_busy_port_block_moves_up(tmp_path):
-    base = _base_port()
-    host = "127.0.1.1" if world_mod.distinct_loopback_available() else "127.0.0.1"
+    host = "127.0.1.1" if world_ports.distinct_loopback_available() else "127.0.0.1"
     with socket.socket() as s:  # someone else on the first region's gateway port
+        while True:  # a block whose first port nobody else (another test's world) holds now
+            base = _base_port()
+            if world_ports.bind_problem(host, base) is None:
+                break
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as bind_problem: TIME_WAIT is free
         s.bind((host, base))
         s.listen()
-        plan = world_mod.plan_world(base_port=base, directory=tmp_path, regions=["eu-west"], replicas=1,
-                                    store_url=None)
-    assert plan.base_port >= base + world_mod.PORT_SHIFT_STEP
+        plan = world_plan.plan_world(base_port=base, directory=tmp_path, regions=["eu-west"], replicas=1,
+                                     store_url=None)
+    assert plan.base_port >= base + world_plan.PORT_SHIFT_STEP
     assert plan.regions[0].http_port == plan.base_port
 
 
 def test_help_documents_every_option():
     res = subprocess.run([*GEOGATE, "up", "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0
-    for option in ("--regions", "--replicas", "--base-port", "--store", "--s3-endpoint", "--config", "--dir",
-                   "--no-seed", "--ready-timeout"):
+    for option in ("--regions", "--replicas", "--autoscale", "--base-port", "--store", "--s3-endpoint", "--config",
+                   "--dir", "--no-seed", "--ready-timeout"):
         assert re.search(rf"^\s+{option}\b.*\S", res.stdout, re.M), option

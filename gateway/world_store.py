@@ -1,0 +1,68 @@
+"""The world's object store for `geogate up`: seed the demo model, report what is stable.
+
+Seeding puts v1 (pushed and promoted) and v2 (pushed, not promoted) of the demo model in the
+store, so an operator can try `geogate models promote demo 2` right away. Idempotent: a
+restarted world keeps what operators did since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEMO_MODEL = "demo"
+DEMO_INPUT = "INPUT0"
+DEMO_OUTPUT = "OUTPUT0"
+DEMO_FEATURES = 16
+SEEDED_BY = "geogate-up"
+
+
+@dataclass
+class ModelInfo:
+    """A model with a stable version in the store, as `geogate up` found it."""
+
+    name: str
+    stable: str
+    versions: list[str]  # complete versions, numeric order
+    previous: list[str]
+
+    def describe(self) -> str:
+        return f"{self.name} (stable v{self.stable}; versions {', '.join(self.versions)})"
+
+
+def main_model(models: dict[str, ModelInfo]) -> str:
+    """The model the printed commands use: the demo model when there, else the first one."""
+    return DEMO_MODEL if DEMO_MODEL in models or not models else next(iter(models))
+
+
+async def prepare_store(cfg: Any, seed_dir: Path, *, seed: bool, only_if_empty: bool) -> dict[str, ModelInfo]:
+    """Seed the demo model (unless ``seed`` is False; with ``only_if_empty`` only into a store
+    that holds no model). Returns the models with a stable version (what the world waits for)."""
+    from replicas import demo_model
+    from replicas.manifest import list_stored_versions
+    from replicas.models_cli import push_version
+    from replicas.releases import Releases
+    from replicas.store import open_store_from_config
+
+    store = open_store_from_config(cfg)
+    try:
+        stored = await list_stored_versions(store)
+        releases = Releases(store)
+        if seed and not (only_if_empty and stored):
+            have = {v.version for v in stored.get(DEMO_MODEL, []) if v.complete}
+            for version in (1, 2):
+                if str(version) not in have:
+                    await asyncio.to_thread(demo_model.write_repository_entry, seed_dir, version, size="tiny")
+                    await push_version(store, DEMO_MODEL, seed_dir / DEMO_MODEL, version=str(version),
+                                       who=SEEDED_BY)
+            rec = (await releases.all()).get(DEMO_MODEL)
+            if rec is None or not rec.stable:
+                await releases.promote(DEMO_MODEL, "1", who=SEEDED_BY)
+            stored = await list_stored_versions(store)
+        return {name: ModelInfo(name, rec.stable, [v.version for v in stored.get(name, []) if v.complete],
+                                list(rec.previous))
+                for name, rec in sorted((await releases.all()).items()) if rec.stable}
+    finally:
+        await store.close()
