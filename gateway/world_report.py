@@ -24,12 +24,6 @@ COMMAND_TITLES = {
     "status": "regions, replicas, versions and health at a glance",
 }
 
-AUTOSCALE_RELEASE_NOTE = (
-    "note: autoscaled replicas load the repository's versions only when they start (the sync agent installs "
-    "versions but does not ask SRV-discovered replicas to load them), so promoting or rolling back in this "
-    "world would switch the gateways to a version the running replicas lack: not yet")
-
-
 def _geogate_command() -> str:
     """How to run `geogate` from anywhere: the console script next to this interpreter."""
     script = Path(sys.executable).parent / "geogate"
@@ -74,9 +68,7 @@ def example_commands(launch: Launch, models: dict[str, ModelInfo]) -> dict[str, 
         "dig": f"dig @{host} -p {port} +short {launch.dns_service.rstrip('.')} A{subnet}",
     }
     release = release_command(models.get(model))
-    # Not with autoscaled pools: their replicas load the repository only when they start, so
-    # a promotion would switch the gateways to a version the running replicas lack (AUTOSCALE_RELEASE_NOTE).
-    if release and not launch.autoscale:
+    if release:
         cmds["release"] = f"{geogate} models {release[1]} --config {launch.config_path}"
     if override := _override_count(launch):
         key, n = override
@@ -221,8 +213,6 @@ def print_summary(launch: Launch, models: dict[str, ModelInfo], ready_s: float,
             f"replica logs {launch.autoscaler_workdir}/",
         ]
     lines += [f"not started: {s}" for s in launch.skipped]
-    if launch.autoscale:
-        lines.append(AUTOSCALE_RELEASE_NOTE)
     lines += ["", "Try it (copy-paste):"]
     release = release_command(models.get(main_model(models)))
     override = _override_count(launch)

@@ -271,8 +271,12 @@ class Target:
     """One model repository of the site and the replicas that serve it."""
 
     repository: Path
-    replicas: list[str]
+    replicas: list[str]  # what the agent loads versions into: configured + discovered now
     pools: list[str]
+    configured: list[str] = field(default_factory=list)
+    # Pools that find replicas by DNS SRV (geo.srv_discovery.SrvDiscovery): re-resolved every
+    # sync round, so replicas that come and go (an autoscaler) get every version loaded too.
+    discoveries: list = field(default_factory=list)
 
     @property
     def staging_root(self) -> Path:
@@ -395,7 +399,35 @@ class SyncAgent:
 
     # ------------------------------------------------------------ one pass
 
+    async def _refresh_discovered(self) -> None:
+        """Re-resolve discovered pools; a DNS failure keeps the last good set."""
+        from geo.srv_discovery import DiscoveryError
+
+        for t in self.targets:
+            if not t.discoveries:
+                continue
+            urls = list(t.configured)
+            for d in t.discoveries:
+                try:
+                    found = await d.resolve()
+                    d.last_good = found
+                except DiscoveryError as exc:
+                    log.warning("replica discovery failed; keeping the last answer",
+                                extra={"fields": {"name": d.name, "error": str(exc)}})
+                    found = d.last_good or []
+                urls.extend(u for u, _weight in found if u not in urls)
+            if urls != t.replicas:
+                log.info("replicas of the repository changed", extra={"fields": {
+                    "repository": str(t.repository), "replicas": urls}})
+            t.replicas = urls
+        wanted = {u for t in self.targets for u in t.replicas}
+        for url in wanted - self._clients.keys():
+            self._clients[url] = replica_client(url)
+        for url in self._clients.keys() - wanted:
+            await self._clients.pop(url).close()
+
     async def sync_once(self) -> None:
+        await self._refresh_discovered()
         records = await self.releases.all()
         self.store_ok, self.store_error = True, ""
         for name, rec in records.items():
@@ -784,9 +816,11 @@ def targets_for_site(cfg, site: str) -> list[Target]:
         t = by_repo.setdefault(repo, Target(Path(repo), [], []))
         t.pools.append(pool.name)
         t.replicas.extend(u for u in pool.replicas if u not in t.replicas)
+        t.configured.extend(u for u in pool.replicas if u not in t.configured)
         if pool.discover:
-            log.warning("pool discovers replicas by DNS: versions are installed, replicas load them on start",
-                        extra={"fields": {"pool": pool.name}})
+            from geo.srv_discovery import SrvDiscovery
+
+            t.discoveries.append(SrvDiscovery(pool.discover, pool.discover_scheme, resolver=pool.discover_resolver))
     return list(by_repo.values())
 
 

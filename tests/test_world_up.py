@@ -497,7 +497,11 @@ def test_autoscale_world_scales_through_srv_and_stops_clean(tmp_path):
         assert headers["geogate-replica"] == first
         check_output(answer["model_version"], answer["outputs"][0]["data"])
         assert tritonclient_infer(region, "grpc") == "1"
-        assert "release" not in w.info["commands"]  # promotion does not reach running autoscaled replicas yet
+        # the printed promote reaches the running autoscaled replicas (the sync agent follows SRV)
+        res = run_printed(w.printed("release"))
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: tritonclient_infer(region, "http") == "2" and tritonclient_infer(region, "grpc") == "2",
+                 60, "version 2 served by the autoscaled replica")
 
         # The printed override: a second replica joins; world.json and the log follow.
         res = run_printed(w.printed("autoscale"))
@@ -531,7 +535,7 @@ def test_autoscale_world_scales_through_srv_and_stops_clean(tmp_path):
         assert "autoscaler: eu-west/eu-west-ort: 1 serving, desired 1 (gateway" in w.output()
         assert [r["url"] for r in _gateway_pool(region, "eu-west-ort")] == [left["url"]]
         assert not _listening({_port(gone)})
-        assert tritonclient_infer(region, "http") == "1"
+        assert tritonclient_infer(region, "http") == "2"
 
         w.stop()
         assert w.proc.popen.returncode == 0, w.output()[-3000:]
