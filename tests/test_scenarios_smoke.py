@@ -25,7 +25,7 @@ EVENTS = {
     "overhead": set(),
     "region-outage": {"kill-home", "kill-region", "restore"},
     "promotion-under-load": {"promote"},
-    "gateway-restart": {"restart"},
+    "gateway-restart": {"rolling restart"},
     "store-outage": {"promote", "store-back"},
     "soak": set(),
 }
