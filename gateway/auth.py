@@ -396,16 +396,27 @@ class Authenticator:
         """Re-read the keys file when it changed (or `force`); True when a new table is in force."""
         if not self.keys_file:
             return False
-        sig = self._stat()
-        if not force and sig == self._file_sig:
+        if not self._take_sig(self._stat(), force):
             return False
-        self._file_sig = sig
         try:
             table = read_keys_file(self.keys_file)
         except KeysFileError as exc:
-            self.last_error = str(exc)
-            log.error("keys file not reloaded, the previous keys stay in force: %s", exc)
+            return self._reload_failed(exc)
+        return self._install_reloaded(table)
+
+    def _take_sig(self, sig: tuple[int, int, int] | None, force: bool) -> bool:
+        """Record the file's new signature; False when unchanged and not forced (nothing to do)."""
+        if not force and sig == self._file_sig:
             return False
+        self._file_sig = sig
+        return True
+
+    def _reload_failed(self, exc: KeysFileError) -> bool:
+        self.last_error = str(exc)
+        log.error("keys file not reloaded, the previous keys stay in force: %s", exc)
+        return False
+
+    def _install_reloaded(self, table: KeyTable) -> bool:
         self._install(table)
         self.last_error = ""
         self.reloads += 1
@@ -427,22 +438,13 @@ class Authenticator:
         installed on the caller's (event loop's) thread."""
         if not self.keys_file:
             return False
-        sig = await asyncio.to_thread(self._stat)
-        if not force and sig == self._file_sig:
+        if not self._take_sig(await asyncio.to_thread(self._stat), force):
             return False
-        self._file_sig = sig
         try:
             table = await asyncio.to_thread(read_keys_file, self.keys_file)
         except KeysFileError as exc:
-            self.last_error = str(exc)
-            log.error("keys file not reloaded, the previous keys stay in force: %s", exc)
-            return False
-        self._install(table)
-        self.last_error = ""
-        self.reloads += 1
-        log.info("keys file %s reloaded: %d keys, anonymous access %s", self.keys_file, len(self._states),
-                 "on" if self._anonymous else "off")
-        return True
+            return self._reload_failed(exc)
+        return self._install_reloaded(table)
 
     async def watch(self, interval_s: float | None = None) -> None:
         """Re-read the keys file when it changes, until cancelled (``asyncio.create_task``)."""

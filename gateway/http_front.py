@@ -505,14 +505,21 @@ class HttpFront:
     def _model_args(self, request: web.Request) -> tuple[str, str | None]:
         return request.match_info["model"], request.match_info.get("version")
 
-    async def _proxied(self, request: web.Request, fetch) -> web.Response:
-        model, version = self._model_args(request)
+    def _model_refusal(self, model: str, version: str | None) -> web.Response | None:
+        """400 for a malformed model name or version, 404 for an unknown model; None when it may go on."""
         bad_name = model_ref_problem(model, version)
         if bad_name:
             return error_response(bad_name, 400)
         unknown = self.gw.unknown_model(model, version)
         if unknown is not None:
             return error_response(unknown.message, 404)
+        return None
+
+    async def _proxied(self, request: web.Request, fetch) -> web.Response:
+        model, version = self._model_args(request)
+        refused = self._model_refusal(model, version)
+        if refused is not None:
+            return refused
         status, body = await fetch(model, version)
         if status == 0:
             cands = self.gw.pools.candidates(model, version, "http", time.monotonic())
@@ -534,12 +541,9 @@ class HttpFront:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         model, version = self._model_args(request)
-        bad_name = model_ref_problem(model, version)
-        if bad_name:
-            return error_response(bad_name, 400)
-        unknown = self.gw.unknown_model(model, version)
-        if unknown is not None:
-            return error_response(unknown.message, 404)
+        refused = self._model_refusal(model, version)
+        if refused is not None:
+            return refused
         if self.gw.catalog.ready(model, version):
             return web.Response(status=200)
         cands = self.gw.pools.candidates(model, version, "http", time.monotonic())

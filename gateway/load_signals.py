@@ -36,7 +36,6 @@ drops the reading at once, a missing one expires after ``stale_after_s``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -46,6 +45,8 @@ from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.aio_tasks import cancel_and_wait
 
 log = logging.getLogger("geogate.gateway.load_signals")
 
@@ -258,11 +259,8 @@ class LoadSignals:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="load-signals")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None

@@ -39,12 +39,20 @@ def _shown(value: str, limit: int = 40) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
+def _non_empty_str_problem(value: object, what: str) -> str:
+    """Why `value` is not a non-empty string ("" when it is); `what` names it in the reason."""
+    if not isinstance(value, str):
+        return f"{what} must be a string, got {type(value).__name__}"
+    if not value:
+        return f"{what} is empty"
+    return ""
+
+
 def model_name_problem(name: object) -> str:
     """Why `name` is not a usable model name ("" when it is)."""
-    if not isinstance(name, str):
-        return f"model name must be a string, got {type(name).__name__}"
-    if not name:
-        return "model name is empty"
+    problem = _non_empty_str_problem(name, "model name")
+    if problem:
+        return problem
     if len(name) > MAX_MODEL_NAME_LEN:
         return f"model name {_shown(name)} is {len(name)} characters long (at most {MAX_MODEL_NAME_LEN})"
     for ch, label in _PATH_CHARS.items():
@@ -63,10 +71,9 @@ def model_name_problem(name: object) -> str:
 
 def version_problem(version: object) -> str:
     """Why `version` is not a usable model version ("" when it is)."""
-    if not isinstance(version, str):
-        return f"model version must be a string, got {type(version).__name__}"
-    if not version:
-        return "model version is empty"
+    problem = _non_empty_str_problem(version, "model version")
+    if problem:
+        return problem
     if len(version) > MAX_VERSION_DIGITS:
         return f"model version {_shown(version)} is too long (at most {MAX_VERSION_DIGITS} digits)"
     if _VERSION_RE.fullmatch(version) is None:

@@ -68,6 +68,43 @@ def _fqdn(name: str) -> str:
     return name if name.endswith(".") else name + "."
 
 
+def unbound_config_text(*, host: str, port: int, workdir: str | os.PathLike[str], control_port: int,
+                        zones: Iterable[tuple[str, str]], records: Iterable[str]) -> str:
+    """An unbound config answering only `records` (local-data) for `zones` ((name, local-zone type)),
+    in the foreground, with remote control on 127.0.0.1:`control_port` without certificates."""
+    lines = [
+        "server:",
+        f"  interface: {host}",
+        f"  port: {port}",
+        "  do-ip4: yes",
+        "  do-ip6: " + ("yes" if ":" in host else "no"),
+        "  do-udp: yes",
+        "  do-tcp: yes",
+        "  do-daemonize: no",
+        "  use-syslog: no",
+        '  logfile: ""',
+        '  chroot: ""',
+        '  username: ""',
+        f'  directory: "{workdir}"',
+        f'  pidfile: "{workdir}/unbound.pid"',
+        "  verbosity: 1",
+        "  num-threads: 1",
+        "  access-control: 127.0.0.0/8 allow",
+        "  access-control: ::1 allow",
+        # No DNSSEC validation, no trust anchors: a plain local answerer.
+        '  module-config: "iterator"',
+        "  cache-max-ttl: 0",  # never answer from a cache across a reload
+        "  cache-max-negative-ttl: 0",
+    ]
+    for zone, zone_type in zones:
+        lines.append(f'  local-zone: "{zone}" {zone_type}')
+    for record in records:
+        lines.append(f'  local-data: "{record}"')
+    lines += ["remote-control:", "  control-enable: yes", "  control-interface: 127.0.0.1",
+              f"  control-port: {control_port}", "  control-use-cert: no"]
+    return "\n".join(lines) + "\n"
+
+
 class UnboundRegistry:
     def __init__(self, workdir: str | os.PathLike[str], listen: str, *, services: Iterable[str]) -> None:
         host, _, port = listen.rpartition(":")
@@ -97,36 +134,9 @@ class UnboundRegistry:
         return lines
 
     def config_text(self) -> str:
-        lines = [
-            "server:",
-            f"  interface: {self.host}",
-            f"  port: {self.port}",
-            "  do-ip4: yes",
-            "  do-ip6: " + ("yes" if ":" in self.host else "no"),
-            "  do-udp: yes",
-            "  do-tcp: yes",
-            "  do-daemonize: no",
-            "  use-syslog: no",
-            '  logfile: ""',
-            '  chroot: ""',
-            '  username: ""',
-            f'  directory: "{self.workdir}"',
-            f'  pidfile: "{self.workdir}/unbound.pid"',
-            "  verbosity: 1",
-            "  num-threads: 1",
-            "  access-control: 127.0.0.0/8 allow",
-            "  access-control: ::1 allow",
-            '  module-config: "iterator"',
-            "  cache-max-ttl: 0",  # never answer from a cache across a reload
-            "  cache-max-negative-ttl: 0",
-        ]
-        for service in self.targets:
-            lines.append(f'  local-zone: "{service}" static')
-        for record in self.records():
-            lines.append(f'  local-data: "{record}"')
-        lines += ["remote-control:", "  control-enable: yes", "  control-interface: 127.0.0.1",
-                  f"  control-port: {self.control_port}", "  control-use-cert: no"]
-        return "\n".join(lines) + "\n"
+        return unbound_config_text(host=self.host, port=self.port, workdir=self.workdir,
+                                   control_port=self.control_port,
+                                   zones=[(service, "static") for service in self.targets], records=self.records())
 
     def _write_config(self) -> None:
         tmp = self.config_path.with_suffix(".tmp")

@@ -19,13 +19,13 @@ The resolver polls the store every ``poll_interval_s`` for release records
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.aio_tasks import cancel_and_wait
 from replicas.releases import ReleaseRecord, Releases
 from replicas.site_status import SiteStatus, read_all_sites
 from replicas.store import ObjectStore, StoreError
@@ -107,11 +107,8 @@ class VersionResolver:
             await self.refresh()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self.owns_store and self.store is not None:
             await self.store.close()
 

@@ -27,6 +27,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from gateway.srv_registry import unbound_config_text
 from tests.procs import Proc, free_port
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
@@ -81,42 +82,8 @@ class UnboundServer:
     # ------------------------------------------------------------ config
 
     def _config_text(self) -> str:
-        lines = [
-            "server:",
-            "  interface: 127.0.0.1",
-            f"  port: {self.port}",
-            "  do-ip4: yes",
-            "  do-ip6: no",
-            "  do-udp: yes",
-            "  do-tcp: yes",
-            "  do-daemonize: no",
-            "  use-syslog: no",
-            '  logfile: ""',
-            '  chroot: ""',
-            '  username: ""',
-            f'  directory: "{self.workdir}"',
-            f'  pidfile: "{self.workdir}/unbound.pid"',
-            "  verbosity: 1",
-            "  num-threads: 1",
-            "  access-control: 127.0.0.0/8 allow",
-            # No DNSSEC validation, no trust anchors: a plain local answerer.
-            '  module-config: "iterator"',
-            # Never serve stale answers across a reload.
-            "  cache-max-ttl: 0",
-            "  cache-max-negative-ttl: 0",
-        ]
-        for zone, zone_type in self.zones:
-            lines.append(f'  local-zone: "{zone}" {zone_type}')
-        for record in self.records:
-            lines.append(f'  local-data: "{record}"')
-        lines += [
-            "remote-control:",
-            "  control-enable: yes",
-            "  control-interface: 127.0.0.1",
-            f"  control-port: {self.control_port}",
-            "  control-use-cert: no",
-        ]
-        return "\n".join(lines) + "\n"
+        return unbound_config_text(host="127.0.0.1", port=self.port, workdir=self.workdir,
+                                   control_port=self.control_port, zones=self.zones, records=self.records)
 
     def _write_config(self) -> None:
         self.config_path.write_text(self._config_text())

@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from replicas.demo_model import write_repository_entry
 from tests.procs import GEOGATE, Proc, ReplicaProc, free_port, http_ok
@@ -72,7 +73,34 @@ class GatewayListeners:
         return f"127.0.0.1:{self.admin_port}"
 
 
-class GatewayProc(GatewayListeners, Proc):
+def one_region_toml(gw: GatewayListeners, *, pool: str, kind: str, members: str) -> str:
+    """The `[[regions]]` table of a one-region ("r1") config with one pool, on `gw`'s listeners."""
+    return f"""[[regions]]
+name = "r1"
+location = [50.0, 8.0]
+http = "{gw.http}"
+grpc = "{gw.grpc}"
+admin = "{gw.admin}"
+
+  [[regions.pools]]
+  name = "{pool}"
+  kind = "{kind}"
+  {members}
+"""
+
+
+class RegionGatewayProc(GatewayListeners, Proc):
+    """A `geogate gateway` process for region "r1": readiness wait and the admin region view."""
+
+    def wait_ready(self, timeout_s: float = 60.0) -> Self:
+        self.wait_until(lambda: http_ok(f"http://{self.http}/v2/health/ready"), timeout_s)
+        return self
+
+    def region(self) -> dict:
+        return get_json(f"http://{self.admin}/geogate/v1/region")
+
+
+class GatewayProc(RegionGatewayProc):
     def __init__(self, tmp_path: Path, *, replicas: list[str] | None = None, discover: str = "",
                  discover_resolver: str = "", discover_scheme: str = "grpc", gateway_extra: str = "",
                  health: str = FAST_HEALTH, workers: int = 1, name: str = "gw"):
@@ -89,31 +117,13 @@ name = "test"
 [gateway]
 {gateway_extra}
 
-[[regions]]
-name = "r1"
-location = [50.0, 8.0]
-http = "127.0.0.1:{self.http_port}"
-grpc = "127.0.0.1:{self.grpc_port}"
-admin = "127.0.0.1:{self.admin_port}"
-
-  [[regions.pools]]
-  name = "p1"
-  kind = "geogate"
-  {members}
-"""
+{one_region_toml(self, pool="p1", kind="geogate", members=members)}"""
         self.config_path = tmp_path / f"{name}-{self.http_port}.toml"
         self.config_path.write_text(text)
         args = ["gateway", "--config", str(self.config_path), "--region", "r1"]
         if workers > 1:
             args += ["--workers", str(workers)]
         super().__init__([*GEOGATE, *args], name=f"{name}-{self.http_port}")
-
-    def wait_ready(self, timeout_s: float = 60.0) -> GatewayProc:
-        self.wait_until(lambda: http_ok(f"http://{self.http}/v2/health/ready"), timeout_s)
-        return self
-
-    def region(self) -> dict:
-        return get_json(f"http://{self.admin}/geogate/v1/region")
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=5) as r:

@@ -15,7 +15,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from tests.gateway_load import Stream
+from tests.gateway_load import Results, Stream
 from tests.gateway_procs import (
     GatewayProc,
     demo_repository,
@@ -60,6 +60,14 @@ def _gateway(tmp, reps, procs, extra: str = "") -> GatewayProc:
     return gw.wait_ready()
 
 
+def _stream(gw: GatewayProc, total: int, *, http_threads: int, grpc_threads: int,
+            timeout_s: float = 60.0) -> Results:
+    """Run a steady request stream through `gw` until `total` requests are done; its Results."""
+    with Stream(gw, http_threads=http_threads, grpc_threads=grpc_threads) as stream:
+        stream.wait_for(total, timeout_s=timeout_s)
+        return stream.stop()
+
+
 def _share(results, replica) -> float:
     mine = sum(n for url, n in results.replicas.items() if replica.http_url in url or replica.grpc_url in url)
     return mine / max(1, results.ok)
@@ -70,9 +78,7 @@ def test_slow_replica_gets_less_traffic(clean, procs):
     gw = _gateway(tmp, reps, procs)
     slow = reps[0]
     set_faults(slow, delay_ms=150)
-    with Stream(gw, http_threads=3, grpc_threads=1) as stream:
-        stream.wait_for(300)
-        results = stream.stop()
+    results = _stream(gw, 300, http_threads=3, grpc_threads=1)
     assert results.failures == [], results.failures[:5]
     share = _share(results, slow)
     # a fair share would be 1/3; the slow replica only gets the odd probe
@@ -84,9 +90,7 @@ def test_503_replica_retried_elsewhere_and_ejected(clean, procs):
     gw = _gateway(tmp, reps, procs)
     bad = reps[1]
     set_faults(bad, status=503)
-    with Stream(gw, http_threads=2, grpc_threads=1) as stream:
-        stream.wait_for(200)
-        results = stream.stop()
+    results = _stream(gw, 200, http_threads=2, grpc_threads=1)
     assert results.failures == [], results.failures[:5]
     assert _share(results, bad) == 0.0, results.replicas
     assert sum(n for a, n in results.attempts.items() if a != "1") >= 1, results.attempts
@@ -103,9 +107,7 @@ def test_hanging_replica_retried_elsewhere(clean, procs):
     gw = _gateway(tmp, reps, procs, "per_try_timeout_ms = 400")
     stuck = reps[2]
     set_faults(stuck, hang=True)
-    with Stream(gw, http_threads=3, grpc_threads=1) as stream:
-        stream.wait_for(150, timeout_s=90)
-        results = stream.stop()
+    results = _stream(gw, 150, timeout_s=90, http_threads=3, grpc_threads=1)
     assert results.failures == [], results.failures[:5]
     assert _share(results, stuck) == 0.0, results.replicas
     assert sum(n for a, n in results.attempts.items() if a != "1") >= 1, results.attempts

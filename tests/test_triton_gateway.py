@@ -19,55 +19,29 @@ from replicas.demo_model import reference_outputs
 from replicas.demo_python_backend import python_backend_config, write_python_backend_entry
 from replicas.sync_agent import model_config_json
 from tests.gateway_load import Stream
-from tests.gateway_procs import FAST_HEALTH, get_json, http_call
-from tests.procs import GEOGATE, Proc, TritonProc, free_port, http_ok
+from tests.gateway_procs import FAST_HEALTH, RegionGatewayProc, http_call, one_region_toml
+from tests.procs import GEOGATE, TritonProc, free_port
 
 WAIT_S = 30.0
 
 
-class TritonGatewayProc(Proc):
+class TritonGatewayProc(RegionGatewayProc):
     """`geogate gateway` for one region whose pool is ``kind = "triton"``."""
 
     def __init__(self, tmp_path: Path, replicas: list[str], *, pool_extra: str = "", top_extra: str = "",
                  health: str = FAST_HEALTH, name: str = "gw"):
         self.http_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
+        members = f"replicas = {json.dumps(replicas)}\n{pool_extra}"
         text = f"""
 [deployment]
 name = "triton-test"
 {top_extra}
 {health}
-[[regions]]
-name = "r1"
-location = [50.0, 8.0]
-http = "127.0.0.1:{self.http_port}"
-grpc = "127.0.0.1:{self.grpc_port}"
-admin = "127.0.0.1:{self.admin_port}"
-
-  [[regions.pools]]
-  name = "tri"
-  kind = "triton"
-  replicas = {json.dumps(replicas)}
-{pool_extra}
-"""
+{one_region_toml(self, pool="tri", kind="triton", members=members)}"""
         self.config_path = tmp_path / f"{name}-{self.http_port}.toml"
         self.config_path.write_text(text)
         super().__init__([*GEOGATE, "gateway", "--config", str(self.config_path), "--region", "r1"],
                          name=f"{name}-{self.http_port}")
-
-    @property
-    def http(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def wait_ready(self, timeout_s: float = 60.0) -> TritonGatewayProc:
-        self.wait_until(lambda: http_ok(f"http://{self.http}/v2/health/ready"), timeout_s)
-        return self
-
-    def region(self) -> dict:
-        return get_json(f"http://127.0.0.1:{self.admin_port}/geogate/v1/region")
 
 
 def start_tritons(procs: list, repo: str, n: int) -> list[TritonProc]:
