@@ -30,6 +30,7 @@ from health.selection import healthy_fraction
 log = logging.getLogger("geogate.gateway")
 
 REASON_DRAINING = "draining: the gateway is shutting down"
+READY_CACHE_S = 0.05  # how long "is this version ready here" is reused across requests
 MAX_EVENTS = 200  # recent events this worker remembers (status page, geogate status)
 # A burst of requests served by another region is one "failover" event, not one per request.
 CROSS_REGION_EVENT_QUIET_S = 10.0
@@ -96,6 +97,7 @@ class GatewayState:
                                    capacity=self.capacity, overload=self.overload)
         self.forwarder.on_cross_region = self._on_cross_region
         self._last_cross_event: dict[str, float] = {}
+        self._ready_cache: dict[tuple[str, str], tuple[float, bool]] = {}
         self.resolver, self._resolver_lifecycle = make_resolver(cfg, region)
         self.draining = False
         self.started_s = time.monotonic()
@@ -251,10 +253,31 @@ class GatewayState:
 
     def resolve_version(self, model: str, requested: str | None) -> str | None:
         try:
-            return self.resolver.resolve(model, requested, self.region.name).version
+            version = self.resolver.resolve(model, requested, self.region.name).version
         except Exception as exc:
             log.warning("version resolver failed for %r (%s); using the requested version", model, exc)
             return requested
+        if requested is None and version is not None and not self._ready_here(model, version):
+            # The sites say the new stable is ready, but this gateway's own health checks have
+            # not seen it on a routable replica yet (they poll): keep serving the previous
+            # stable meanwhile rather than answer "not ready on any replica".
+            previous = getattr(self.resolver, "previous_versions", None)
+            for older in previous(model) if previous is not None else ():
+                if self._ready_here(model, older):
+                    return older
+        return version
+
+    def _ready_here(self, model: str, version: str) -> bool:
+        """Is `version` READY on a routable local replica? Cached briefly: asked per request."""
+        now = time.monotonic()
+        key = (model, version)
+        hit = self._ready_cache.get(key)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        ready = any(st.routable(now)[0] and version in st.ready_versions.get(model, ())
+                    for st in self.pools.all_states())
+        self._ready_cache[key] = (now + READY_CACHE_S, ready)
+        return ready
 
     def unknown_model(self, model: str, version: str | None, hops: int = 0) -> Reply | None:
         """A 404 / NOT_FOUND reply when no replica has the model (version), else None. With

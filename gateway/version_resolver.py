@@ -156,6 +156,11 @@ class VersionResolver:
         version, reason = self.effective_stable(rec, site, now_s)
         return Resolution(version, reason)
 
+    def previous_versions(self, model: str) -> list[str]:
+        """Earlier stables of `model`, newest first (what may serve while a new one settles)."""
+        rec = self.records.get(model)
+        return list(rec.previous) if rec is not None else []
+
     def snapshot(self) -> dict:
         """For the status page: per model the version unversioned traffic gets now."""
         now_s = time.time()
