@@ -46,7 +46,7 @@ class PassThroughResolver:
     """Used until/unless the store's version resolver is available: the requested version, or
     None (the replica's default)."""
 
-    def resolve(self, model: str, requested: str | None, site: str) -> Resolution:
+    def resolve(self, model: str, requested: str | None, site: str, ready_here=None) -> Resolution:
         return Resolution(requested, "explicit version" if requested else "no release record")
 
 
@@ -253,19 +253,12 @@ class GatewayState:
 
     def resolve_version(self, model: str, requested: str | None) -> str | None:
         try:
-            version = self.resolver.resolve(model, requested, self.region.name).version
+            # _ready_here: the sites may say a new stable is ready before this gateway's own
+            # health checks (they poll) have seen it on a routable replica.
+            return self.resolver.resolve(model, requested, self.region.name, self._ready_here).version
         except Exception as exc:
             log.warning("version resolver failed for %r (%s); using the requested version", model, exc)
             return requested
-        if requested is None and version is not None and not self._ready_here(model, version):
-            # The sites say the new stable is ready, but this gateway's own health checks have
-            # not seen it on a routable replica yet (they poll): keep serving the previous
-            # stable meanwhile rather than answer "not ready on any replica".
-            previous = getattr(self.resolver, "previous_versions", None)
-            for older in previous(model) if previous is not None else ():
-                if self._ready_here(model, older):
-                    return older
-        return version
 
     def _ready_here(self, model: str, version: str) -> bool:
         """Is `version` READY on a routable local replica? Cached briefly: asked per request."""

@@ -22,13 +22,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway.aio_tasks import cancel_and_wait
 from replicas.releases import ReleaseRecord, Releases
 from replicas.site_status import SiteStatus, read_all_sites
 from replicas.store import ObjectStore, StoreError
+
+ReadyHere = Callable[[str, str], bool]  # (model, version) -> can this region serve it now?
 
 log = logging.getLogger("geogate.version_resolver")
 
@@ -121,28 +123,43 @@ class VersionResolver:
             return [st] if st is not None and st.fresh(self.stale_after_s, now_s) else []
         return [st for st in self.sites.values() if st.fresh(self.stale_after_s, now_s)]
 
-    def effective_stable(self, rec: ReleaseRecord, site: str, now_s: float | None = None) -> tuple[str, str]:
-        """(version, reason): the newest of stable, previous stables that is ready where it must be."""
+    def effective_stable(self, rec: ReleaseRecord, site: str, now_s: float | None = None,
+                         ready_here: ReadyHere | None = None) -> tuple[str, str]:
+        """(version, reason): the newest of stable, previous stables that is ready where it must be.
+        `ready_here(model, version)` (a gateway's own view of its replicas): among those, the
+        newest one this region can serve now, so a gateway whose health checks have not yet
+        seen a new stable keeps serving the previous one instead of failing."""
         now_s = time.time() if now_s is None else now_s
         judges = self._judges(site, now_s)
         assert rec.stable is not None
+        history = [rec.stable, *rec.previous]
         if not judges:
             where = f"site {site!r}" if self.cutover == CUTOVER_PER_SITE else "any site"
-            return rec.stable, f"stable {rec.stable} (no fresh status from {where} to wait for)"
-        for v in [rec.stable, *rec.previous]:
-            if all(st.ready(rec.name, v) for st in judges):
-                if v == rec.stable:
-                    return v, f"stable {v}"
+            version, order = rec.stable, history
+            reason = f"stable {rec.stable} (no fresh status from {where} to wait for)"
+        else:
+            order = [v for v in history if all(st.ready(rec.name, v) for st in judges)]
+            if not order:
+                return rec.stable, f"stable {rec.stable} (no earlier version is ready everywhere either)"
+            version = order[0]
+            if version == rec.stable:
+                reason = f"stable {version}"
+            else:
                 waiting = sorted(st.site for st in judges if not st.ready(rec.name, rec.stable))
-                return v, (f"stable {rec.stable} not ready yet on {', '.join(waiting)} ({self.cutover} cutover):"
-                           f" previous stable {v}")
-        return rec.stable, f"stable {rec.stable} (no earlier version is ready everywhere either)"
+                reason = (f"stable {rec.stable} not ready yet on {', '.join(waiting)} ({self.cutover} cutover):"
+                          f" previous stable {version}")
+        if ready_here is not None and not ready_here(rec.name, version):
+            for older in order:
+                if older != version and ready_here(rec.name, older):
+                    return older, f"{reason}; {version} not seen ready on this region's replicas yet: {older}"
+        return version, reason
 
-    def _canary_ready(self, rec: ReleaseRecord, site: str, now_s: float) -> bool:
+    def _canary_ready(self, rec: ReleaseRecord, site: str, now_s: float, ready_here: ReadyHere | None) -> bool:
         judges = self._judges(site, now_s)
-        return all(st.ready(rec.name, rec.canary_version) for st in judges)
+        return all(st.ready(rec.name, rec.canary_version) for st in judges) and \
+            (ready_here is None or ready_here(rec.name, rec.canary_version))
 
-    def resolve(self, model: str, requested: str | None, site: str) -> Resolution:
+    def resolve(self, model: str, requested: str | None, site: str, ready_here: ReadyHere | None = None) -> Resolution:
         if requested:
             return Resolution(requested, REASON_EXPLICIT)
         rec = self.records.get(model)
@@ -151,15 +168,10 @@ class VersionResolver:
         if rec.stable is None:
             return Resolution(None, REASON_NO_STABLE)
         now_s = time.time()
-        if rec.canary and self.rng.random() < rec.canary_weight and self._canary_ready(rec, site, now_s):
+        if rec.canary and self.rng.random() < rec.canary_weight and self._canary_ready(rec, site, now_s, ready_here):
             return Resolution(rec.canary_version, f"canary {rec.canary_version} ({rec.canary_weight:.0%} of traffic)")
-        version, reason = self.effective_stable(rec, site, now_s)
+        version, reason = self.effective_stable(rec, site, now_s, ready_here)
         return Resolution(version, reason)
-
-    def previous_versions(self, model: str) -> list[str]:
-        """Earlier stables of `model`, newest first (what may serve while a new one settles)."""
-        rec = self.records.get(model)
-        return list(rec.previous) if rec is not None else []
 
     def snapshot(self) -> dict:
         """For the status page: per model the version unversioned traffic gets now."""

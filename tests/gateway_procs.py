@@ -3,6 +3,7 @@ gateway process on free ports with its TOML written by the test, and small HTTP 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -158,3 +159,19 @@ def replica_of(url: str, replicas: list[ReplicaProc]) -> ReplicaProc:
         if url.endswith(r.http_url) or url.endswith(r.grpc_url):
             return r
     raise AssertionError(f"{url} is none of the replicas")
+
+
+@contextlib.contextmanager
+def gateway_with_replicas(tmp: Path, n: int = 3, versions: tuple[int, ...] = (1, 2)):
+    """A ready gateway over `n` fresh replicas of the demo model: (gateway, replicas); all
+    stopped on exit (module-scoped fixtures share one)."""
+    started: list = []
+    try:
+        reps = start_replicas(started, demo_repository(tmp, versions=versions), n)
+        gw = GatewayProc(tmp, replicas=replica_urls(reps))
+        started.append(gw)
+        gw.wait_ready()
+        yield gw, reps
+    finally:
+        for p in reversed(started):
+            p.stop()

@@ -19,25 +19,20 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from replicas.demo_model import reference_outputs
-from tests.gateway_procs import GatewayProc, demo_repository, http_call, replica_urls, start_replicas
+from tests.gateway_procs import (
+    GatewayProc,
+    gateway_with_replicas,
+    http_call,
+    replica_urls,
+)
 
 GEOGATE_HEADERS = ("geogate-region", "geogate-replica", "geogate-model-version", "geogate-attempts")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gw-e2e")
-    started: list = []
-    try:
-        repo = demo_repository(tmp, versions=(1, 2))
-        reps = start_replicas(started, repo, 3)
-        gw = GatewayProc(tmp, replicas=replica_urls(reps))
-        started.append(gw)
-        gw.wait_ready()
+    with gateway_with_replicas(tmp_path_factory.mktemp("gw-e2e")) as (gw, reps):
         yield gw, reps
-    finally:
-        for p in reversed(started):
-            p.stop()
 
 
 def _x(rows: int = 3) -> np.ndarray:

@@ -67,6 +67,26 @@ async def test_global_cutover_waits_for_every_healthy_site(store):
     assert picks(per, "ap") == {"2"}
 
 
+async def test_gateway_keeps_previous_stable_until_its_replicas_have_the_new_one(store):
+    rel = Releases(store)
+    await rel.promote("demo", "1", who="t")
+    await rel.promote("demo", "2", who="t")
+    await site(store, "eu", ["1", "2"])  # the site says 2 is ready ...
+    r = VersionResolver(store, cutover="global", stale_after_s=10)
+    await r.refresh()
+    seen_here = {"1"}  # ... but this gateway's health checks have only seen 1 so far
+
+    def ready_here(model, version):
+        return version in seen_here
+
+    res = r.resolve("demo", None, "eu", ready_here)
+    assert res.version == "1" and "not seen ready on this region's replicas" in res.reason
+    seen_here.add("2")
+    assert r.resolve("demo", None, "eu", ready_here).version == "2"
+    # nothing ready here at all (the region fails over to a peer): the site-wide answer stands
+    assert r.resolve("demo", None, "eu", lambda m, v: False).version == "2"
+
+
 async def test_rollback_visible_within_one_poll(store):
     rel = Releases(store)
     await rel.promote("demo", "1", who="t")

@@ -19,7 +19,10 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
-from tests.gateway_procs import GatewayProc, demo_repository, http_call, replica_urls, start_replicas
+from tests.gateway_procs import (
+    gateway_with_replicas,
+    http_call,
+)
 
 OPENAPI = Path(__file__).resolve().parent.parent / "gateway" / "openapi.yaml"
 MAX_EXAMPLES = 25
@@ -30,18 +33,8 @@ OK_INFERENCES: Counter[str] = Counter()  # 200s on infer: the documented example
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gw-schemathesis")
-    started: list = []
-    try:
-        repo = demo_repository(tmp, versions=(1, 2))
-        reps = start_replicas(started, repo, 3)
-        gw = GatewayProc(tmp, replicas=replica_urls(reps))
-        started.append(gw)
-        gw.wait_ready()
+    with gateway_with_replicas(tmp_path_factory.mktemp("gw-schemathesis")) as (gw, _replicas):
         yield gw
-    finally:
-        for p in reversed(started):
-            p.stop()
 
 
 # Loaded at import (the file, not the server): schemathesis' lazy `from_fixture` loader does not
