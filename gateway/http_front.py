@@ -316,7 +316,22 @@ class HttpFront:
         gw = self.gw
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-            resp = await routed(request)
+            guard = guards.get(request.transport)
+            if guard is not None:
+                guard.request_started()
+            try:
+                if request.method == "POST" and (target := _split_infer_path(request.path)) is not None:
+                    if "Expect" in request.headers:  # curl / perf_analyzer wait for this
+                        await _continue(request)
+                    resp = await self._infer(request, target[0], target[1])
+                elif self.auth is None or request.path in OPEN_PATHS or \
+                        (self.open_metadata and request.path.startswith("/v2")):
+                    resp = await app_handle(request)
+                else:
+                    resp = await self._authorized(request, app_handle)
+            finally:
+                if guard is not None:
+                    guard.request_done()
             if gw.draining:
                 # Draining: answer, then close the keep-alive connection (Connection: close),
                 # so the client's next request opens a new one to a worker that stays; closing
@@ -324,36 +339,21 @@ class HttpFront:
                 resp.force_close()
             return resp
 
-        async def routed(request: web.BaseRequest) -> web.StreamResponse:
-            guard = guards.get(request.transport)
-            if guard is not None:
-                guard.request_started()
-            try:
-                if request.method == "POST":
-                    target = _split_infer_path(request.path)
-                    if target is not None:
-                        if "Expect" in request.headers:  # curl / perf_analyzer wait for this
-                            await _continue(request)
-                        return await self._infer(request, target[0], target[1])
-                if self.auth is None or request.path in OPEN_PATHS or \
-                        (self.open_metadata and request.path.startswith("/v2")):
-                    return await app_handle(request)
-                model, version = model_of_path(request.path)
-                bad_name = model_ref_problem(model, version) if model is not None else ""
-                if bad_name:
-                    return error_response(bad_name, 400)
-                decision = self.auth.authorize_headers(request.headers, model)
-                if not decision.allowed:
-                    return refusal_response(decision)
-                try:
-                    return await app_handle(request)
-                finally:
-                    decision.release()
-            finally:
-                if guard is not None:
-                    guard.request_done()
-
         runner.server.request_handler = dispatch
+
+    async def _authorized(self, request: web.BaseRequest, app_handle) -> web.StreamResponse:
+        """Everything but inference when API keys are on: name check, key check, then the app."""
+        model, version = model_of_path(request.path)
+        bad_name = model_ref_problem(model, version) if model is not None else ""
+        if bad_name:
+            return error_response(bad_name, 400)
+        decision = self.auth.authorize_headers(request.headers, model)
+        if not decision.allowed:
+            return refusal_response(decision)
+        try:
+            return await app_handle(request)
+        finally:
+            decision.release()
 
     def client_site(self, runner: web.BaseRunner, sock, ssl_context=None) -> web.BaseSite:
         """The client listener's site: connections guarded against slow clients."""
