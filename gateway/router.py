@@ -37,11 +37,8 @@ class Router:
         self.local_region = local_region
         self._local = (Target(TARGET_LOCAL, local_region),)
 
-    def targets(self, model: str, version: str | None, hops: int) -> tuple[Target, ...]:
-        """Ordered targets for one request. `hops` >= 1: local only (no second hop)."""
-        return self._local
-
     def targets_for(self, call) -> tuple[Target, ...]:
+        """Ordered targets for one request: with one region, always the local pools."""
         return self._local
 
     def snapshot(self) -> dict:
