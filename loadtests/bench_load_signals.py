@@ -77,13 +77,7 @@ X = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(1, 16)
 
 def write_model(root: Path, execute_ms: float) -> str:
     """The demo model, one request per execute, each taking at least `execute_ms`."""
-    model_dir = write_python_backend_entry(root, 1)
-    cfg = model_dir / "config.pbtxt"
-    cfg.write_text(cfg.read_text().replace("max_batch_size: 32", "max_batch_size: 1"))
-    py = model_dir / "1" / "model.py"
-    py.write_text(py.read_text().replace(
-        "        responses = []\n",
-        f"        import time\n        time.sleep({execute_ms / 1000.0!r})\n        responses = []\n"))
+    write_python_backend_entry(root, 1, execute_delay_s=execute_ms / 1000.0, max_batch_size=1)
     return str(root)
 
 

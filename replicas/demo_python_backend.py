@@ -17,8 +17,11 @@ import numpy as np
 
 from replicas.demo_model import INPUT_NAME, OUTPUT_NAME, SPECS, demo_weights
 
+DELAY_FILE = "execute_delay_s"  # optional, next to the weights: seconds each execute sleeps (tests)
+
 MODEL_PY = '''"""geogate demo model (python backend): an MLP whose weights live next to this file."""
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -30,8 +33,12 @@ class TritonPythonModel:
         with np.load(os.path.join(here, "weights.npz")) as w:
             count = len(w.files) // 2
             self.layers = [(w[f"W{i}"], w[f"B{i}"]) for i in range(count)]
+        delay = os.path.join(here, "execute_delay_s")
+        self.delay_s = float(open(delay).read()) if os.path.exists(delay) else 0.0
 
     def execute(self, requests):
+        if self.delay_s:
+            time.sleep(self.delay_s)
         responses = []
         for request in requests:
             h = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy().astype(np.float32)
@@ -61,8 +68,10 @@ def python_backend_config(size: str, *, name: str | None = None, max_batch_size:
 
 
 def write_python_backend_entry(outdir: str | os.PathLike[str], version: int, *, size: str = "tiny",
-                               name: str | None = None, with_config: bool = True) -> Path:
-    """Write OUTDIR/<name>/<version>/{model.py, weights.npz} (+ config.pbtxt). Returns the model dir."""
+                               name: str | None = None, with_config: bool = True, execute_delay_s: float = 0.0,
+                               max_batch_size: int | None = None) -> Path:
+    """Write OUTDIR/<name>/<version>/{model.py, weights.npz} (+ config.pbtxt). Returns the model dir.
+    `execute_delay_s`: each execute sleeps that long first (a slow model, so requests queue)."""
     spec = SPECS[size]
     model_dir = Path(outdir) / (name or spec.model_name)
     version_dir = model_dir / str(version)
@@ -74,6 +83,8 @@ def write_python_backend_entry(outdir: str | os.PathLike[str], version: int, *, 
     np.savez(buf, **arrays)
     (version_dir / "weights.npz").write_bytes(buf.getvalue())
     (version_dir / "model.py").write_text(MODEL_PY)
+    if execute_delay_s:
+        (version_dir / DELAY_FILE).write_text(repr(float(execute_delay_s)))
     if with_config:
-        (model_dir / "config.pbtxt").write_text(python_backend_config(size, name=name))
+        (model_dir / "config.pbtxt").write_text(python_backend_config(size, name=name, max_batch_size=max_batch_size))
     return model_dir

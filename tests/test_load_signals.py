@@ -44,13 +44,7 @@ ROUTED_REQUESTS = 8
 def slow_triton_repository(root: Path) -> str:
     """The python-backend demo, one request per execute, each taking SLOW_EXECUTE_S: requests
     queue in Triton's scheduler (nv_inference_pending_request_count)."""
-    model_dir = write_python_backend_entry(root, 1)
-    cfg = model_dir / "config.pbtxt"
-    cfg.write_text(cfg.read_text().replace("max_batch_size: 32", "max_batch_size: 1"))
-    py = model_dir / "1" / "model.py"
-    py.write_text(py.read_text().replace(
-        "        responses = []\n",
-        f"        import time\n        time.sleep({SLOW_EXECUTE_S})\n        responses = []\n"))
+    write_python_backend_entry(root, 1, execute_delay_s=SLOW_EXECUTE_S, max_batch_size=1)
     return str(root)
 
 
