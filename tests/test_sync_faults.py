@@ -99,6 +99,9 @@ def test_store_unreachable_keeps_serving(site, procs):  # noqa: F811
     push(url, site["src"], 2)
     promote(url, 2)
     wait_for(lambda: all(serves(r, 2) for r in reps), "v2 served after the store came back", procs=[agent])
+    # the status is published at the end of the agent's round: the replicas may serve v2 first
+    wait_for(lambda: getattr(site_status(url, "eu"), "store_ok", False), "a status saying the store is back",
+             procs=[agent])
     st = site_status(url, "eu")
     assert st.store_ok and time.time() - st.heartbeat_s < 10
     assert "does not exist" in st.store_last_error  # what happened stays visible after recovery
