@@ -278,6 +278,24 @@ class DnsSection:
     soa_minimum_s: int = _v(_non_negative, default=20)
     # HOST:PORT for /metrics and /geogate/v1/dns (region health as DNS sees it); empty: off.
     metrics: str = _v(lambda p, v: v == "" or _host_port(p, v), default="")
+    # DNS over TCP (RFC 7766): open connections in all and per client address; when all are in
+    # use, a new connection closes the one idle longest. A connection is closed when no complete
+    # query arrives within the idle timeout (a partial length prefix or message does not count).
+    tcp_max_connections: int = _v(_positive, default=256)
+    tcp_max_connections_per_client: int = _v(_positive, default=16)
+    tcp_idle_timeout_ms: int = _v(_positive, default=5000)
+    # Response rate limiting over UDP (BIND's RRL, per source prefix): responses per second per
+    # /rate_limit_ipv4_prefix_len (IPv6: /rate_limit_ipv6_prefix_len) of the source address (0:
+    # off); over it, every rate_limit_slip-th response is sent truncated (TC=1: the client can
+    # retry over TCP, which is not limited), the others are dropped (slip 0: all dropped).
+    # At most rate_limit_max_sources prefixes are tracked (the least recently seen goes first).
+    rate_limit_responses_per_s: int = _v(_non_negative, default=100)
+    rate_limit_slip: int = _v(lambda p, v: _check(p, 0 <= v <= 10, f"must be 0..10, got {v!r}"), default=2)
+    rate_limit_ipv4_prefix_len: int = _v(lambda p, v: _check(p, 1 <= v <= 32, f"must be 1..32, got {v!r}"),
+                                         default=24)
+    rate_limit_ipv6_prefix_len: int = _v(lambda p, v: _check(p, 1 <= v <= 128, f"must be 1..128, got {v!r}"),
+                                         default=56)
+    rate_limit_max_sources: int = _v(_positive, default=20000)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,16 @@ An authoritative server for ``dns.zone`` over UDP and TCP on ``dns.listen``:
   every ``dns.check_interval_ms``).  If no region is healthy, every region is answered (fail
   open: a stale answer beats no answer) and that is logged.
 - SOA and NS at the apex; NXDOMAIN (SOA in authority) for unknown names in the zone, NODATA
-  for other types, REFUSED outside the zone, NOTIMP for opcodes other than QUERY.  Malformed
+  for other types, REFUSED outside the zone and for zone transfers (AXFR/IXFR; with EDNS an
+  Extended DNS Error 18 "Prohibited" says why), NOTIMP for opcodes other than QUERY.  Malformed
   packets get FORMERR when their header is readable, else nothing.  Every packet is handled
   inside its own try: nothing a client sends can stop the server.
+- Hostile clients: UDP responses are rate limited per source prefix before a query is even
+  parsed (geo.dns_rate_limit; over the limit, 1 in ``rate_limit_slip`` gets a truncated reply
+  so real clients retry over TCP).  TCP connections are limited per client address and in all
+  (at the global cap the idlest connection makes room), and closed when no complete query
+  arrives within ``tcp_idle_timeout_ms`` (RFC 7766 6.2.3), which also bounds a partial length
+  prefix or message and a client that does not read its answers.
 - ``dns.metrics`` (HOST:PORT, optional): ``/metrics`` and ``/geogate/v1/dns`` (geo.dns_metrics).
 
 Withdrawal time with the default checks: <= ~1.4 s (see geo.region_health);
@@ -33,6 +40,7 @@ import signal
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +58,7 @@ from aiohttp import web
 
 from geo.client_locator import ClientLocator
 from geo.dns_metrics import DnsMetrics, build_status_app
+from geo.dns_rate_limit import SLIP, ResponseRateLimiter
 from geo.region_health import RegionHealth, RegionHealthMonitor
 from geo.region_order import MODE_NEAREST_TO_CLIENT, order_regions
 
@@ -59,12 +68,16 @@ HEADER_LEN = 12
 CLASSIC_UDP_PAYLOAD = 512  # RFC 1035 limit without EDNS
 OUR_UDP_PAYLOAD = 1232  # DNS flag day 2020: avoids IP fragmentation
 MAX_TCP_MESSAGE = 65535
-TCP_IDLE_TIMEOUT_S = 10.0
-MAX_TCP_CONNECTIONS = 256
 APEX_TTL_S = 3600  # SOA/NS change rarely; the service answer carries dns.ttl
+MAX_QNAME_WIRE = 255  # RFC 1035 2.3.4
+MAX_CACHED_RRSETS = 1024
+LOG_INTERVAL_S = 1.0  # lines about what hostile clients do: at most one per second per kind
+TRANSFER_TYPES = {dns.rdatatype.AXFR: "AXFR", dns.rdatatype.IXFR: "IXFR"}
+TRANSFER_REFUSED_TEXT = "zone transfers are not served"
 
 _QR = 0x8000
 _OPCODE_MASK = 0x7800
+_TC = 0x0200
 _RD = 0x0100
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,6 +101,51 @@ def _formerr_from_header(wire: bytes) -> bytes | None:
         return None
     reply_flags = _QR | (flags & _OPCODE_MASK) | (flags & _RD) | dns.rcode.FORMERR
     return struct.pack("!HHHHHH", qid, reply_flags, 0, 0, 0, 0)
+
+
+def _truncated_reply(wire: bytes) -> bytes | None:
+    """A rate limiter's "slip": the query's header and question with QR and TC set and nothing
+    else, built from the raw bytes (no parse, no answer; never larger than the query).  A real
+    client retries over TCP; anything but a plain one-question query gets nothing."""
+    qid, flags, qdcount = struct.unpack_from("!HHH", wire)
+    if qdcount != 1 or flags & (_QR | _OPCODE_MASK):
+        return None
+    pos, end = HEADER_LEN, len(wire)
+    while True:  # the question's name: uncompressed labels up to the root
+        if pos >= end or pos - HEADER_LEN >= MAX_QNAME_WIRE:
+            return None
+        label_len = wire[pos]
+        if label_len == 0:
+            break
+        if label_len & 0xC0:  # a compression pointer or an extended label type: not in a sane question
+            return None
+        pos += 1 + label_len
+    pos += 1 + 4  # the root label, QTYPE and QCLASS
+    if pos > end:
+        return None
+    return struct.pack("!HHHHHH", qid, _QR | _TC | (flags & _RD), 1, 0, 0, 0) + wire[HEADER_LEN:pos]
+
+
+class _ThrottledLog:
+    """One line per ``interval_s`` at most; the next line says how many were left out.  What
+    hostile clients cause must not flood the log."""
+
+    def __init__(self, level: int, interval_s: float = LOG_INTERVAL_S):
+        self.level = level
+        self.interval_s = interval_s
+        self._next_s = 0.0
+        self._left_out = 0
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next_s:
+            self._left_out += 1
+            return
+        if self._left_out:
+            msg += f" ({self._left_out} similar lines left out)"
+            self._left_out = 0
+        self._next_s = now + self.interval_s
+        log.log(self.level, msg, *args)
 
 
 class GeoDnsResponder:
@@ -132,6 +190,8 @@ class GeoDnsResponder:
         self.names = {self.zone, self.service, *self.glue}
         self.failing_open = False
         self.metrics: DnsMetrics | None = None
+        self._log_transfer = _ThrottledLog(logging.INFO)
+        self._rrsets: dict[tuple[int, tuple[str, ...]], dns.rrset.RRset] = {}
 
     # ------------------------------------------------------------ region choice
 
@@ -160,6 +220,9 @@ class GeoDnsResponder:
 
     def handle(self, wire: bytes, source_ip: str, *, udp: bool) -> bytes | None:
         """The response bytes for one query, or None to stay silent."""
+        if len(wire) < HEADER_LEN or wire[2] & 0x80:  # no header, or a response (QR): never answered
+            self._count(udp, None)
+            return None
         try:
             query = dns.message.from_wire(wire)
         except Exception as exc:  # any parse failure is the sender's problem, never ours
@@ -211,6 +274,8 @@ class GeoDnsResponder:
             return response
         q = query.question[0]
         qname, rdtype = q.name, q.rdtype
+        if rdtype in TRANSFER_TYPES:
+            return self._refuse_transfer(query, response, source_ip)
         if q.rdclass != dns.rdataclass.IN or not qname.is_subdomain(self.zone):
             response.set_rcode(dns.rcode.REFUSED)  # not authoritative, and no recursion here
             return response
@@ -231,7 +296,7 @@ class GeoDnsResponder:
             for t in types:
                 addresses, ecs_scope, first = self.choose(t, client_net)
                 if addresses:
-                    response.answer.append(dns.rrset.from_text_list(qname, self.ttl, "IN", t, addresses))
+                    response.answer.append(self._service_rrset(t, addresses))
                     if self.metrics is not None:
                         self.metrics.answered(first)
         if qname in self.glue:
@@ -246,6 +311,34 @@ class GeoDnsResponder:
             scope = ecs_scope if (ecs.srclen and qname == self.service) else 0
             response.use_edns(0, 0, OUR_UDP_PAYLOAD, query.payload,
                               options=[dns.edns.ECSOption(ecs.address, ecs.srclen, scope)])
+        return response
+
+    def _service_rrset(self, rdtype: int, addresses: list[str]) -> dns.rrset.RRset:
+        """The service's A/AAAA RRset for these addresses, built once: parsing the addresses' text
+        was a quarter of an answer's cost.  The keys are the orderings of the regions' addresses
+        that health and client location produce: a handful, but up to (regions)! while failing
+        open, hence the cap."""
+        key = (rdtype, tuple(addresses))
+        rrset = self._rrsets.get(key)
+        if rrset is None:
+            rrset = dns.rrset.from_text_list(self.service, self.ttl, "IN", rdtype, addresses)
+            if len(self._rrsets) < MAX_CACHED_RRSETS:
+                self._rrsets[key] = rrset
+        return rrset
+
+    def _refuse_transfer(self, query: dns.message.Message, response: dns.message.Message,
+                         source_ip: str) -> dns.message.Message:
+        """AXFR/IXFR: REFUSED, as BIND answers a transfer nobody allowed.  The zone is computed per
+        client (nearest healthy region), so there is no zone to hand over."""
+        qtype = TRANSFER_TYPES[query.question[0].rdtype]
+        response.set_rcode(dns.rcode.REFUSED)
+        if query.edns >= 0:  # RFC 8914: the reason, for whoever reads dig's output
+            response.use_edns(0, 0, OUR_UDP_PAYLOAD, query.payload,
+                              options=[dns.edns.EDEOption(dns.edns.EDECode.PROHIBITED, TRANSFER_REFUSED_TEXT)])
+        if self.metrics is not None:
+            self.metrics.refused_transfer(qtype)
+        self._log_transfer("refused %s of %s from %s: %s", qtype, query.question[0].name, source_ip,
+                           TRANSFER_REFUSED_TEXT)
         return response
 
     @staticmethod
@@ -265,8 +358,9 @@ class GeoDnsResponder:
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, responder: GeoDnsResponder):
+    def __init__(self, responder: GeoDnsResponder, limiter: ResponseRateLimiter | None = None):
         self.responder = responder
+        self.limiter = limiter
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -274,6 +368,16 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         try:
+            # Rate limit on the source alone, before any parsing: a flooding prefix costs a
+            # table lookup per packet.  Packets never answered (no header, QR set) are not counted.
+            if self.limiter is not None and len(data) >= HEADER_LEN and not data[2] & 0x80:
+                verdict = self.limiter.check(addr[0])
+                if verdict:
+                    if verdict == SLIP and self.transport is not None:
+                        reply = _truncated_reply(data)
+                        if reply is not None:
+                            self.transport.sendto(reply, addr)
+                    return
             reply = self.responder.handle(data, addr[0], udp=True)
             if reply is not None and self.transport is not None:
                 self.transport.sendto(reply, addr)
@@ -284,39 +388,163 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         log.debug("UDP error: %s", exc)  # e.g. ICMP port unreachable from a client gone away
 
 
-class _TcpServer:
-    """DNS over TCP (RFC 7766): 2-byte length-prefixed messages, several per connection."""
+class _TcpConnection(asyncio.Protocol):
+    """One DNS-over-TCP connection (RFC 7766): 2-byte length-prefixed messages; pipelined
+    queries are answered in order.  Memory is bounded: complete queries are answered as they
+    arrive, so what stays buffered is one partial message (< 64 KiB); while the client does not
+    read its answers, reading pauses (the transport's write buffer is the bound)."""
 
-    def __init__(self, responder: GeoDnsResponder):
-        self.responder = responder
-        self.connections = 0
+    def __init__(self, server: _TcpServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.client = "?"
+        self.buffer = bytearray()
+        self.last_query_s = 0.0  # loop time of the connection's start or its last complete query
+        self.timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
+        self.released = False  # out of the server's accounting (closing, or never admitted)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername") or ("?",)
-        self.connections += 1
-        try:
-            if self.connections > MAX_TCP_CONNECTIONS:
-                log.warning("refusing TCP connection from %s: %d connections open", peer[0], self.connections)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if peer else "?"
+        self.server.admit(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.released:
+            return
+        self.buffer += data
+        self._answer_complete_queries()
+
+    def _answer_complete_queries(self) -> None:
+        buf = self.buffer
+        while not self.write_paused and len(buf) >= 2:
+            end = 2 + ((buf[0] << 8) | buf[1])
+            if len(buf) < end:
+                return  # a partial message: the idle timer keeps running
+            wire = bytes(buf[2:end])
+            del buf[:end]
+            reply = self.server.responder.handle(wire, self.client, udp=False)
+            if reply is None:  # not a query (or no header): nothing sensible follows on this stream
+                self.server.close(self)
                 return
-            while True:
-                try:
-                    async with asyncio.timeout(TCP_IDLE_TIMEOUT_S):
-                        (length,) = struct.unpack("!H", await reader.readexactly(2))
-                        wire = await reader.readexactly(length)
-                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                    return
-                reply = self.responder.handle(wire, str(peer[0]), udp=False)
-                if reply is None:
-                    return
-                writer.write(struct.pack("!H", len(reply)) + reply)
-                await writer.drain()
-        except Exception:
-            log.exception("TCP connection from %s failed", peer[0])
-        finally:
-            self.connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self.transport.write(struct.pack("!H", len(reply)) + reply)  # type: ignore[union-attr]
+            self.server.touch(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its queries until it does (the
+        # idle timer closes the connection if it never does).
+        self.write_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._answer_complete_queries()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.release(self)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        if self.released:
+            return
+        idle_s = self.server.loop.time() - self.last_query_s
+        if idle_s >= self.server.idle_timeout_s:
+            self.server.closed_idle += 1
+            self.server.close(self)
+        else:
+            self.timer = self.server.loop.call_later(self.server.idle_timeout_s - idle_s, self.on_timer)
+
+
+class _TcpServer:
+    """The TCP listener's connections: per-client and global limits, idle timeout.
+
+    At ``tcp_max_connections_per_client`` a client's new connection is closed at once.  At
+    ``tcp_max_connections`` the connection idle longest (no complete query for the longest time)
+    is closed to make room: idle connections held by a hostile client cannot lock everyone out,
+    and an attacker would have to open connections faster than a legitimate client sends its
+    query to hurt it.  RFC 7766 6.2.3 lets servers close idle connections under pressure."""
+
+    def __init__(self, responder: GeoDnsResponder, *, max_connections: int, max_per_client: int,
+                 idle_timeout_s: float):
+        self.responder = responder
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.idle_timeout_s = idle_timeout_s
+        self.loop = asyncio.get_running_loop()
+        # Least recently active first (a query moves a connection to the end).
+        self.connections: OrderedDict[_TcpConnection, None] = OrderedDict()
+        self.per_client: dict[str, int] = {}
+        self.closed_idle = 0
+        self.refused_per_client = 0
+        self.evicted = 0
+        self._log_refused = _ThrottledLog(logging.WARNING)
+        self._log_evicted = _ThrottledLog(logging.WARNING)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
+
+    def protocol(self) -> _TcpConnection:
+        return _TcpConnection(self)
+
+    def admit(self, conn: _TcpConnection) -> None:
+        held = self.per_client.get(conn.client, 0)
+        if held >= self.max_per_client:
+            self.refused_per_client += 1
+            self._log_refused("refusing a TCP connection from %s: it has %d open (dns.tcp_max_connections_per_client)",
+                              conn.client, held)
+            conn.released = True
+            conn.transport.abort()  # type: ignore[union-attr]
+            return
+        if len(self.connections) >= self.max_connections:
+            victim = next(iter(self.connections))
+            self.evicted += 1
+            self._log_evicted("%d TCP connections open (dns.tcp_max_connections): closing the idlest, from %s "
+                              "(no query for %.1f s), for a new one from %s", len(self.connections), victim.client,
+                              self.loop.time() - victim.last_query_s, conn.client)
+            self.close(victim)
+        self.connections[conn] = None
+        self.per_client[conn.client] = held + 1
+        conn.last_query_s = self.loop.time()
+        conn.timer = self.loop.call_later(self.idle_timeout_s, conn.on_timer)
+
+    def touch(self, conn: _TcpConnection) -> None:
+        if not conn.released:
+            conn.last_query_s = self.loop.time()
+            self.connections.move_to_end(conn)
+
+    def release(self, conn: _TcpConnection) -> None:
+        """Out of the accounting (idempotent: on close and again when the connection is lost)."""
+        if conn.released:
+            return
+        conn.released = True
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        self.connections.pop(conn, None)
+        left = self.per_client.get(conn.client, 1) - 1
+        if left > 0:
+            self.per_client[conn.client] = left
+        else:
+            self.per_client.pop(conn.client, None)
+
+    def close(self, conn: _TcpConnection) -> None:
+        self.release(conn)
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()  # answers the client is not reading would keep close() waiting forever
+        else:
+            transport.close()
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            self.close(conn)
 
 
 # ---------------------------------------------------------------- process
@@ -361,12 +589,22 @@ async def serve(cfg: Any, listen: str, *, stop: asyncio.Event | None = None) -> 
     if not monitor.healthy_names():
         responder.failing_open = True
         log.error("no region is healthy at start: answering every region (fail open) until one is")
+    d = cfg.dns
+    limiter = None
+    if d.rate_limit_responses_per_s:
+        limiter = ResponseRateLimiter(responses_per_s=d.rate_limit_responses_per_s, slip=d.rate_limit_slip,
+                                      ipv4_prefix_len=d.rate_limit_ipv4_prefix_len,
+                                      ipv6_prefix_len=d.rate_limit_ipv6_prefix_len,
+                                      max_sources=d.rate_limit_max_sources)
+    tcp = _TcpServer(responder, max_connections=d.tcp_max_connections,
+                     max_per_client=d.tcp_max_connections_per_client, idle_timeout_s=d.tcp_idle_timeout_ms / 1000)
+    responder.metrics.rate_limiter = limiter
+    responder.metrics.tcp = tcp
     host, port = _split_host_port(listen)
     try:
-        udp_transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(responder),
+        udp_transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(responder, limiter),
                                                                local_addr=(host, port))
-        tcp = _TcpServer(responder)
-        tcp_server = await asyncio.start_server(tcp.handle, host, port, reuse_address=True)
+        tcp_server = await loop.create_server(tcp.protocol, host, port, reuse_address=True)
     except OSError as exc:
         await monitor.close()
         raise GeoDnsStartError(f"dns.listen: cannot serve on {listen}: {_os_reason(exc)}") from None
@@ -383,14 +621,20 @@ async def serve(cfg: Any, listen: str, *, stop: asyncio.Event | None = None) -> 
             await status_runner.cleanup()
             await monitor.close()
             raise GeoDnsStartError(f"dns.metrics: cannot serve on {cfg.dns.metrics}: {_os_reason(exc)}") from None
-    log.info("geogate dns serving zone %s (service %s) on %s udp+tcp%s; regions: %s", responder.zone,
-             responder.service, listen, f", metrics on {cfg.dns.metrics}" if cfg.dns.metrics else "",
-             ", ".join(f"{s.name}={'up' if s.healthy else 'down'} ({s.reason})" for s in monitor.states.values()))
+    log.info("geogate dns serving zone %s (service %s) on %s udp+tcp%s; regions: %s; %s; TCP: %d connections, "
+             "%d per client, idle timeout %d ms", responder.zone, responder.service, listen,
+             f", metrics on {cfg.dns.metrics}" if cfg.dns.metrics else "",
+             ", ".join(f"{s.name}={'up' if s.healthy else 'down'} ({s.reason})" for s in monitor.states.values()),
+             f"UDP responses limited to {d.rate_limit_responses_per_s}/s per /{d.rate_limit_ipv4_prefix_len} "
+             f"(IPv6 /{d.rate_limit_ipv6_prefix_len}), slip {d.rate_limit_slip}" if limiter is not None
+             else "UDP responses not rate limited", d.tcp_max_connections, d.tcp_max_connections_per_client,
+             d.tcp_idle_timeout_ms)
     try:
         await stop.wait()
     finally:
         log.info("geogate dns shutting down")
         tcp_server.close()
+        tcp.close_all()
         udp_transport.close()
         if status_runner is not None:
             await status_runner.cleanup()
