@@ -18,6 +18,8 @@ with a fake clock, the slip reply) is checked in-process at the end.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import re
 import select
 import socket
@@ -28,13 +30,16 @@ import urllib.request
 
 import dns.flags
 import dns.message
+import dns.rcode
 import dns.rdatatype
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import DnsSection, parse_config
 from geo.client_locator import ClientLocator
 from geo.dns_rate_limit import ALLOW, DROP, SLIP, ResponseRateLimiter
-from geo.dns_server import GeoDnsResponder, _truncated_reply, _UdpProtocol
+from geo.dns_server import GeoDnsResponder, _TcpServer, _truncated_reply, _UdpProtocol
 from geo.region_health import RegionHealthMonitor
 from tests.geo_standin import REGIONS, StandinGateway, dig, start_dns, wait_dns, write_config
 from tests.procs import free_port
@@ -532,11 +537,15 @@ class _FakeDatagramTransport:
         self.sent.append(data)
 
 
-def test_limited_queries_are_dropped_before_the_responder_sees_them():
+def _responder() -> GeoDnsResponder:
     cfg = parse_config('[[regions]]\nname = "eu-west"\naddresses = ["192.0.2.10"]\n')
     monitor = RegionHealthMonitor.from_config(cfg)
     monitor.states["eu-west"].healthy = True
-    responder = GeoDnsResponder(cfg, monitor, ClientLocator(cfg.regions))
+    return GeoDnsResponder(cfg, monitor, ClientLocator(cfg.regions))
+
+
+def test_limited_queries_are_dropped_before_the_responder_sees_them():
+    responder = _responder()
     parsed = []
     real_handle = responder.handle
     responder.handle = lambda wire, source, *, udp: parsed.append(source) or real_handle(wire, source, udp=udp)
@@ -561,3 +570,109 @@ def test_limited_queries_are_dropped_before_the_responder_sees_them():
     # Another prefix is unaffected.
     proto.datagram_received(query, ("198.51.100.1", 5353))
     assert parsed[-1] == "198.51.100.1" and len(transport.sent) == 56
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ("rate_limit_ipv4_prefix_len = 33", "dns.rate_limit_ipv4_prefix_len: must be 1..32, got 33"),
+    ("rate_limit_ipv6_prefix_len = 0", "dns.rate_limit_ipv6_prefix_len: must be 1..128, got 0"),
+    ("rate_limit_slip = 11", "dns.rate_limit_slip: must be 0..10, got 11"),
+    ("rate_limit_responses_per_s = -1", "dns.rate_limit_responses_per_s: must be >= 0, got -1"),
+    ("rate_limit_max_sources = 0", "dns.rate_limit_max_sources: must be > 0, got 0"),
+    ("tcp_idle_timeout_ms = 0", "dns.tcp_idle_timeout_ms: must be > 0, got 0"),
+    ("tcp_max_connections_per_client = 1.5", "dns.tcp_max_connections_per_client: must be an integer, got 1.5"),
+    ("tcp_max_connection = 10", "dns.tcp_max_connection: unknown key"),
+])
+def test_new_dns_keys_are_checked(snippet, expected):
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config(f"[dns]\n{snippet}\n")
+
+
+class _FakeStreamTransport:
+    """Just what _TcpConnection uses of an asyncio transport."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.written = bytearray()
+        self.closed = self.aborted = self.reading_paused = False
+
+    def get_extra_info(self, name: str):
+        return (self.peer, 40000) if name == "peername" else None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+
+
+def _tcp_answers(written: bytes) -> list[dns.message.Message]:
+    out, pos = [], 0
+    while pos < len(written):
+        n = struct.unpack_from("!H", written, pos)[0]
+        out.append(dns.message.from_wire(written[pos + 2:pos + 2 + n]))
+        pos += 2 + n
+    return out
+
+
+STREAM = b"".join(tcp_query(name, rdtype, qid) for qid, (name, rdtype) in enumerate(
+    [(SERVICE, "A"), ("geogate.test.", "SOA"), ("nothing.geogate.test.", "A"), ("geogate.test.", "AXFR")]))
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(cuts=st.lists(st.integers(0, len(STREAM)), max_size=12))
+def test_tcp_framing_any_split_gives_the_same_answers(cuts):
+    """Pipelined queries arriving in any pieces: every one answered once, in order; a partial
+    message left at the end is kept, never answered."""
+    async def scenario() -> tuple[list[dns.message.Message], int]:
+        server = _TcpServer(_responder(), max_connections=4, max_per_client=2, idle_timeout_s=60)
+        conn = server.protocol()
+        transport = _FakeStreamTransport("192.0.2.1")
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        points = sorted({0, *cuts, len(STREAM)})
+        for a, b in itertools.pairwise(points):
+            conn.data_received(STREAM[a:b])
+        conn.data_received(STREAM[:5])  # the start of one more query
+        answers = _tcp_answers(bytes(transport.written))
+        conn.connection_lost(None)
+        return answers, server.open_connections
+
+    answers, left_open = asyncio.run(scenario())
+    assert [(m.id, dns.rcode.to_text(m.rcode())) for m in answers] == [
+        (0, "NOERROR"), (1, "NOERROR"), (2, "NXDOMAIN"), (3, "REFUSED")]
+    assert left_open == 0
+
+
+def test_tcp_accounting_per_client_and_eviction_in_process():
+    async def scenario() -> None:
+        server = _TcpServer(_responder(), max_connections=3, max_per_client=2, idle_timeout_s=60)
+        conns = []
+        for peer in ("192.0.2.1", "192.0.2.1", "192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            conn = server.protocol()
+            conn.connection_made(_FakeStreamTransport(peer))  # type: ignore[arg-type]
+            conns.append(conn)
+        t = [c.transport for c in conns]
+        assert t[2].aborted and server.refused_per_client == 1  # the third from .1: over its share
+        assert t[0].closed and server.evicted == 1  # .3 arrived at the cap: the oldest made room
+        assert server.per_client == {"192.0.2.1": 1, "192.0.2.2": 1, "192.0.2.3": 1}
+        for c in conns:
+            c.connection_lost(None)
+        assert server.open_connections == 0 and server.per_client == {}
+
+    asyncio.run(scenario())
