@@ -75,7 +75,8 @@ class DnsMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._responses = Counter("geogate_dns_responses", "Responses sent, by transport and rcode",
+        self._responses = Counter("geogate_dns_responses", "Responses sent, by transport and rcode (the rate "
+                                  "limiter's truncated slips are in geogate_dns_rate_limited_responses)",
                                   ["transport", "rcode"], registry=r)
         self._answers = Counter("geogate_dns_service_answers", "Service answers, by the first region answered",
                                 ["region"], registry=r)

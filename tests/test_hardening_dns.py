@@ -676,3 +676,24 @@ def test_tcp_accounting_per_client_and_eviction_in_process():
         assert server.open_connections == 0 and server.per_client == {}
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_does_not_read_its_answers_is_cut_off():
+    async def scenario() -> tuple[_FakeStreamTransport, int, int, int]:
+        server = _TcpServer(_responder(), max_connections=4, max_per_client=2, idle_timeout_s=0.2)
+        conn = server.protocol()
+        transport = _FakeStreamTransport("192.0.2.1")
+        transport.get_write_buffer_size = lambda: 1 << 20  # type: ignore[method-assign]
+        gone = asyncio.Event()
+        transport.abort = lambda: (setattr(transport, "aborted", True), gone.set())  # type: ignore[method-assign]
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(tcp_query(qid=1))
+        conn.pause_writing()  # the transport's buffer is over its high-water mark
+        assert transport.reading_paused
+        conn.data_received(tcp_query(qid=2) * 3)  # read before the pause took effect: kept, not answered
+        await asyncio.wait_for(gone.wait(), 10)
+        return transport, len(_tcp_answers(bytes(transport.written))), server.open_connections, server.closed_idle
+
+    transport, answered, left_open, closed_idle = asyncio.run(scenario())
+    assert transport.aborted and not transport.closed  # abort: close() would wait on the unread answers
+    assert (answered, left_open, closed_idle) == (1, 0, 1)
