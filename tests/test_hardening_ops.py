@@ -480,3 +480,69 @@ def test_verify_streams_big_files(store_url, tmp_path):  # noqa: F811
     p = models("promote", "demo", "1", "--store", store_url, env=env)  # back to the damaged one
     assert p.returncode == 1 and "weights.bin: sha256" in p.stderr, p.stderr
 
+
+
+# ---------------------------------------------------------------- retries: what is retried, what is not
+
+
+EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/'
+                 b'2006-03-01/"><Name>b</Name><Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys>'
+                 b"<IsTruncated>false</IsTruncated></ListBucketResult>")
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your '
+             b"request rate.</Message></Error>")
+
+
+async def _s3_standin(behaviour):
+    """A loopback HTTP server answering S3 list requests as ``behaviour(n)`` says (n: 1, 2, ...):
+    "503" (SlowDown), "hang" (never answers) or "ok" (an empty listing). Returns (server, requests seen)."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path_qs)
+        what = behaviour(len(seen))
+        if what == "503":
+            return web.Response(status=503, body=SLOW_DOWN, content_type="application/xml")
+        if what == "hang":
+            await asyncio.sleep(3600)
+        return web.Response(body=EMPTY_LISTING, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server, seen
+
+
+async def test_transient_errors_are_retried_and_a_hang_is_not(monkeypatch):
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    from replicas.store import StoreTimeout, StoreUnavailable
+    from replicas.store.s3_store import S3Store
+
+    # Two 503 SlowDown, then an answer: 3 attempts make it, 2 do not.
+    for attempts, ok in ((3, True), (2, False)):
+        server, seen = await _s3_standin(lambda n: "503" if n <= 2 else "ok")
+        store = S3Store("s3://b/p", endpoint_url=str(server.make_url("")).rstrip("/"), max_attempts=attempts)
+        try:
+            if ok:
+                assert await store.list("releases/") == []
+            else:
+                with pytest.raises(StoreUnavailable, match="SlowDown"):
+                    await store.list("releases/")
+            assert len(seen) == (3 if ok else 2)
+        finally:
+            await store.close()
+            await server.close()
+    # A server that does not answer: one attempt, then StoreTimeout after read_timeout_s.
+    server, seen = await _s3_standin(lambda n: "hang")
+    store = S3Store("s3://b/p", endpoint_url=str(server.make_url("")).rstrip("/"), max_attempts=3,
+                    read_timeout_s=1.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(StoreTimeout, match=r"did not answer within 1\.\d s") as info:
+            await store.list("releases/")
+        assert 1.0 <= info.value.waited_s < 2.5 and time.monotonic() - t0 < 5
+        assert len(seen) == 1
+    finally:
+        await store.close()
+        await server.close()
