@@ -399,7 +399,7 @@ class SyncAgent:
     def _store_answered(self) -> None:
         self._store_answered_mono = time.monotonic()
 
-    def store_failed(self, exc: StoreUnavailable, *, retry_in_s: float) -> None:
+    def store_failed(self, exc: StoreUnavailable, *, retry_in_s: float | None) -> None:
         """A round failed on the store: keep serving what is installed, and say so: which store,
         how long it has not answered, why (a hang, a missing store, an error)."""
         kind = "timeout" if isinstance(exc, StoreTimeout) else "missing" if isinstance(exc, StoreMissing) \
@@ -410,11 +410,12 @@ class SyncAgent:
         self.metrics.store_up.set(0)
         self.metrics.store_failures.labels(self.site, kind).inc()
         what = "hangs" if kind == "timeout" else "is missing" if kind == "missing" else "fails"
+        retry = f", retry in {retry_in_s:.0f} s" if retry_in_s is not None else ""
         log.warning(f"store unreachable: {self.store.url} {what} and has not answered for {silent_s:.0f} s; "
-                    f"keeping installed versions serving, retry in {retry_in_s:.0f} s",
+                    f"keeping installed versions serving{retry}",
                     extra={"fields": {"site": self.site, "store": self.store.url, "kind": kind,
                                       "unanswered_s": round(silent_s, 1), "error": str(exc),
-                                      "retry_in_s": round(retry_in_s, 1)}})
+                                      **({"retry_in_s": round(retry_in_s, 1)} if retry_in_s is not None else {})}})
 
     def stop(self) -> None:
         """Stop promptly, even mid-download (the rename is the commit point, so this is safe)."""
@@ -910,7 +911,7 @@ async def _amain(args: argparse.Namespace) -> int:
             try:
                 await agent.sync_once()
             except StoreUnavailable as exc:
-                agent.store_failed(exc, retry_in_s=0)
+                agent.store_failed(exc, retry_in_s=None)
                 return 1
             finally:
                 await agent.close()
