@@ -192,7 +192,7 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
         who = who_of(request, doc)
         request[DETAIL_KEY] = {"version": doc.get("version")}
         rec = await releases.promote(request.match_info["name"], version_of(doc),
-                                     who=who, expected_generation=gen(doc))
+                                     who=who, expected_generation=gen(doc), verify=True)
         return _json({"release": rec.to_dict()})
 
     async def canary(request: web.Request) -> web.Response:
@@ -203,7 +203,7 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ValueError("body needs \"weight\": a number between 0 and 1")
         rec = await releases.set_canary(request.match_info["name"], version_of(doc), float(weight),
-                                        who=who, expected_generation=gen(doc))
+                                        who=who, expected_generation=gen(doc), verify=True)
         return _json({"release": rec.to_dict()})
 
     async def rollback(request: web.Request) -> web.Response:

@@ -50,6 +50,11 @@ def _fraction(path: str, value: Any) -> None:
     _check(path, 0.0 <= value <= 1.0, f"must be between 0 and 1, got {value!r}")
 
 
+def _store_timeout_s(path: str, value: Any) -> None:
+    # NaN fails every comparison; inf would mean "wait forever", which is what these bound.
+    _check(path, 0 < value <= 3600, f"must be a number of seconds, > 0 and <= 3600, got {value!r}")
+
+
 def _host_port(path: str, value: Any) -> None:
     host, sep, port = str(value).rpartition(":")
     # isascii(): str.isdigit() also accepts '²' (int() then raises) and other scripts' digits
@@ -114,6 +119,13 @@ class StoreSection:
     region: str = ""
     access_key_id_env: str = "AWS_ACCESS_KEY_ID"
     secret_access_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    # S3 only: how long to wait for a TCP connection / for the next bytes of an answer before a
+    # request counts as hanging (it then fails at once: no retry of a hang), and how many
+    # attempts a request gets when the server answers with a transient error (5xx, throttling,
+    # refused or dropped connection). replicas/store/s3_store.py.
+    connect_timeout_s: float = _v(_store_timeout_s, default=3.0)
+    read_timeout_s: float = _v(_store_timeout_s, default=10.0)
+    max_attempts: int = _v(lambda p, v: _check(p, 1 <= v <= 10, f"must be 1..10, got {v!r}"), default=3)
 
 
 @dataclass(frozen=True)

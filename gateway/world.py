@@ -49,8 +49,11 @@ examples:
   geogate up --regions eu-west,us-east --replicas 1 --base-port 24000
   geogate up --autoscale --replicas 1          replicas follow each gateway's desired count (1..6)
   AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... \\
-    geogate up --store s3://bucket/geogate --s3-endpoint http://127.0.0.1:9000
+    geogate up --store s3://bucket/geogate --s3-endpoint http://127.0.0.1:9000 --create-bucket
   geogate up --config .geogate/world.toml      run a written config (e.g. an edited world.toml)
+
+An s3:// store's bucket must exist (geogate up refuses to start otherwise, naming the bucket);
+--create-bucket creates it when missing. A missing file:// store directory is created.
 
 Port block (base B): each region's gateway HTTP B, gRPC B+1, admin/status page B+2 on its own
 loopback address 127.0.1.N (or B+10N.. on 127.0.0.1 where 127.0.1.N do not exist); GeoDNS
@@ -88,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     parser.add_argument("--s3-endpoint", default=None, metavar="URL",
                         help="S3 endpoint for --store s3://... (default: AWS, or $AWS_ENDPOINT_URL)")
+    parser.add_argument("--create-bucket", action="store_true",
+                        help="create the s3:// store's bucket when it does not exist (without it a missing "
+                             "bucket is an error); also with --config")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="run the processes this deployment config describes instead of the default world: "
                              "its geogate replicas on local addresses, a sync agent and gateway per region, GeoDNS, "
@@ -143,9 +149,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         launch, cfg = build_launch(args)
+        if args.create_bucket and not cfg.store.url.startswith("s3://"):
+            raise WorldError(f"--create-bucket is for an s3:// store, and this world's is {cfg.store.url} "
+                             "(a file:// store's directory is made without it)")
         prepare_directories(launch)
         return uvloop.run(run_world(launch, cfg, seed=not args.no_seed, only_if_empty=bool(args.config),
-                                    ready_timeout_s=args.ready_timeout))
+                                    ready_timeout_s=args.ready_timeout, create_bucket=args.create_bucket))
     except WorldError as exc:
         print(f"geogate up: {exc}", file=sys.stderr)
         return 1

@@ -76,10 +76,14 @@ class WorldReport:
                 say(f"cannot rewrite world.json: {exc}")
 
 
-async def run_world(launch: Launch, cfg: Any, *, seed: bool, only_if_empty: bool, ready_timeout_s: float) -> int:
+async def run_world(launch: Launch, cfg: Any, *, seed: bool, only_if_empty: bool, ready_timeout_s: float,
+                    create_bucket: bool = False) -> int:
     started = time.monotonic()
     try:
-        models = await prepare_store(cfg, launch.directory / "seed", seed=seed, only_if_empty=only_if_empty)
+        models = await prepare_store(cfg, launch.directory / "seed", seed=seed, only_if_empty=only_if_empty,
+                                     create_bucket=create_bucket, say=say)
+    except WorldError:
+        raise
     except Exception as exc:  # any store failure: say which store and why, start nothing
         raise WorldError(f"preparing the store {launch.store_url} failed: {type(exc).__name__}: {exc}") from exc
     write_client_script(launch, models)

@@ -294,6 +294,27 @@ def verify_dir(directory: str | Path, manifest: Manifest) -> list[str]:
     return problems
 
 
+async def verify_in_store(store: ObjectStore, manifest: Manifest) -> list[str]:
+    """Every problem found checking the version's files IN THE STORE against its manifest
+    (size and sha256, each file streamed: nothing is downloaded to disk); empty: all good.
+    What ``geogate models promote|canary`` and the admin API check before changing a release,
+    so a corrupt version is refused where the operator is, not later by every site."""
+    problems = []
+    prefix = version_prefix(manifest.name, manifest.version)
+    for entry in manifest.files:
+        try:
+            got = await store.digest(prefix + entry.path)
+        except NotFound:
+            problems.append(f"{entry.path}: missing in the store")
+            continue
+        if got.size != entry.size:
+            problems.append(f"{entry.path}: size {got.size} bytes, manifest says {entry.size}")
+        elif got.sha256 != entry.sha256:
+            problems.append(f"{entry.path}: sha256 {got.sha256[:16]}... does not match manifest "
+                            f"{entry.sha256[:16]}...")
+    return problems
+
+
 async def read_manifest(store: ObjectStore, name: str, version: str) -> Manifest | None:
     """The version's manifest, or None when the version is absent or incomplete."""
     try:

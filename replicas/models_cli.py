@@ -9,6 +9,17 @@
 
 Every command takes ``--config FILE`` (the store is the config's ``[store] url``) or
 ``--store URL`` (``file://DIR`` or ``s3://bucket/prefix``), and ``--who`` (default: $USER).
+For an S3 store without a config: ``--s3-endpoint URL`` (default $AWS_ENDPOINT_URL, else AWS
+itself) and ``--s3-region`` (default $AWS_DEFAULT_REGION, else us-east-1); credentials from
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. S3 requests time out after ``[store]
+connect_timeout_s`` / ``read_timeout_s`` (3 s / 10 s without a config): a store that does not
+answer makes the command fail with that said, it does not hang.
+
+Only ``push`` creates a file store (its directory); every other command reads or updates an
+existing store and fails, creating nothing, when the directory (or bucket) is not there.
+``promote`` and ``canary`` first check every file of the version in the store against its
+MANIFEST.json (size and sha256, streamed): a corrupt version is refused and the release left
+as it was (``--no-verify`` skips the check).
 
 PATH for push (Triton repository layout):
 - a model directory ``./repo/demo`` holding version directories (``./repo/demo/2/model.onnx``) and
@@ -51,7 +62,7 @@ from replicas.manifest import (
 )
 from replicas.releases import ConflictError, ReleaseError, Releases
 from replicas.site_status import read_all_sites
-from replicas.store import ObjectStore, PreconditionFailed, StoreError, open_store
+from replicas.store import ObjectStore, PreconditionFailed, StoreError, StoreMissing, open_store
 from replicas.store.base import ProgressCallback
 
 CONFIG_NAME = "config.pbtxt"
@@ -219,7 +230,7 @@ async def cmd_list(store: ObjectStore, args: argparse.Namespace) -> int:
 
 async def cmd_promote(store: ObjectStore, args: argparse.Namespace) -> int:
     rec = await Releases(store).promote(args.name, args.version, who=args.who,
-                                        expected_generation=args.if_generation)
+                                        expected_generation=args.if_generation, verify=not args.no_verify)
     prev = rec.history[-1].get("from")
     print(f"promoted {args.name} version {rec.stable} (was {prev or 'none'}); generation {rec.generation}")
     return 0
@@ -227,7 +238,7 @@ async def cmd_promote(store: ObjectStore, args: argparse.Namespace) -> int:
 
 async def cmd_canary(store: ObjectStore, args: argparse.Namespace) -> int:
     rec = await Releases(store).set_canary(args.name, args.version, args.weight, who=args.who,
-                                           expected_generation=args.if_generation)
+                                           expected_generation=args.if_generation, verify=not args.no_verify)
     if rec.canary:
         print(f"canary of {args.name}: version {rec.canary_version} takes {rec.canary_weight:.1%} of traffic"
               f" (stable {rec.stable}); generation {rec.generation}")
@@ -295,6 +306,12 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         "overrides the config's", **({"default": None} if not suppress else d))
     parser.add_argument("--who", help="who to record in manifests and history (default: $USER)",
                         **({"default": None} if not suppress else d))
+    parser.add_argument("--s3-endpoint", metavar="URL",
+                        help="S3 endpoint for an s3:// store (default: the config's [store] endpoint_url, "
+                             "$AWS_ENDPOINT_URL, else AWS)", **({"default": None} if not suppress else d))
+    parser.add_argument("--s3-region", metavar="REGION",
+                        help="S3 region (default: the config's [store] region, $AWS_DEFAULT_REGION, else us-east-1)",
+                        **({"default": None} if not suppress else d))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,6 +340,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "canary":
             p.add_argument("--weight", type=float, required=True,
                            help="fraction of unversioned traffic, 0..1 (0 clears the canary)")
+        p.add_argument("--no-verify", action="store_true",
+                       help="do not check the version's files in the store against its MANIFEST.json first "
+                            "(by default a corrupt version is refused and the release left unchanged)")
     p = sub.add_parser("rollback", help="clear the canary; with none, go back to the previous stable")
     p.add_argument("name")
     p = sub.add_parser("status", help="per site: versions ready / loading / failed, heartbeat")
@@ -337,6 +357,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> ObjectStore:
+    # Only a push may make a file store's directory: a read (or a release change, which needs
+    # pushed versions anyway) on a missing store fails instead of leaving an empty one behind
+    # for sync agents to write into.
+    create = args.models_command == "push"
+    s3 = {"endpoint_url": args.s3_endpoint or "", "region": args.s3_region or ""}
     if args.config:
         from gateway.config import load_config
         from replicas.store import open_store_from_config
@@ -344,10 +369,17 @@ def _open(args: argparse.Namespace) -> ObjectStore:
         cfg = load_config(args.config)
         if cfg.signing.private_key_file:
             args.config_sign_key = cfg.resolve_path(cfg.signing.private_key_file)
-        return open_store_from_config(cfg, args.store or "")
+        return open_store_from_config(cfg, args.store or "", create=create, **s3)
     if args.store:
-        return open_store(args.store)
+        return open_store(args.store, create=create, **s3)
     raise PushError("give --config FILE or --store URL")
+
+
+def _missing_hint(args: argparse.Namespace) -> str:
+    if args.models_command == "push":
+        return "create the bucket first (or run `geogate up --create-bucket` against it)"
+    return ("nothing was created; check --store / --config (a file store is created by the first "
+            "`geogate models push`, a bucket by its owner or `geogate up --create-bucket`)")
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -360,14 +392,17 @@ async def _main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     args.who = args.who or default_who()
-    for attr in ("quiet", "json"):
+    for attr in ("quiet", "json", "no_verify", "s3_endpoint", "s3_region"):
         if not hasattr(args, attr):
-            setattr(args, attr, False)
+            setattr(args, attr, None if attr.startswith("s3_") else False)
     try:
         return asyncio.run(_main(args))
     except ConflictError as exc:
         print(f"geogate models: conflict: {exc}", file=sys.stderr)
         return EXIT_CONFLICT
+    except StoreMissing as exc:
+        print(f"geogate models {args.models_command}: {exc}: {_missing_hint(args)}", file=sys.stderr)
+        return EXIT_FAILED
     except (ReleaseError, PushError, StoreError, ValueError) as exc:  # ValueError: ConfigError too
         print(f"geogate models {args.models_command}: {exc}", file=sys.stderr)
         return EXIT_FAILED

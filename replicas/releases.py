@@ -19,6 +19,10 @@ Semantics:
   clears the canary.
 - ``rollback``: undoes the riskiest thing first: an active canary is cleared; with no canary,
   the stable goes back to the most recent previous stable.
+
+``promote`` and ``canary`` with ``verify=True`` (the CLI's and the admin API's default) first
+check every file of the version in the store against MANIFEST.json (size and sha256,
+streamed): a corrupt version raises ``CorruptVersion`` and the record is not touched.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from replicas.manifest import check_model_name, check_version, now_iso, read_manifest
+from replicas.manifest import ManifestError, check_model_name, check_version, now_iso, read_manifest, verify_in_store
 from replicas.store.base import NotFound, ObjectStore, PreconditionFailed
 
 RELEASES_PREFIX = "releases/"
@@ -48,6 +52,10 @@ class ConflictError(ReleaseError):
 
 class UnknownVersion(ReleaseError):
     """The version is not in the store, or is incomplete (no MANIFEST.json)."""
+
+
+class CorruptVersion(ReleaseError):
+    """The version's files in the store do not match its MANIFEST.json (or it is unreadable)."""
 
 
 class UnknownModel(ReleaseError):
@@ -188,17 +196,30 @@ class Releases:
         entry = mutate(draft.record)
         return await self.commit(draft, entry)
 
-    async def _require_version(self, name: str, version: str) -> None:
-        if await read_manifest(self.store, name, version) is None:
+    async def _require_version(self, name: str, version: str, *, verify: bool = False) -> None:
+        try:
+            manifest = await read_manifest(self.store, name, version)
+        except ManifestError as exc:
+            raise CorruptVersion(f"version {version} of {name!r}: {exc}; the release was NOT changed") from None
+        if manifest is None:
             raise UnknownVersion(f"version {version} of {name!r} is not in the store {self.store.url}"
                                  " (or incomplete: no MANIFEST.json); push it first")
+        if verify:
+            problems = await verify_in_store(self.store, manifest)
+            if problems:
+                raise CorruptVersion(
+                    f"version {version} of {name!r} in the store {self.store.url} does not match its MANIFEST.json "
+                    f"({'; '.join(problems)}); sites would refuse it, so the release was NOT changed: push a "
+                    "good copy as a new version")
 
     # ------------------------------------------------------------ operations
 
     async def promote(self, name: str, version: str | int, *, who: str,
-                      expected_generation: int | None = None) -> ReleaseRecord:
+                      expected_generation: int | None = None, verify: bool = False) -> ReleaseRecord:
+        """``verify``: check the version's files in the store against its manifest first."""
         version = check_version(version)
-        await self._require_version(name, version)
+        check_model_name(name)
+        await self._require_version(name, version, verify=verify)
 
         def mutate(rec: ReleaseRecord) -> dict[str, Any]:
             if rec.stable == version:
@@ -216,12 +237,14 @@ class Releases:
         return await self._update(name, expected_generation, mutate)
 
     async def set_canary(self, name: str, version: str | int, weight: float, *, who: str,
-                         expected_generation: int | None = None) -> ReleaseRecord:
+                         expected_generation: int | None = None, verify: bool = False) -> ReleaseRecord:
+        """``verify``: check the version's files in the store against its manifest first."""
         version = check_version(version)
+        check_model_name(name)
         if not 0.0 <= weight <= 1.0:
             raise ReleaseError(f"canary weight must be between 0 and 1 (a fraction of traffic), got {weight}")
         if weight > 0:
-            await self._require_version(name, version)
+            await self._require_version(name, version, verify=verify)
 
         def mutate(rec: ReleaseRecord) -> dict[str, Any]:
             if weight == 0:

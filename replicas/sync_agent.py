@@ -31,8 +31,11 @@ pool's replicas:
 4. Publish ``sites/{site}/status.json`` (ready / loading / failed with reason / serving) with a
    heartbeat every poll, also while a long download runs.
 
-Faults: store unreachable -> keep serving what is installed, retry with backoff, say so in
-logs and (once reachable again) in the status; agent killed mid-download -> the restart wipes
+Faults: store unreachable, missing (its directory or bucket gone: never re-created here) or
+hanging (no answer within ``[store] connect_timeout_s`` / ``read_timeout_s``) -> keep serving
+what is installed, retry with backoff, log a warning naming the store and how long it has not
+answered (``geogate_sync_store_unanswered_seconds`` says the same, live), and once reachable
+again say what happened in the status; agent killed mid-download -> the restart wipes
 staging and starts the version again; a replica that fails to load a version -> the version is
 reported failed (with the replica's reason) and the old versions keep serving.
 """
@@ -70,7 +73,7 @@ from replicas.manifest import (
 )
 from replicas.releases import ReleaseRecord, Releases
 from replicas.site_status import ModelStatus, SiteStatus, publish, read_all_sites
-from replicas.store import ObjectStore, StoreError, StoreUnavailable
+from replicas.store import ObjectStore, StoreError, StoreMissing, StoreTimeout, StoreUnavailable
 
 log = logging.getLogger("geogate.sync")
 
@@ -244,6 +247,13 @@ class SyncMetrics:
                                 ["site", "outcome"], registry=r)
         self.loads = Counter("geogate_sync_replica_loads", "Load requests to replicas by outcome (ok, error)",
                              ["site", "outcome"], registry=r)
+        self.store_unanswered = Gauge("geogate_sync_store_unanswered_seconds",
+                                      "Seconds since the store last answered while it does not (0 while it does)",
+                                      ["site"], registry=r).labels(site)
+        self.store_failures = Counter("geogate_sync_store_failures",
+                                      "Sync rounds that failed on the store, by kind (timeout: it hangs; missing: "
+                                      "no directory/bucket; unavailable: refused, 5xx, I/O error)",
+                                      ["site", "kind"], registry=r)
 
     def observe(self, status: SiteStatus) -> None:
         self.store_up.set(1 if status.store_ok else 0)
@@ -333,11 +343,13 @@ class SyncAgent:
         self.store_error = ""
         self.store_last_error = ""  # kept after recovery, so the status can say what happened
         self.store_last_error_s = 0.0
+        self._store_answered_mono = time.monotonic()  # the last round/publication the store answered
         self._clients = {url: replica_client(url) for t in targets for url in t.replicas}
         self._publish_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._cycle: asyncio.Task | None = None
         self.metrics = SyncMetrics(site)
+        self.metrics.store_unanswered.set_function(lambda: 0.0 if self.store_ok else self.store_unanswered_s())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -367,11 +379,7 @@ class SyncAgent:
                 except StoreUnavailable as exc:
                     failures += 1
                     delay = min(MAX_STORE_BACKOFF_S, self.poll_interval_s * 2 ** min(failures, 10))
-                    self.store_ok, self.store_error = False, str(exc)
-                    self.store_last_error, self.store_last_error_s = str(exc), time.time()
-                    self.metrics.store_up.set(0)
-                    log.warning("store unreachable: keeping installed versions serving",
-                                extra={"fields": {"error": str(exc), "retry_in_s": round(delay, 1)}})
+                    self.store_failed(exc, retry_in_s=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
         finally:
@@ -384,6 +392,30 @@ class SyncAgent:
     async def close(self) -> None:
         for c in self._clients.values():
             await c.close()
+
+    def store_unanswered_s(self) -> float:
+        return time.monotonic() - self._store_answered_mono
+
+    def _store_answered(self) -> None:
+        self._store_answered_mono = time.monotonic()
+
+    def store_failed(self, exc: StoreUnavailable, *, retry_in_s: float | None) -> None:
+        """A round failed on the store: keep serving what is installed, and say so: which store,
+        how long it has not answered, why (a hang, a missing store, an error)."""
+        kind = "timeout" if isinstance(exc, StoreTimeout) else "missing" if isinstance(exc, StoreMissing) \
+            else "unavailable"
+        silent_s = self.store_unanswered_s()
+        self.store_ok, self.store_error = False, str(exc)
+        self.store_last_error, self.store_last_error_s = str(exc), time.time()
+        self.metrics.store_up.set(0)
+        self.metrics.store_failures.labels(self.site, kind).inc()
+        what = "hangs" if kind == "timeout" else "is missing" if kind == "missing" else "fails"
+        retry = f", retry in {retry_in_s:.0f} s" if retry_in_s is not None else ""
+        log.warning(f"store unreachable: {self.store.url} {what} and has not answered for {silent_s:.0f} s; "
+                    f"keeping installed versions serving{retry}",
+                    extra={"fields": {"site": self.site, "store": self.store.url, "kind": kind,
+                                      "unanswered_s": round(silent_s, 1), "error": str(exc),
+                                      **({"retry_in_s": round(retry_in_s, 1)} if retry_in_s is not None else {})}})
 
     def stop(self) -> None:
         """Stop promptly, even mid-download (the rename is the commit point, so this is safe)."""
@@ -429,6 +461,7 @@ class SyncAgent:
     async def sync_once(self) -> None:
         await self._refresh_discovered()
         records = await self.releases.all()
+        self._store_answered()
         self.store_ok, self.store_error = True, ""
         for name, rec in records.items():
             st = self.models.setdefault(name, ModelState())
@@ -783,6 +816,7 @@ class SyncAgent:
             status = self.snapshot()
             self.metrics.observe(status)
             await publish(self.store, status)
+            self._store_answered()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -857,7 +891,10 @@ async def _amain(args: argparse.Namespace) -> int:
     targets = targets_for_site(cfg, args.site)
     for t in targets:
         t.repository.mkdir(parents=True, exist_ok=True)
-    store = open_store_from_config(cfg, args.store)
+    # create=False: a sync agent never makes the store. A store directory that vanished in an
+    # outage (an unmounted share) must not come back empty and be written into: the agent
+    # keeps serving what it has and waits for the real store to return.
+    store = open_store_from_config(cfg, args.store, create=False)
     agent = SyncAgent(store, args.site, targets, poll_interval_s=cfg.sync.poll_interval_ms / 1000,
                       load_timeout_s=cfg.sync.load_timeout_ms / 1000, keep_previous=cfg.sync.keep_previous,
                       rate_limit_bytes_per_s=getattr(cfg.sync, "download_rate_limit_bytes_per_s", 0),
@@ -873,6 +910,9 @@ async def _amain(args: argparse.Namespace) -> int:
             await asyncio.to_thread(agent.clean_staging)
             try:
                 await agent.sync_once()
+            except StoreUnavailable as exc:
+                agent.store_failed(exc, retry_in_s=None)
+                return 1
             finally:
                 await agent.close()
             return 1 if any(st.failed for st in agent.models.values()) else 0

@@ -1,10 +1,16 @@
 import os
+from pathlib import Path
 
 import pytest
 
 from tests.procs import Proc
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# Child processes started from another directory (`geogate up` tests run in a temp cwd, printed
+# commands from /) must run this checkout's code, not the checkout the shared venv's editable
+# install points at (/work/main from a worktree).
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
 @pytest.fixture

@@ -84,8 +84,17 @@ def test_usage_errors(tmp_path):
     p = subprocess.run([*GEOGATE, "list", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "store.bogus: unknown key" in p.stderr
     cfg.write_text('[store]\nurl = "file://st"\n')
+    p = subprocess.run([*GEOGATE, "list", "--json", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    # A read never creates the store (tests/test_hardening_ops.py has the variants).
+    assert p.returncode == 1 and f"directory {tmp_path / 'st'} does not exist" in p.stderr, p.stderr
+    assert not (tmp_path / "st").exists()
+    write_repository_entry(tmp_path / "repo", 1)
+    p = subprocess.run([*GEOGATE, "push", "demo", str(tmp_path / "repo" / "demo"), "--quiet", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "st" / "models" / "demo" / "1").is_dir()  # relative to the config file's directory
     t0 = time.monotonic()
     p = subprocess.run([*GEOGATE, "list", "--json", "--config", str(cfg)], capture_output=True, text=True,
                        timeout=60)
-    assert p.returncode == 0 and json.loads(p.stdout) == {} and time.monotonic() - t0 < 60
-    assert (tmp_path / "st").is_dir()  # relative to the config file's directory
+    assert p.returncode == 0 and list(json.loads(p.stdout)) == ["demo"] and time.monotonic() - t0 < 60

@@ -581,6 +581,6 @@ def test_busy_port_block_moves_up(tmp_path):
 def test_help_documents_every_option():
     res = subprocess.run([*GEOGATE, "up", "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0
-    for option in ("--regions", "--replicas", "--autoscale", "--base-port", "--store", "--s3-endpoint", "--config",
-                   "--dir", "--no-seed", "--ready-timeout"):
+    for option in ("--regions", "--replicas", "--autoscale", "--base-port", "--store", "--s3-endpoint",
+                   "--create-bucket", "--config", "--dir", "--no-seed", "--ready-timeout"):
         assert re.search(rf"^\s+{option}\b.*\S", res.stdout, re.M), option

@@ -12,7 +12,13 @@ Implementations: ``file_store.FileStore`` (``file://DIR``) and ``s3_store.S3Stor
 - ``upload_file`` / ``download_file`` stream between a local file and the store with flat
   memory and an optional progress callback (called with the bytes moved since the last call).
 - Errors are typed: ``NotFound``, ``PreconditionFailed``, ``StoreUnavailable`` (the store
-  could not be reached or answered 5xx: callers keep what they have and retry later).
+  could not be reached or answered 5xx: callers keep what they have and retry later), and two
+  kinds of it: ``StoreMissing`` (the store itself, directory or bucket, is not there) and
+  ``StoreTimeout`` (the store did not answer within its timeouts: it hangs).
+- Reads never create anything. Only writes through a store opened with ``create=True`` make
+  a missing local store directory (an operator's first push); everything else, sync agents
+  included, gets ``StoreMissing`` (a store root that vanished in an outage is not silently
+  re-created and filled).
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ class StoreUnavailable(StoreError):
     """The store could not be reached (network, permissions, 5xx). Retry later."""
 
 
+class StoreMissing(StoreUnavailable):
+    """The store itself does not exist (no such directory, or not a directory; no such bucket)."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """The store did not answer within its connect/read timeout (``waited_s``): it hangs."""
+
+    def __init__(self, message: str, *, waited_s: float):
+        super().__init__(message)
+        self.waited_s = waited_s
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -54,6 +72,14 @@ class ObjectInfo:
 class GetResult:
     data: bytes
     etag: str
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What an object holds, as read from the store: its size and sha256 (hex)."""
+
+    size: int
+    sha256: str
 
 
 def check_key(key: str) -> str:
@@ -98,6 +124,20 @@ class ObjectStore(abc.ABC):
                             rate_limit_bytes_per_s: int = 0) -> int:
         """Stream an object into a local file (created or truncated); returns its size.
         ``rate_limit_bytes_per_s`` > 0 caps the transfer rate (spare a site's WAN link)."""
+
+    @abc.abstractmethod
+    async def digest(self, key: str) -> Digest:
+        """Size and sha256 of an object's content, streamed (flat memory): for verifying a
+        stored version against its manifest without downloading it to disk."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Raise ``StoreMissing`` when the store itself (directory, bucket) is not there, or
+        another ``StoreError`` when it cannot be reached. Creates nothing."""
+
+    @abc.abstractmethod
+    async def create(self) -> None:
+        """Make the store itself (directory, bucket) when it is missing; nothing when it exists."""
 
     async def exists(self, key: str) -> bool:
         try:
