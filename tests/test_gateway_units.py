@@ -54,16 +54,48 @@ def test_peek_response_version_and_errors():
 
 
 def test_deadlines():
-    assert dl.http_deadline(100.0, "250", None, 30000) == pytest.approx(100.25)
-    assert dl.http_deadline(100.0, None, 500_000, 30000) == pytest.approx(100.5)
-    assert dl.http_deadline(100.0, None, 0, 30000) == pytest.approx(130.0)  # Triton: 0 = none
-    assert dl.http_deadline(100.0, "999999", None, 1000) == pytest.approx(101.0)  # capped by default
+    assert dl.http_deadline(100.0, "250", None, 30000) == (pytest.approx(100.25), True)
+    assert dl.http_deadline(100.0, None, 500_000, 30000) == (pytest.approx(100.5), True)
+    assert dl.http_deadline(100.0, None, 0, 30000) == (pytest.approx(130.0), False)  # Triton: 0 = none
+    # capped by the gateway's default: then the gateway's limit, not the client's, is the one that binds
+    assert dl.http_deadline(100.0, "999999", None, 1000) == (pytest.approx(101.0), False)
     with pytest.raises(dl.DeadlineError):
         dl.http_deadline(100.0, "soon", None, 1000)
     with pytest.raises(dl.DeadlineError):
         dl.http_deadline(100.0, None, "1s", 1000)
-    assert dl.grpc_deadline(5.0, 0.2, None, 30000) == pytest.approx(5.2)
-    assert dl.grpc_deadline(5.0, None, None, 30000) == pytest.approx(35.0)
+    assert dl.grpc_deadline(5.0, 0.2, None, 30000) == (pytest.approx(5.2), True)
+    assert dl.grpc_deadline(5.0, None, None, 30000) == (pytest.approx(35.0), False)
+    assert dl.grpc_deadline(5.0, None, 100_000, 30000) == (pytest.approx(5.1), True)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity", "-1", "0", "0.0", "1e400", "",
+                                   " ", "１０", "٣", "1_0", "0x10", "1e9", "86400001", "10ms", "+5", "\x00"])
+def test_timeout_header_refused(value):
+    with pytest.raises(dl.DeadlineError, match="geogate-timeout-ms"):
+        dl.http_deadline(100.0, value, None, 30000)
+
+
+@pytest.mark.parametrize("value", [-1, 2**64, 86_400_000_001, 1.5, float("nan"), float("inf"), "10", True, [1], None])
+def test_timeout_parameter_refused(value):
+    if value is None:  # absent: the default
+        assert dl.http_deadline(1.0, None, None, 30000) == (pytest.approx(31.0), False)
+        return
+    with pytest.raises(dl.DeadlineError, match="'timeout'"):
+        dl.http_deadline(100.0, None, value, 30000)
+    if isinstance(value, int) and not isinstance(value, bool):
+        with pytest.raises(dl.DeadlineError, match="'timeout'"):
+            dl.grpc_deadline(100.0, None, value, 30000)
+
+
+def test_timeout_values_accepted():
+    assert dl.parse_timeout_header_ms("0.15") == pytest.approx(0.15)
+    assert dl.parse_timeout_header_ms(".5") == pytest.approx(0.5)
+    assert dl.parse_timeout_header_ms("1e3") == pytest.approx(1000.0)
+    assert dl.parse_timeout_header_ms("86400000") == 86_400_000
+    assert dl.parse_timeout_parameter_us(0) == 0 and dl.parse_timeout_parameter_us(1e6) == 1_000_000
+    # gRPC deadlines come from grpc itself: never NaN, but a non-finite one would mean "none"
+    assert dl.grpc_deadline(5.0, float("nan"), None, 1000) == (pytest.approx(6.0), False)
+    assert dl.grpc_deadline(5.0, -3.0, None, 1000) == (pytest.approx(5.0), True)
 
 
 def test_retry_budget_ratio_and_floor():
