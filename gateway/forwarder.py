@@ -227,6 +227,8 @@ class Forwarder:
         finally:
             for t in pending:
                 t.cancel()
+            if pending:  # their cleanup (in-flight counts, connections) is done when we return
+                await asyncio.gather(*pending, return_exceptions=True)
 
     # ------------------------------------------------------------------ the loop
 

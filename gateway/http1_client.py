@@ -357,7 +357,7 @@ class ConnectionPool:
             conn, reused = await self._acquire_until(deadline)
             try:
                 waiter = loop.create_future()
-                timer = loop.call_at(deadline, _expire, waiter)
+                timer = _arm_timer(loop, deadline, waiter)
                 try:
                     conn.send(data, waiter)
                     resp = await waiter
@@ -401,6 +401,12 @@ class ConnectionPool:
             if not w.done():
                 w.cancel()
         self._waiters.clear()
+
+
+def _arm_timer(loop: asyncio.AbstractEventLoop, deadline: float, waiter: asyncio.Future) -> asyncio.TimerHandle:
+    """The answer's timeout (loop.call_at raises for a NaN deadline: once outside the try that
+    gives the connection back, which leaked it)."""
+    return loop.call_at(deadline, _expire, waiter)
 
 
 def _expire(waiter: asyncio.Future) -> None:
