@@ -88,26 +88,24 @@ def _default(now_s: float, default_timeout_ms: int) -> Deadline:
 def http_deadline(now_s: float, header_value: str | None, timeout_parameter_us: object,
                   default_timeout_ms: int) -> Deadline:
     """The deadline of an HTTP request. `timeout_parameter_us`: the JSON header's
-    ``parameters.timeout`` (None when absent)."""
+    ``parameters.timeout`` (None when absent; checked even when the header wins)."""
+    us = parse_timeout_parameter_us(timeout_parameter_us) if timeout_parameter_us is not None else 0
     if header_value is not None:
         return _bounded(now_s, parse_timeout_header_ms(header_value) / MS_PER_S, default_timeout_ms)
-    if timeout_parameter_us is not None:
-        us = parse_timeout_parameter_us(timeout_parameter_us)
-        if us > 0:  # Triton: 0 means no timeout
-            return _bounded(now_s, us / US_PER_S, default_timeout_ms)
+    if us > 0:  # Triton: 0 means no timeout
+        return _bounded(now_s, us / US_PER_S, default_timeout_ms)
     return _default(now_s, default_timeout_ms)
 
 
 def grpc_deadline(now_s: float, time_remaining_s: float | None, timeout_parameter_us: int | None,
                   default_timeout_ms: int) -> Deadline:
     """The deadline of a gRPC call: its own deadline (grpc gives a finite float or None), else
-    the ``timeout`` parameter."""
+    the ``timeout`` parameter (checked even when the call's deadline wins)."""
+    us = parse_timeout_parameter_us(timeout_parameter_us) if timeout_parameter_us is not None else 0
     if time_remaining_s is not None and math.isfinite(time_remaining_s):
         return _bounded(now_s, max(0.0, time_remaining_s), default_timeout_ms)
-    if timeout_parameter_us is not None:
-        us = parse_timeout_parameter_us(timeout_parameter_us)
-        if us > 0:
-            return _bounded(now_s, us / US_PER_S, default_timeout_ms)
+    if us > 0:
+        return _bounded(now_s, us / US_PER_S, default_timeout_ms)
     return _default(now_s, default_timeout_ms)
 
 

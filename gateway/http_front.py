@@ -254,7 +254,8 @@ class ListenerLog:
 
     def exception(self, msg: str, *args, exc_info=True, **kw) -> None:
         if isinstance(exc_info, HttpProcessingError):
-            self.malformed.refused("a malformed HTTP request", f"{msg % args}: {exc_info.message or exc_info}")
+            peer = f" from {args[0]}" if args else ""
+            self.malformed.refused(f"a malformed HTTP request{peer}", exc_info.message or str(exc_info))
         elif self.crashes.allow():
             self.logger.error(msg, *args, exc_info=exc_info, **kw)
 

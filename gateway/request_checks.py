@@ -286,7 +286,7 @@ def check_http(model: str, header: dict, binary_len: int, specs: ModelSpecs | No
             got = _json_elements(model, name, inp["data"], datatype == "BYTES", elements)
             if got != elements:
                 raise RequestError(f"input '{name}' for model '{model}': shape {_fmt(shape)} needs "
-                                   f"{elements} elements, got {got}")
+                                   f"{elements} elements, got {got if got < elements else 'more'} in 'data'")
     _check_names(model, names, specs)
     if binary_total != binary_len:
         raise RequestError(f"the request's binary data is {binary_len} bytes but its inputs' "

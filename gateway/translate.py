@@ -11,8 +11,8 @@ Bounded work: what is built is a bounded multiple of what was received. Every te
 count is checked against its shape before anything is allocated for it (JSON data, binary
 blobs: elements x itemsize, BYTES: the 4-byte length prefixes must cover the blob exactly;
 typed gRPC contents); JSON BYTES elements must be strings (a number once became ``bytes(n)``:
-86 bytes received, 1.2 GB allocated); nested JSON data is walked without recursion, no deeper
-than the shape.
+86 bytes received, 1.2 GB allocated); nested JSON data is walked without recursion, at most
+MAX_DATA_DEPTH deep.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ MAX_DATA_DEPTH = 64  # numpy's own limit on dimensions
 
 def flatten_data(data, max_depth: int = MAX_DATA_DEPTH) -> list:
     """The leaves of (nested) JSON tensor data in order, walked without recursion; TranslateError
-    when lists nest deeper than `max_depth` (the tensor's rank)."""
+    when lists nest deeper than `max_depth`."""
     if not isinstance(data, list):
         return [data]
     if not data or not isinstance(data[0], list):
@@ -208,9 +208,10 @@ def flatten_data(data, max_depth: int = MAX_DATA_DEPTH) -> list:
 
 
 def _json_to_raw(datatype: str, data, shape=None, name: str = "") -> bytes:
-    """Raw bytes of JSON tensor data; with `shape`, the element count must match it."""
-    depth = max(1, len(shape)) if shape is not None else MAX_DATA_DEPTH
-    flat = flatten_data(data, depth)
+    """Raw bytes of JSON tensor data; with `shape`, the element count must match it. Nesting
+    may go deeper than the shape's rank as long as the count matches (numpy reads it so, and
+    so does the replica), up to MAX_DATA_DEPTH."""
+    flat = flatten_data(data)
     if shape is not None:
         expected = shape_elements(shape)
         if expected is None:
