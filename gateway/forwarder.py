@@ -20,6 +20,13 @@ Hedging (``hedge_after_percentile`` > 0): when an attempt has not answered after
 latency at that percentile, a second attempt goes to another replica (budget permitting) and
 the first good answer wins. The deadline bounds everything: an answer never comes later than
 the client's deadline (504 / DEADLINE_EXCEEDED instead).
+
+Attribution (health.outcomes): an attempt whose limit was the CLIENT's remaining time (the
+client chose a deadline shorter than the gateway's default, and shorter than the per-try
+timeout) and that timed out is ``DEADLINE_CLIENT``: not a failure, not retried, not recorded
+against the replica; the same for a peer region that runs out of the client's deadline. An
+attempt cancelled (the client went away, a hedge lost) records nothing either. Every attempt
+returns its replica's in-flight count on every path.
 """
 
 from __future__ import annotations
@@ -39,19 +46,38 @@ from gateway.peer_links import PeerLinks
 from gateway.pool import RegionPools, Upstream
 from gateway.retry_budget import RetryBudget
 from gateway.router import TARGET_PEER, Target
-from gateway.upstream_types import FAILURES, OUTCOME_NAME, PROTOCOL_HTTP, RETRYABLE, InferCall, Reply
+from gateway.upstream_types import FAILURES, NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, RETRYABLE, InferCall, Reply
 from health.outcomes import Outcome
 
 MS_PER_S = 1000.0
 FAILURE_LATENCY_PENALTY_S = 0.25  # a failed attempt counts as at least this slow for the EWMA
 HEDGE_MIN_SAMPLES = 50  # hedging starts once this many recent latencies are known
 HEDGE_MIN_DELAY_S = 0.001
+# An attempt whose timeout is within this of the time left was limited by the deadline, not by
+# the per-try timeout.
+DEADLINE_BOUND_SLACK_S = 0.001
 
 
-def deadline_reply(deadline_ms: float, attempts: int, last: Reply | None) -> Reply:
+def ms_text(ms: float) -> str:
+    """"30000", "250", "0.15": whole milliseconds unless below 10."""
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.2g}"
+
+
+def deadline_reply(deadline_ms: float, attempts: int, last: Reply | None, client: bool = False) -> Reply:
+    """504 / DEADLINE_EXCEEDED; `client`: the client chose the deadline (outcome deadline_client)."""
     detail = f"; last attempt: {last.message}" if last is not None and last.message else ""
-    return Reply(Outcome.TIMEOUT, 504, grpc.StatusCode.DEADLINE_EXCEEDED,
-                 message=f"deadline of {deadline_ms:.0f} ms exceeded after {attempts} attempt(s){detail}")
+    whose = "the client's deadline" if client else "deadline"
+    return Reply(Outcome.DEADLINE_CLIENT if client else Outcome.TIMEOUT, 504, grpc.StatusCode.DEADLINE_EXCEEDED,
+                 message=f"{whose} of {ms_text(deadline_ms)} ms exceeded after {attempts} attempt(s){detail}")
+
+
+def client_deadline_reply(reply: Reply, deadline_ms: float) -> Reply:
+    """`reply` (a timeout) re-attributed to the client's own deadline."""
+    reply.outcome = Outcome.DEADLINE_CLIENT
+    reply.http_status = 504
+    reply.grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reply.message = f"the client's deadline of {ms_text(deadline_ms)} ms ran out: {reply.message}"
+    return reply
 
 
 def shed_reply(reason: str, retry_after_s: int) -> Reply:
@@ -106,28 +132,42 @@ class Forwarder:
     async def _attempt(self, up: Upstream, call: InferCall, timeout_s: float) -> Reply:
         load = up.load
         load.outstanding += 1
-        level = load.outstanding  # the replica's in-flight count this attempt joins
-        t0 = time.monotonic()
-        headers = {"x-request-id": call.request_id}
         try:
-            if call.protocol == PROTOCOL_HTTP:
-                reply = await up.client.infer_http(call, timeout_s, headers)
-            else:
-                reply = await up.client.infer_grpc(call, timeout_s, headers)
-        except asyncio.CancelledError:
-            # A hedge lost the race (or the client went away): the replica was at least this
-            # slow, which the balancer must learn, or a stuck replica would keep looking fast.
-            now = time.monotonic()
-            load.observe(now - t0, now)
-            raise
+            level = load.outstanding  # the replica's in-flight count this attempt joins
+            t0 = time.monotonic()
+            # Limited by the client's own deadline rather than the per-try timeout: a timeout is
+            # then the client's doing (health.outcomes: DEADLINE_CLIENT), whatever the replica did.
+            client_bound = call.client_deadline and timeout_s >= call.deadline_s - t0 - DEADLINE_BOUND_SLACK_S
+            headers = {"x-request-id": call.request_id}
+            try:
+                if call.protocol == PROTOCOL_HTTP:
+                    reply = await up.client.infer_http(call, timeout_s, headers)
+                else:
+                    reply = await up.client.infer_grpc(call, timeout_s, headers)
+            except asyncio.CancelledError:
+                # A hedge lost the race (or the client went away): nothing against the replica,
+                # but it was at least this slow, which the balancer must learn (a peak), or a
+                # stuck replica would keep looking fast.
+                now = time.monotonic()
+                if now - t0 > load.ewma_s:
+                    load.observe(now - t0, now)
+                self.metrics.attempt(up.state.url, call.protocol, OUTCOME_NAME[Outcome.CANCELLED])
+                raise
         finally:
             load.outstanding -= 1
         now = time.monotonic()
         outcome = reply.outcome
+        if outcome is Outcome.TIMEOUT and client_bound:
+            reply = client_deadline_reply(reply, (call.deadline_s - (call.started_s or t0)) * MS_PER_S)
+            outcome = reply.outcome
         rtt_s = now - t0
-        load.observe(rtt_s if outcome not in FAILURES else max(rtt_s, FAILURE_LATENCY_PENALTY_S), now)
-        load.requests += 1
-        self.pools.detector.record(up.state, outcome, up.pool.states, now)
+        if outcome in NO_VERDICT:
+            if rtt_s > load.ewma_s:  # a lower bound of its latency: only a peak teaches anything
+                load.observe(rtt_s, now)
+        else:
+            load.observe(rtt_s if outcome not in FAILURES else max(rtt_s, FAILURE_LATENCY_PENALTY_S), now)
+            load.requests += 1
+            self.pools.detector.record(up.state, outcome, up.pool.states, now)
         self.metrics.attempt(up.state.url, call.protocol, OUTCOME_NAME[outcome])
         if outcome is Outcome.SUCCESS and self.capacity is not None:
             self.capacity.observe(up.pool.name, up.state.url, rtt_s, level, now)
@@ -152,22 +192,28 @@ class Forwarder:
 
     async def _attempt_hedged(self, first: Upstream, call: InferCall, timeout_s: float,
                               tried: list[Upstream], delay_s: float) -> tuple[Reply, Upstream, int]:
-        """Run `first`; if it is still going after `delay_s`, race a second replica too."""
+        """Run `first`; if it is still going after `delay_s`, race a second replica too. Every
+        attempt still running when this returns or is cancelled is cancelled (CANCELLED: a
+        losing hedge is not the replica's failure)."""
         t1 = asyncio.ensure_future(self._attempt(first, call, timeout_s))
-        done, _ = await asyncio.wait((t1,), timeout=min(delay_s, timeout_s))
-        if done:
-            return t1.result(), first, 0
-        second, _ = self._pick(call, tried, time.monotonic())
-        if second is None or not self.budget.try_spend():
-            return await t1, first, 0
-        tried.append(second)
-        self.metrics.retry("hedge")
-        remaining = max(0.001, call.deadline_s - time.monotonic())
-        t2 = asyncio.ensure_future(self._attempt(second, call, min(timeout_s, remaining)))
-        owner = {t1: first, t2: second}
-        pending = {t1, t2}
-        result: tuple[Reply, Upstream] | None = None
+        pending: set[asyncio.Future] = {t1}
         try:
+            done, _ = await asyncio.wait((t1,), timeout=min(delay_s, timeout_s))
+            if done:
+                pending.clear()
+                return t1.result(), first, 0
+            second, _ = self._pick(call, tried, time.monotonic())
+            if second is None or not self.budget.try_spend():
+                reply = await t1
+                pending.clear()
+                return reply, first, 0
+            tried.append(second)
+            self.metrics.retry("hedge")
+            remaining = max(0.001, call.deadline_s - time.monotonic())
+            t2 = asyncio.ensure_future(self._attempt(second, call, min(timeout_s, remaining)))
+            owner = {t1: first, t2: second}
+            pending.add(t2)
+            result: tuple[Reply, Upstream] | None = None
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
@@ -181,6 +227,8 @@ class Forwarder:
         finally:
             for t in pending:
                 t.cancel()
+            if pending:  # their cleanup (in-flight counts, connections) is done when we return
+                await asyncio.gather(*pending, return_exceptions=True)
 
     # ------------------------------------------------------------------ the loop
 
@@ -227,7 +275,8 @@ class Forwarder:
                     continue
                 remaining = call.deadline_s - time.monotonic()
                 if remaining <= 0.0005:
-                    return ForwardResult(deadline_reply(total_ms, attempts, last), attempts, last_up)
+                    return ForwardResult(deadline_reply(total_ms, attempts, last, call.client_deadline),
+                                         attempts, last_up)
                 # Moving to another region after failures there is a retry like any other
                 # (budgeted), unless nothing was sent anywhere yet, the failures never reached
                 # a replica (refused connections add no load) or the region that failed is down.
@@ -238,6 +287,10 @@ class Forwarder:
                     break
                 attempts += 1
                 reply = await link.forward(call, remaining)
+                if reply.outcome is Outcome.TIMEOUT and call.client_deadline:
+                    # The peer ran out of the client's own deadline: not the peer's failure, and
+                    # no time is left to try another region.
+                    reply = client_deadline_reply(reply, total_ms)
                 left_downed_region = link.is_down
                 self.metrics.cross_region_request(target.region, OUTCOME_NAME[reply.outcome])
                 if self.on_cross_region is not None:
@@ -274,7 +327,8 @@ class Forwarder:
             now = time.monotonic()
             remaining = call.deadline_s - now
             if remaining <= 0:
-                return ForwardResult(deadline_reply(total_ms, attempts, last), attempts, last_up)
+                return ForwardResult(deadline_reply(total_ms, attempts, last, call.client_deadline),
+                                     attempts, last_up)
             up, reason = self._pick(call, tried, now)
             if up is not None and reason:
                 panic_detail = reason
@@ -294,7 +348,7 @@ class Forwarder:
                 return ForwardResult(reply, attempts, up)
             left = call.deadline_s - time.monotonic()
             if left <= 0.0005:
-                return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
+                return ForwardResult(deadline_reply(total_ms, attempts, reply, call.client_deadline), attempts, up)
             if attempts >= max_attempts:
                 return attempts, last, last_up, "", panic_detail
             if reply.outcome is not Outcome.CONNECT_FAILURE and not self.budget.try_spend():
@@ -305,6 +359,6 @@ class Forwarder:
             backoff_s = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempts - 1)))
             backoff_s *= self._rng.random()  # full jitter
             if backoff_s >= left:
-                return ForwardResult(deadline_reply(total_ms, attempts, reply), attempts, up)
+                return ForwardResult(deadline_reply(total_ms, attempts, reply, call.client_deadline), attempts, up)
             if backoff_s > 0:
                 await asyncio.sleep(backoff_s)

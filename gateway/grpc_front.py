@@ -18,6 +18,7 @@ model/version names. TLS credentials come from gateway.tls (``[tls]``).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -37,9 +38,11 @@ from gateway.http_front import (
 )
 from gateway.name_checks import cached_model_ref_problem as model_ref_problem
 from gateway.proto_peek import ProtoError, peek_infer_request
-from gateway.request_checks import RequestError, check_grpc
-from gateway.router import HOPS_HEADER, parse_hops
-from gateway.upstream_types import OUTCOME_NAME, PROTOCOL_GRPC, InferCall, http_to_grpc
+from gateway.request_checks import ClientErrorLog, RequestError, check_grpc, parse_hops
+from gateway.router import HOPS_HEADER
+from gateway.upstream_types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_GRPC, InferCall, http_to_grpc
+
+log = logging.getLogger("geogate.gateway.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 UNEXPOSED = {
@@ -78,6 +81,7 @@ class GrpcFront:
         self.auth: Authenticator | None = getattr(gw, "auth", None)  # None: no client authentication
         self.open_metadata = gw.cfg.auth.open_metadata
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.crash_log = ClientErrorLog(log)  # rate limit for tracebacks of unexpected errors
 
     # ------------------------------------------------------------------ server
 
@@ -161,9 +165,11 @@ class GrpcFront:
         md = {k: v for k, v in context.invocation_metadata() or ()}
         rid = request_id_from(md.get(REQUEST_ID_HEADER))
         initial = [("geogate-region", self.region), (REQUEST_ID_HEADER, rid)]
+        decision: AuthDecision | None = None
+        model = ""
+        # Returned in `finally` on every path (aborts, errors and cancellation included).
         gw.load.in_flight += 1
         gw.metrics.in_flight_add(PROTOCOL_GRPC, 1)
-        decision: AuthDecision | None = None
         try:
             if gw.load.in_flight > self.max_in_flight:
                 context.set_trailing_metadata((("retry-after", str(SHED_RETRY_AFTER_S)),))
@@ -190,21 +196,25 @@ class GrpcFront:
                         context.set_trailing_metadata(trailers)
                     await self._reject(context, initial, rid, model, requested, decision.http_status,
                                        decision.message, t0)
-            hops = parse_hops(md.get(HOPS_HEADER))
+            try:
+                hops = parse_hops(md.get(HOPS_HEADER))
+            except RequestError as exc:
+                await self._reject(context, initial, rid, model, requested, 400, str(exc), t0)
             unknown = gw.unknown_model(model, requested, hops)
             if unknown is not None:
                 await self._reject(context, initial, rid, model, requested, 404, unknown.message, t0)
             version = gw.resolve_version(model, requested)
             try:
-                deadline_s = dl.grpc_deadline(t0, context.time_remaining(),
-                                              peek.int_parameters.get(dl.TIMEOUT_PARAMETER),
-                                              self.default_timeout_ms)
+                deadline = dl.grpc_deadline(t0, context.time_remaining(),
+                                            peek.int_parameters.get(dl.TIMEOUT_PARAMETER),
+                                            self.default_timeout_ms)
                 specs = gw.catalog.fresh_specs(model, version) or await gw.catalog.specs(model, version)
-                check_grpc(model, peek, specs, self.max_elements)
-            except RequestError as exc:
-                await self._reject(context, initial, rid, model, version, exc.status, str(exc), t0)
-            call = InferCall(PROTOCOL_GRPC, model, requested, version, rid, deadline_s,
-                             hops=hops, started_s=t0, raw=raw, peek=peek)
+                check_grpc(model, peek, specs, self.max_elements, raw)
+            except (RequestError, dl.DeadlineError) as exc:
+                await self._reject(context, initial, rid, model, version, getattr(exc, "status", 400), str(exc),
+                                   t0)
+            call = InferCall(PROTOCOL_GRPC, model, requested, version, rid, deadline.at_s,
+                             hops=hops, client_deadline=deadline.client, started_s=t0, raw=raw, peek=peek)
             call.priority = md.get(PRIORITY_HEADER, "")
             if decision is not None:
                 call.key_priority = decision.priority
@@ -221,7 +231,8 @@ class GrpcFront:
             initial += [("geogate-replica", replica), ("geogate-model-version", served_version),
                         ("geogate-attempts", str(result.attempts))]
             now = time.monotonic()
-            gw.load.record(now - t0, now)
+            if reply.outcome not in NO_VERDICT:  # a client's short deadline is no latency sample
+                gw.load.record(now - t0, now)
             gw.metrics.request(model, served_version, replica, PROTOCOL_GRPC, OUTCOME_NAME[reply.outcome],
                                now - t0)
             if gw.access_log.enabled:
@@ -234,6 +245,12 @@ class GrpcFront:
             if reply.retry_after_s:
                 context.set_trailing_metadata((("retry-after", str(reply.retry_after_s)),))
             await context.abort(reply.grpc_code, reply.message)
+        except grpc.aio.AbortError:
+            raise  # context.abort(): the answer is on its way
+        except Exception as exc:  # a gateway bug: INTERNAL with a reason, the traceback rate-limited
+            if self.crash_log.allow():
+                log.exception("inference call %s for model %r failed inside the gateway", rid, model)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal gateway error: {type(exc).__name__}")
         finally:
             if decision is not None:
                 decision.release()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import re
 import socket
 import ssl
@@ -206,7 +207,12 @@ SMALL_BODY_BYTES = 32 * 1024  # below this, header and body go out in one write
 
 
 class ConnectionPool:
-    """Keep-alive connections to one HOST:PORT."""
+    """Keep-alive connections to one HOST:PORT.
+
+    Invariant, on every path (errors and cancellation at any step included): each connection
+    counted in ``_open`` is idle in ``_idle``, being opened, or held by exactly one ``post`` that
+    gives it back (``_release``) before it returns or raises; ``stats()`` shows it (``busy`` is 0
+    whenever no request is in flight)."""
 
     def __init__(self, address: str, *, max_connections: int, connect_timeout_s: float = 2.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -220,7 +226,14 @@ class ConnectionPool:
         self._idle: list[_Conn] = []
         self._open = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._tasks: set[asyncio.Task] = set()  # connections being opened for a waiter
         self._closed = False
+
+    def stats(self) -> dict[str, int]:
+        """Connections: open (idle + busy + being opened), idle, busy, and callers waiting for one."""
+        idle = len(self._idle)
+        return {"open": self._open, "idle": idle, "busy": self._open - idle - len(self._tasks),
+                "waiting": sum(1 for w in self._waiters if not w.done())}
 
     async def _connect(self, timeout_s: float) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -231,7 +244,13 @@ class ConnectionPool:
                 _, conn = await asyncio.wait_for(loop.create_connection(
                     _Conn, self.host, self.port, ssl=self.ssl_context, server_hostname=self.host,
                     ssl_handshake_timeout=timeout_s), timeout_s)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+        except TimeoutError:
+            if timeout_s < self.connect_timeout_s:  # the request's own time ran out, not the replica's chance
+                raise UpstreamTimeout(f"no connection to {self.host}:{self.port} within the {timeout_s * 1000:.2g} ms "
+                                      "left") from None
+            raise UpstreamConnectError(f"cannot connect to {self.host}:{self.port}: no connection within "
+                                       f"{timeout_s * 1000:.0f} ms") from None
+        except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError(f"cannot connect to {self.host}:{self.port}: "
                                        f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
                                        ) from None
@@ -251,40 +270,63 @@ class ConnectionPool:
             try:
                 return await fut, True
             except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._release(fut.result())
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._release(fut.result())  # handed to us just as we gave up: pass it on
                 raise
         self._open += 1
         try:
             return await self._connect(connect_timeout_s), False
         except BaseException:
             self._open -= 1
+            self._wake_one()  # the slot is free again
             raise
+
+    def _next_waiter(self) -> asyncio.Future | None:
+        """The oldest caller still waiting (those that gave up are skipped)."""
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                return w
+        return None
+
+    def _wake_one(self) -> None:
+        """A slot came free: open a new connection for the oldest waiter, if any."""
+        if self._closed or self._open >= self.max_connections:
+            return
+        w = self._next_waiter()
+        if w is not None:
+            self._open += 1  # reserved now, so no other caller takes the slot meanwhile
+            task = asyncio.get_running_loop().create_task(self._hand_new(w))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _release(self, conn: _Conn) -> None:
         if conn.closed or not conn.keep_alive or self._closed:
             self._open -= 1
             conn.abort()
-            if self._waiters:  # a slot is free: let a waiter open a new connection
-                w = self._waiters.popleft()
-                if not w.done():
-                    asyncio.get_running_loop().create_task(self._hand_new(w))
+            self._wake_one()
             return
-        while self._waiters:
-            w = self._waiters.popleft()
-            if not w.done():
-                w.set_result(conn)
-                return
+        w = self._next_waiter()
+        if w is not None:
+            w.set_result(conn)
+            return
         self._idle.append(conn)
 
     async def _hand_new(self, w: asyncio.Future) -> None:
-        self._open += 1
+        """Open a connection for waiter `w` (its slot is already counted in ``_open``)."""
         try:
             conn = await self._connect(self.connect_timeout_s)
-        except Exception as exc:
+        except BaseException as exc:
             self._open -= 1
             if not w.done():
-                w.set_exception(exc)
+                if isinstance(exc, Exception):
+                    w.set_exception(exc)
+                else:
+                    w.cancel()
+            else:
+                self._wake_one()  # that waiter gave up: the next one may still want the slot
+            if not isinstance(exc, Exception):
+                raise
             return
         if w.done():
             self._release(conn)
@@ -303,16 +345,24 @@ class ConnectionPool:
         return [b"".join(head), body]
 
     async def post(self, path: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Response:
+        """One POST and its answer within `timeout_s` (UpstreamTimeout after it, UpstreamReset
+        or UpstreamConnectError when the connection fails). The connection taken from the pool
+        goes back to it whatever happens after."""
+        if not 0.0 < timeout_s < math.inf:  # NaN included: loop.call_at(NaN) raises
+            raise UpstreamTimeout(f"no time to send the request (timeout {timeout_s!r} s)")
         loop = asyncio.get_running_loop()
         data = self._request_bytes(path, body, headers)
         deadline = loop.time() + timeout_s
         for _try in range(2):
             conn, reused = await self._acquire_until(deadline)
-            waiter = loop.create_future()
-            timer = loop.call_at(deadline, _expire, waiter)
             try:
-                conn.send(data, waiter)
-                resp = await waiter
+                waiter = loop.create_future()
+                timer = _arm_timer(loop, deadline, waiter)
+                try:
+                    conn.send(data, waiter)
+                    resp = await waiter
+                finally:
+                    timer.cancel()
             except UpstreamReset:
                 got_bytes = conn._got_bytes
                 conn.abort()
@@ -321,11 +371,9 @@ class ConnectionPool:
                     continue  # the replica had closed this idle connection: try a fresh one
                 raise
             except BaseException:
-                conn.abort()  # timeout or cancellation: the answer may still come; drop it
+                conn.abort()  # timeout, cancellation or anything else: the answer may still come; drop it
                 self._release(conn)
                 raise
-            finally:
-                timer.cancel()
             self._release(conn)
             return resp
         raise UpstreamReset("connection closed by the replica twice")
@@ -333,7 +381,7 @@ class ConnectionPool:
     async def _acquire_until(self, deadline: float) -> tuple[_Conn, bool]:
         loop = asyncio.get_running_loop()
         left = deadline - loop.time()
-        if left <= 0:
+        if not left > 0:
             raise UpstreamTimeout("no time left")
         if self._idle or self._open < self.max_connections:
             return await self._acquire(min(left, self.connect_timeout_s))
@@ -347,10 +395,18 @@ class ConnectionPool:
         self._closed = True
         for conn in self._idle:
             conn.abort()
+        self._open -= len(self._idle)
         self._idle.clear()
         for w in self._waiters:
             if not w.done():
                 w.cancel()
+        self._waiters.clear()
+
+
+def _arm_timer(loop: asyncio.AbstractEventLoop, deadline: float, waiter: asyncio.Future) -> asyncio.TimerHandle:
+    """The answer's timeout (loop.call_at raises for a NaN deadline: once outside the try that
+    gives the connection back, which leaked it)."""
+    return loop.call_at(deadline, _expire, waiter)
 
 
 def _expire(waiter: asyncio.Future) -> None:

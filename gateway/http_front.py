@@ -22,20 +22,24 @@ Security (all off unless configured, see README "Security"):
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 
 import orjson
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import deadline as dl
 from gateway.access_log import REQUEST_ID_HEADER, request_id_from
 from gateway.auth import AuthDecision, Authenticator
 from gateway.name_checks import cached_model_ref_problem as model_ref_problem
 from gateway.region_summary import region_summary
-from gateway.request_checks import RequestError, ValidatedHeaders
-from gateway.router import HOPS_HEADER, parse_hops
-from gateway.upstream_types import OUTCOME_NAME, PROTOCOL_HTTP, InferCall
+from gateway.request_checks import ClientErrorLog, RequestError, ValidatedHeaders, check_coding, parse_hops
+from gateway.router import HOPS_HEADER
+from gateway.upstream_types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, InferCall
+
+log = logging.getLogger("geogate.gateway.http")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
@@ -231,6 +235,31 @@ async def sweep_slow_clients(guards: dict, limits: GuardLimits) -> None:
             guard.refuse(408, "Request Timeout", message)
 
 
+class ListenerLog:
+    """The client listener's aiohttp server logger. aiohttp logs a request it cannot parse (a
+    client's malformed HTTP: 400) with a traceback at error level; here that is one rate-limited
+    warning line. A handler that raised (a gateway bug: 500) stays at error with its traceback,
+    rate-limited too, so a client that finds one cannot flood the log with it."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.malformed = ClientErrorLog(logger)
+        self.crashes = ClientErrorLog(logger)
+
+    def debug(self, *args, **kw) -> None:
+        self.logger.debug(*args, **kw)
+
+    def warning(self, *args, **kw) -> None:
+        self.logger.warning(*args, **kw)
+
+    def exception(self, msg: str, *args, exc_info=True, **kw) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            peer = f" from {args[0]}" if args else ""
+            self.malformed.refused(f"a malformed HTTP request{peer}", exc_info.message or str(exc_info))
+        elif self.crashes.allow():
+            self.logger.error(msg, *args, exc_info=exc_info, **kw)
+
+
 class HttpFront:
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -248,6 +277,8 @@ class HttpFront:
         self.open_metadata = gw.cfg.auth.open_metadata
         self.guard_limits = GuardLimits(limits.request_head_timeout_ms / 1000.0, limits.max_header_bytes)
         self.guards: dict = {}  # transport -> SlowClientGuard, for the client listener's connections
+        self.listener_log = ListenerLog(logging.getLogger("geogate.gateway.http.listener"))
+        self.crash_log = ClientErrorLog(log)  # rate limit for tracebacks of unexpected errors
 
     # ------------------------------------------------------------------ apps
 
@@ -258,6 +289,7 @@ class HttpFront:
                               handler_args={"access_log": None, "auto_decompress": False,
                                             "max_line_size": lim.max_header_bytes,
                                             "max_field_size": lim.max_header_bytes,
+                                            "logger": self.listener_log,
                                             "keepalive_timeout": lim.idle_timeout_ms / 1000.0,
                                             # after an early answer (408, 413, 401...) the rest of the
                                             # body is read and dropped for at most this long
@@ -373,9 +405,10 @@ class HttpFront:
         headers = request.headers
         rid = request_id_from(headers.get(REQUEST_ID_HEADER))
         resp_headers = {"geogate-region": self.region, REQUEST_ID_HEADER: rid}
+        decision: AuthDecision | None = None
+        # Returned in `finally` on every path (errors and cancellation included).
         gw.load.in_flight += 1
         gw.metrics.in_flight_add(PROTOCOL_HTTP, 1)
-        decision: AuthDecision | None = None
         try:
             if gw.load.in_flight > self.max_in_flight:
                 resp_headers["Retry-After"] = str(SHED_RETRY_AFTER_S)
@@ -391,7 +424,10 @@ class HttpFront:
                     resp_headers.update(decision.http_headers())
                     return self._reject(rid, model, requested, decision.message, decision.http_status,
                                         resp_headers, t0)
-            hops = parse_hops(headers.get(HOPS_HEADER))
+            try:
+                hops = parse_hops(headers.get(HOPS_HEADER))
+            except RequestError as exc:
+                return self._reject(rid, model, requested, str(exc), 400, resp_headers, t0)
             unknown = gw.unknown_model(model, requested, hops)
             if unknown is not None:
                 return self._reject(rid, model, requested, unknown.message, 404, resp_headers, t0)
@@ -417,21 +453,24 @@ class HttpFront:
                 return resp
             hl = headers.get(HEADER_LENGTH)
             enc = headers.get("Content-Encoding")
+            accept_enc = headers.get("Accept-Encoding")
             version = gw.resolve_version(model, requested)
             try:
+                # Forwarded to replicas as received: plain ASCII only (HTTP/1.1 sends latin-1).
+                check_coding("Content-Encoding", enc)
+                check_coding("Accept-Encoding", accept_enc)
                 specs = gw.catalog.fresh_specs(model, version) or await gw.catalog.specs(model, version)
                 header = self.validated.check(model, body, hl, enc, specs)
-                params = header.get("parameters")
-                deadline_s = dl.http_deadline(t0, headers.get(dl.TIMEOUT_HEADER),
-                                              params.get(dl.TIMEOUT_PARAMETER) if isinstance(params, dict)
-                                              else None, self.default_timeout_ms)
+                params = header.get("parameters")  # a JSON object or None (checked)
+                deadline = dl.http_deadline(t0, headers.get(dl.TIMEOUT_HEADER),
+                                            params.get(dl.TIMEOUT_PARAMETER) if params else None,
+                                            self.default_timeout_ms)
             except (RequestError, dl.DeadlineError) as exc:
                 status = getattr(exc, "status", 400)
                 return self._reject(rid, model, version, str(exc), status, resp_headers, t0)
-            call = InferCall(PROTOCOL_HTTP, model, requested, version, rid, deadline_s,
-                             hops=hops, started_s=t0, body=body, header=header,
-                             header_len=hl, content_encoding=enc,
-                             accept_encoding=headers.get("Accept-Encoding"))
+            call = InferCall(PROTOCOL_HTTP, model, requested, version, rid, deadline.at_s,
+                             hops=hops, client_deadline=deadline.client, started_s=t0, body=body, header=header,
+                             header_len=hl, content_encoding=enc, accept_encoding=accept_enc)
             call.priority = headers.get(PRIORITY_HEADER, "")
             if decision is not None:
                 call.key_priority = decision.priority
@@ -449,7 +488,8 @@ class HttpFront:
             resp_headers["geogate-replica"] = replica
             resp_headers["geogate-model-version"] = reply.model_version or (version or "")
             now = time.monotonic()
-            gw.load.record(now - t0, now)
+            if reply.outcome not in NO_VERDICT:  # a client's short deadline is no latency sample
+                gw.load.record(now - t0, now)
             gw.metrics.request(model, reply.model_version or version or "", replica, PROTOCOL_HTTP,
                                OUTCOME_NAME[reply.outcome], now - t0)
             if gw.access_log.enabled:
@@ -472,6 +512,11 @@ class HttpFront:
             if reply.retry_after_s:
                 resp_headers["Retry-After"] = str(reply.retry_after_s)
             return error_response(reply.message, reply.http_status, resp_headers)
+        except Exception as exc:  # a gateway bug: a JSON 500 (not aiohttp's text), the traceback rate-limited
+            if self.crash_log.allow():
+                log.exception("inference request %s for model %r failed inside the gateway", rid, model)
+            return self._reject(rid, model, requested, f"internal gateway error: {type(exc).__name__}", 500,
+                                resp_headers, t0)
         finally:
             if decision is not None:
                 decision.release()

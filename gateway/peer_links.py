@@ -6,6 +6,9 @@ re-encoded), with three differences:
 - ``geogate-hops`` is raised by one, so the peer serves it from its own replicas only (no
   loops, no ping-pong between two sick regions);
 - the deadline travels as what is LEFT of it (``geogate-timeout-ms`` header / gRPC deadline);
+  when that was the client's own deadline and it runs out, the forwarder counts it as the
+  client's doing (DEADLINE_CLIENT), not the peer's failure; the peer, for which the forwarded
+  deadline is a client's, does the same for its replicas;
 - the version sent is the one the client asked for (the peer resolves its own release record,
   so a per-site cutover stays per site), and the peer's ``geogate-region`` and
   ``geogate-replica`` answer headers are kept so the client sees who really served it.
@@ -22,7 +25,7 @@ import aiohttp
 import grpc
 
 from gateway.deadline import TIMEOUT_HEADER
-from gateway.proto_peek import peek_response_version
+from gateway.proto_peek import ProtoError, peek_response_version
 from gateway.router import HOPS_HEADER, TARGET_PEER, Target
 from gateway.tls import ClientTls, peer_tls
 from gateway.upstream_grpc import GrpcUpstream, classify_rpc_error
@@ -45,16 +48,22 @@ class PeerGrpc(GrpcUpstream):
     """gRPC to a peer gateway: also reads the peer's initial metadata (who served)."""
 
     async def infer_grpc(self, call: InferCall, timeout_s: float, extra_headers: dict[str, str]) -> Reply:
-        rpc = self._infer(call.raw, timeout=timeout_s, metadata=tuple(extra_headers.items()))
         try:
+            rpc = self._infer(call.raw, timeout=timeout_s, metadata=tuple(extra_headers.items()))
             data = await rpc
         except grpc.aio.AioRpcError as err:
             reply = self._error_reply(classify_rpc_error(err), err, timeout_s)
             md = dict(err.initial_metadata() or ())
             reply.region, reply.replica = md.get(REGION_HEADER, ""), md.get(REPLICA_HEADER, "")
             return reply
-        md = dict(await rpc.initial_metadata() or ())
-        return Reply(Outcome.SUCCESS, body=data, model_version=peek_response_version(data),
+        except grpc.aio.UsageError as exc:
+            return self._unusable_channel(exc)
+        try:
+            md = dict(await rpc.initial_metadata() or ())
+            version = peek_response_version(data)
+        except ProtoError as exc:
+            return self._unreadable(exc)
+        return Reply(Outcome.SUCCESS, body=data, model_version=version,
                      region=md.get(REGION_HEADER, ""), replica=md.get(REPLICA_HEADER, ""))
 
 

@@ -46,10 +46,19 @@ class PooledReplica(ReplicaState):
 
     load_signal: ReplicaLoad | None = None
     load_signal_valid_until_s: float = 0.0  # time.monotonic(); the reading is stale after it
+    upstream: Upstream | None = None  # set by ReplicaPool.add
 
     def snapshot(self, now_s: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now_s is None else now_s
         snap = super().snapshot(now)
+        up = self.upstream
+        if up is not None:
+            # This worker's attempts in flight and (HTTP) its connection pool: both back to
+            # in_flight 0 / busy 0 whenever no request is in flight, whatever failed before.
+            snap["in_flight"] = up.load.outstanding
+            pool = getattr(up.client, "pool", None)
+            if pool is not None:
+                snap["connections"] = pool.stats()
         ld = self.load_signal
         if ld is not None:
             fresh = now < self.load_signal_valid_until_s
@@ -110,6 +119,7 @@ class ReplicaPool:
             return existing
         state = PooledReplica(url=url, weight=weight, pool=self.name, kind=self.kind)
         up = Upstream(state, self.owner.make_client(state), self)
+        state.upstream = up
         self.members[url] = up
         self._rebuild()
         self.owner.checker.add(state)

@@ -61,6 +61,7 @@ class InferRequestPeek:
     id: str = ""
     inputs: list[TensorHeader] = field(default_factory=list)
     raw_input_lengths: list[int] = field(default_factory=list)
+    raw_input_starts: list[int] = field(default_factory=list)  # offsets in the message (BYTES checks)
     # Request-level parameters with int values (e.g. Triton's "timeout" in microseconds).
     int_parameters: dict[str, int] = field(default_factory=dict)
 
@@ -215,6 +216,7 @@ def peek_infer_request(raw: bytes | memoryview) -> InferRequestPeek:
             s, e = _len_field(buf, pos, end)
             if fno == F_RAW_INPUT_CONTENTS:
                 peek.raw_input_lengths.append(e - s)
+                peek.raw_input_starts.append(s)
             elif fno == F_INPUTS:
                 peek.inputs.append(_peek_tensor(buf, s, e))
             elif fno == F_MODEL_NAME:

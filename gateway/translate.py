@@ -6,6 +6,13 @@ replicas with bytes passed through. When a pool has only the other kind, request
 re-encoded: HTTP JSON/binary <-> ModelInferRequest/Response, following Triton's mapping
 (binary blobs become raw_input_contents in input order; BYTES elements are 4-byte
 little-endian length-prefixed strings).
+
+Bounded work: what is built is a bounded multiple of what was received. Every tensor's element
+count is checked against its shape before anything is allocated for it (JSON data, binary
+blobs: elements x itemsize, BYTES: the 4-byte length prefixes must cover the blob exactly;
+typed gRPC contents); JSON BYTES elements must be strings (a number once became ``bytes(n)``:
+86 bytes received, 1.2 GB allocated); nested JSON data is walked without recursion, at most
+MAX_DATA_DEPTH deep.
 """
 
 from __future__ import annotations
@@ -73,20 +80,90 @@ def decode_body(body: bytes, content_encoding: str | None, max_bytes: int = DEFA
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+MAX_HEADER_LENGTH_DIGITS = 12  # more than any body the gateway accepts
+
+
+def parse_header_length(header_len: str, body_len: int) -> int:
+    """Inference-Header-Content-Length as an int in [0, body_len]; TranslateError unless it is
+    plain ASCII digits (int() also reads other scripts' digits)."""
+    if not (0 < len(header_len) <= MAX_HEADER_LENGTH_DIGITS and header_len.isascii() and header_len.isdigit()):
+        raise TranslateError(f"{HEADER_LENGTH} must be a non-negative integer (ASCII digits), "
+                             f"got {header_len[:MAX_HEADER_LENGTH_DIGITS + 4]!r}")
+    n = int(header_len)
+    if n > body_len:
+        raise TranslateError(f"{HEADER_LENGTH} is {n} but the request body has only {body_len} bytes")
+    return n
+
+
 def split_body(body: bytes, header_len: str | None) -> tuple[bytes, memoryview]:
     """(JSON header bytes, the binary part after it)."""
     view = memoryview(body)
     if header_len is None:
         return body, view[len(body):]
-    n = int(header_len)
+    n = parse_header_length(header_len, len(body))
     return bytes(view[:n]), view[n:]
+
+
+def shape_elements(shape) -> int | None:
+    """The element count of `shape` (a sequence of ints), None when a dimension is negative or
+    not an integer. A 0 dimension gives 0 before any product is taken."""
+    n = 1
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            return None
+        n *= d
+        if n == 0:
+            return 0
+    return n
+
+
+def bytes_elements_problem(blob: bytes | memoryview, expected: int) -> str:
+    """"" when `blob` is exactly `expected` BYTES elements (each a 4-byte little-endian length,
+    then that many bytes), else what is wrong. Stops at the first problem; O(expected)."""
+    view = memoryview(blob)
+    size = len(view)
+    if expected * 4 > size:
+        return f"{size} bytes cannot hold {expected} BYTES elements (4-byte length each)"
+    pos = 0
+    for i in range(expected):
+        if pos + 4 > size:
+            return f"BYTES data ends after {i} of {expected} elements"
+        n = int.from_bytes(view[pos:pos + 4], "little")
+        pos += 4 + n
+        if pos > size:
+            return f"BYTES element {i} claims {n} bytes, past the end of the {size}-byte data"
+    if pos != size:
+        return f"{size - pos} bytes left over after {expected} BYTES elements"
+    return ""
+
+
+def _check_blob(name: str, datatype: str, shape, blob: bytes | memoryview) -> None:
+    """TranslateError unless `blob` (binary data / raw contents) holds exactly shape's elements."""
+    elements = shape_elements(shape)
+    if elements is None:
+        raise TranslateError(f"input '{name}': invalid shape {list(shape)!r}")
+    if datatype == "BYTES":
+        problem = bytes_elements_problem(blob, elements)
+        if problem:
+            raise TranslateError(f"input '{name}': shape {list(shape)} needs {elements} BYTES elements: {problem}")
+        return
+    dtype = V2_TO_NUMPY.get(datatype)
+    if dtype is not None and len(blob) != elements * dtype.itemsize:
+        raise TranslateError(f"input '{name}': {len(blob)} bytes of data, expected {elements * dtype.itemsize} "
+                             f"for shape {list(shape)} of {datatype}")
 
 
 def _serialize_bytes(values: list) -> bytes:
     out = bytearray()
     for v in values:
-        b = v.encode() if isinstance(v, str) else bytes(v)
-        out += len(b).to_bytes(4, "little") + b
+        if isinstance(v, str):
+            b = v.encode()
+        elif isinstance(v, bytes | bytearray):  # typed gRPC bytes_contents
+            b = v
+        else:  # never bytes(int): that allocates int bytes
+            raise TranslateError(f"BYTES elements must be strings, got {type(v).__name__} {str(v)[:40]}")
+        out += len(b).to_bytes(4, "little")
+        out += b
     return bytes(out)
 
 
@@ -102,17 +179,46 @@ def _deserialize_bytes(raw: bytes | memoryview) -> list[str]:
     return out
 
 
-def _flatten(data) -> list:
-    if isinstance(data, list) and data and isinstance(data[0], list):
-        flat: list = []
-        for d in data:
-            flat.extend(_flatten(d))
-        return flat
-    return data if isinstance(data, list) else [data]
+MAX_DATA_DEPTH = 64  # numpy's own limit on dimensions
 
 
-def _json_to_raw(datatype: str, data) -> bytes:
-    flat = _flatten(data)
+def flatten_data(data, max_depth: int = MAX_DATA_DEPTH) -> list:
+    """The leaves of (nested) JSON tensor data in order, walked without recursion; TranslateError
+    when lists nest deeper than `max_depth`."""
+    if not isinstance(data, list):
+        return [data]
+    if not data or not isinstance(data[0], list):
+        if any(isinstance(v, list) for v in data):
+            raise TranslateError("tensor data mixes lists and values at one level")
+        return data
+    flat: list = []
+    stack = [(iter(data), 1)]
+    while stack:
+        it, depth = stack[-1]
+        for v in it:
+            if isinstance(v, list):
+                if depth + 1 > max_depth:
+                    raise TranslateError(f"tensor data is nested deeper than {max_depth} levels")
+                stack.append((iter(v), depth + 1))
+                break
+            flat.append(v)
+        else:
+            stack.pop()
+    return flat
+
+
+def _json_to_raw(datatype: str, data, shape=None, name: str = "") -> bytes:
+    """Raw bytes of JSON tensor data; with `shape`, the element count must match it. Nesting
+    may go deeper than the shape's rank as long as the count matches (numpy reads it so, and
+    so does the replica), up to MAX_DATA_DEPTH."""
+    flat = flatten_data(data)
+    if shape is not None:
+        expected = shape_elements(shape)
+        if expected is None:
+            raise TranslateError(f"tensor '{name}': invalid shape {list(shape)!r}")
+        if len(flat) != expected:
+            raise TranslateError(f"tensor '{name}': shape {list(shape)} needs {expected} elements, "
+                                 f"got {len(flat)}")
     if datatype == "BYTES":
         return _serialize_bytes(flat)
     dtype = V2_TO_NUMPY.get(datatype)
@@ -120,7 +226,7 @@ def _json_to_raw(datatype: str, data) -> bytes:
         raise TranslateError(f"unsupported datatype {datatype!r}")
     try:
         return np.asarray(flat, dtype=dtype).tobytes()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise TranslateError(f"tensor data does not match datatype {datatype}: {exc}") from None
 
 
@@ -161,34 +267,50 @@ _CONTENTS_FIELD = {
 # ------------------------------------------------------------------ HTTP client -> gRPC replica
 
 
+def _object(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TranslateError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def http_request_to_grpc(model: str, version: str | None, header: dict, binary: memoryview,
                          request_id: str) -> tuple[bytes, set[str], bool]:
     """(serialized ModelInferRequest, names of outputs wanted as binary, all-binary flag)."""
     req = service_pb2.ModelInferRequest(model_name=model, model_version=version or "")
     if header.get("id"):
         req.id = str(header["id"])
-    params = header.get("parameters") or {}
+    params = _object(header.get("parameters"), "'parameters'")
     binary_all = bool(params.get("binary_data_output", False))
     for k, v in params.items():
         if k != "binary_data_output":
             _set_param(req.parameters, k, v)
     offset = 0
     for inp in header.get("inputs", []):
-        t = req.inputs.add(name=inp["name"], datatype=inp["datatype"], shape=inp["shape"])
-        iparams = inp.get("parameters") or {}
+        name, datatype, shape = inp["name"], inp["datatype"], inp["shape"]
+        if shape_elements(shape) is None:
+            raise TranslateError(f"input '{name}': invalid shape {shape!r}")
+        t = req.inputs.add(name=name, datatype=datatype, shape=shape)
+        iparams = _object(inp.get("parameters"), f"input '{name}' 'parameters'")
         size = iparams.get("binary_data_size")
         if size is not None:
-            req.raw_input_contents.append(bytes(binary[offset:offset + size]))
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise TranslateError(f"input '{name}': binary_data_size {size!r} does not fit the "
+                                     f"{len(binary) - offset} binary bytes left")
+            blob = binary[offset:offset + size]
+            _check_blob(name, datatype, shape, blob)
+            req.raw_input_contents.append(bytes(blob))
             offset += size
         else:
-            req.raw_input_contents.append(_json_to_raw(inp["datatype"], inp.get("data", [])))
+            req.raw_input_contents.append(_json_to_raw(datatype, inp.get("data", []), shape, name))
         for k, v in iparams.items():
             if k != "binary_data_size":
                 _set_param(t.parameters, k, v)
     binary_outputs: set[str] = set()
     for out in header.get("outputs", []) or []:
         o = req.outputs.add(name=out["name"])
-        for k, v in (out.get("parameters") or {}).items():
+        for k, v in _object(out.get("parameters"), f"output '{out['name']}' 'parameters'").items():
             if k == "binary_data":
                 if v:
                     binary_outputs.add(out["name"])
@@ -214,7 +336,7 @@ def grpc_response_to_http(raw: bytes, binary_outputs: set[str], binary_all: bool
         else:  # typed contents (rare from replicas)
             field = _CONTENTS_FIELD.get(out.datatype, "")
             values = list(getattr(out.contents, field)) if field else []
-            data_raw = _json_to_raw(out.datatype, values)
+            data_raw = _json_to_raw(out.datatype, values, list(out.shape), out.name)
         o: dict = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
         if binary_all or out.name in binary_outputs:
             o["parameters"] = {"binary_data_size": len(data_raw)}
@@ -245,9 +367,10 @@ def grpc_request_to_http(raw: bytes) -> tuple[str, str, bytes, str]:
     for i, t in enumerate(req.inputs):
         if i < len(req.raw_input_contents):
             blob = req.raw_input_contents[i]
+            _check_blob(t.name, t.datatype, t.shape, blob)
         else:
             field = _CONTENTS_FIELD.get(t.datatype, "")
-            blob = _json_to_raw(t.datatype, list(getattr(t.contents, field)) if field else [])
+            blob = _json_to_raw(t.datatype, list(getattr(t.contents, field)) if field else [], list(t.shape), t.name)
         d: dict = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
                    "parameters": {"binary_data_size": len(blob)}}
         for k, v in t.parameters.items():
@@ -275,18 +398,23 @@ def http_response_to_grpc(body: bytes, header_len: str | None, content_encoding:
     plain = decode_body(body, content_encoding)
     header_bytes, binary = split_body(plain, header_len)
     head = orjson.loads(header_bytes)
+    if not isinstance(head, dict):
+        raise TranslateError("the answer's JSON header is not an object")
     resp = service_pb2.ModelInferResponse(model_name=head.get("model_name", ""),
                                           model_version=str(head.get("model_version", "")),
                                           id=str(head.get("id", "") or ""))
-    for k, v in (head.get("parameters") or {}).items():
+    for k, v in _object(head.get("parameters"), "'parameters'").items():
         _set_param(resp.parameters, k, v)
     offset = 0
     for out in head.get("outputs", []):
         resp.outputs.add(name=out["name"], datatype=out["datatype"], shape=out["shape"])
-        size = (out.get("parameters") or {}).get("binary_data_size")
+        size = _object(out.get("parameters"), "output 'parameters'").get("binary_data_size")
         if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise TranslateError(f"output '{out['name']}': binary_data_size {size!r} does not fit the answer")
             resp.raw_output_contents.append(bytes(binary[offset:offset + size]))
             offset += size
         else:
-            resp.raw_output_contents.append(_json_to_raw(out["datatype"], out.get("data", [])))
+            resp.raw_output_contents.append(_json_to_raw(out["datatype"], out.get("data", []), out["shape"],
+                                                         out["name"]))
     return resp.SerializeToString()

@@ -11,10 +11,11 @@ import asyncio
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway import translate
-from gateway.proto_peek import peek_response_version, with_model_version
+from gateway.proto_peek import ProtoError, peek_response_version, with_model_version
 from gateway.tls import ClientTls, replica_tls
 from gateway.upstream_types import InferCall, Reply, grpc_to_http
 from health.outcomes import Outcome, classify_grpc_code
@@ -76,11 +77,22 @@ class GrpcUpstream:
 
     async def _call(self, raw: bytes, timeout_s: float,
                     metadata: tuple) -> tuple[Outcome, bytes, grpc.aio.AioRpcError | None]:
+        """One ModelInfer. Cancelling the caller cancels the RPC (grpc.aio), so no stream is left
+        behind on any path."""
         try:
             data = await self._infer(raw, timeout=timeout_s, metadata=metadata)
             return Outcome.SUCCESS, data, None
         except grpc.aio.AioRpcError as err:
             return classify_rpc_error(err), b"", err
+
+    def _unusable_channel(self, exc: Exception) -> Reply:
+        """grpc.aio refused the call itself (the channel was closed: the replica left the pool)."""
+        return Reply(Outcome.RESET, 503, grpc.StatusCode.UNAVAILABLE,
+                     message=f"replica {self.address}: gRPC channel unusable: {type(exc).__name__}: {exc}")
+
+    def _unreadable(self, exc: Exception) -> Reply:
+        return Reply(Outcome.SERVER_ERROR, 502, grpc.StatusCode.INTERNAL,
+                     message=f"replica {self.address} sent an unreadable answer: {type(exc).__name__}: {exc}")
 
     def _error_reply(self, outcome: Outcome, err: grpc.aio.AioRpcError, timeout_s: float) -> Reply:
         code = err.code()
@@ -96,10 +108,17 @@ class GrpcUpstream:
         raw = call.raw
         if call.version and call.version != (call.peek.model_version if call.peek else ""):
             raw = with_model_version(raw, call.version)
-        outcome, data, err = await self._call(raw, timeout_s, tuple(extra_headers.items()))
+        try:
+            outcome, data, err = await self._call(raw, timeout_s, tuple(extra_headers.items()))
+        except grpc.aio.UsageError as exc:
+            return self._unusable_channel(exc)
         if err is not None:
             return self._error_reply(outcome, err, timeout_s)
-        return Reply(outcome, body=data, model_version=peek_response_version(data))
+        try:
+            version = peek_response_version(data)
+        except ProtoError as exc:
+            return self._unreadable(exc)
+        return Reply(outcome, body=data, model_version=version)
 
     async def infer_http(self, call: InferCall, timeout_s: float, extra_headers: dict[str, str]) -> Reply:
         """An HTTP client's request, translated to ModelInferRequest for this replica."""
@@ -108,13 +127,21 @@ class GrpcUpstream:
             _, binary = translate.split_body(plain, call.header_len)
             raw, binary_outputs, binary_all = translate.http_request_to_grpc(
                 call.model, call.version, call.header or {}, binary, call.request_id)
-        except (translate.TranslateError, ValueError, KeyError, TypeError) as exc:
+        except (translate.TranslateError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # request_checks refused malformed headers already; these are what translation finds
+            # beyond them (values protobuf cannot hold: ValueError)
             return Reply(Outcome.CLIENT_ERROR, 400, grpc.StatusCode.INVALID_ARGUMENT,
                          message=f"cannot translate the request for a gRPC replica: {exc}")
-        outcome, data, err = await self._call(raw, timeout_s, tuple(extra_headers.items()))
+        try:
+            outcome, data, err = await self._call(raw, timeout_s, tuple(extra_headers.items()))
+        except grpc.aio.UsageError as exc:
+            return self._unusable_channel(exc)
         if err is not None:
             return self._error_reply(outcome, err, timeout_s)
-        body, hl, version = translate.grpc_response_to_http(data, binary_outputs, binary_all)
+        try:
+            body, hl, version = translate.grpc_response_to_http(data, binary_outputs, binary_all)
+        except (translate.TranslateError, ValueError, DecodeError) as exc:
+            return self._unreadable(exc)
         return Reply(outcome, 200, body=body, header_len=hl,
                      content_type=translate.BINARY_CONTENT_TYPE if hl else translate.JSON_CONTENT_TYPE,
                      model_version=version)

@@ -13,9 +13,11 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+from google.protobuf.message import DecodeError
 
 from gateway import translate
 from gateway.http1_client import ConnectionPool, UpstreamConnectError
+from gateway.proto_peek import ProtoError, peek_response_version
 from gateway.tls import ClientTls, replica_tls
 from gateway.upstream_types import InferCall, Reply, http_to_grpc
 from health.outcomes import Outcome, classify_http_status
@@ -83,6 +85,12 @@ def _failure(exc: BaseException, address: str, timeout_s: float) -> Reply:
                                               f"{type(exc).__name__}: {exc}")
 
 
+def _unsendable(exc: UnicodeEncodeError) -> Reply:
+    """A header value HTTP/1.1 cannot carry (the fronts refuse these first: never the replica's fault)."""
+    return Reply(Outcome.CLIENT_ERROR, 400, http_to_grpc(400),
+                 message=f"a request header value cannot be sent on HTTP/1.1 (not latin-1): {exc.object[:40]!r}")
+
+
 # HttpUpstream's `tls` default: the worker's [tls.upstream] settings (gateway.tls.replica_tls).
 FOR_REPLICAS = object()
 
@@ -117,6 +125,8 @@ class HttpUpstream:
                                                 headers, timeout_s)
         except (ConnectionError, TimeoutError, OSError) as exc:
             return _failure(exc, self.address, timeout_s)
+        except UnicodeEncodeError as exc:
+            return _unsendable(exc)
         outcome = classify_http_status(status)
         hl = rh.get(HEADER_LENGTH_LC)
         if outcome is Outcome.SUCCESS:
@@ -140,27 +150,30 @@ class HttpUpstream:
         """A gRPC client's request, translated to HTTP binary for this replica."""
         try:
             model, version, body, hl = translate.grpc_request_to_http(call.raw)
-        except (translate.TranslateError, ValueError) as exc:
-            return Reply(Outcome.CLIENT_ERROR, 400, http_to_grpc(400), message=str(exc))
+        except (translate.TranslateError, ValueError, DecodeError) as exc:
+            return Reply(Outcome.CLIENT_ERROR, 400, http_to_grpc(400),
+                         message=f"cannot translate the request for an HTTP replica: {exc}")
         headers = extra_headers
         headers[HEADER_LENGTH] = hl
         try:
             status, rh, data = await self._post(infer_path(model, version or None), body, headers, timeout_s)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (ConnectionError, TimeoutError, OSError) as exc:
             r = _failure(exc, self.address, timeout_s)
             r.grpc_code = http_to_grpc(r.http_status)
             return r
+        except UnicodeEncodeError as exc:
+            return _unsendable(exc)
         outcome = classify_http_status(status)
         if outcome is not Outcome.SUCCESS:
             return Reply(outcome, status, http_to_grpc(status), message=error_text(data, status))
         try:
             raw = translate.http_response_to_grpc(data, rh.get(HEADER_LENGTH_LC), rh.get("content-encoding"))
-        except (translate.TranslateError, ValueError, KeyError) as exc:
+            version = peek_response_version(raw)
+        except (translate.TranslateError, ValueError, KeyError, TypeError, AttributeError, ProtoError) as exc:
+            # orjson errors are ValueErrors; a JSON answer of the wrong shape, Type/Attribute/KeyErrors
             return Reply(Outcome.SERVER_ERROR, 502, http_to_grpc(500),
-                         message=f"replica {self.address} sent an unreadable answer: {exc}")
-        from gateway.proto_peek import peek_response_version
-
-        return Reply(outcome, 200, body=raw, model_version=peek_response_version(raw))
+                         message=f"replica {self.address} sent an unreadable answer: {type(exc).__name__}: {exc}")
+        return Reply(outcome, 200, body=raw, model_version=version)
 
     async def get_json(self, path: str, timeout_s: float) -> tuple[int, dict | None]:
         """GET (or POST for repository calls) a small JSON resource; status 0 on no answer."""

@@ -24,6 +24,9 @@ class InferCall:
     request_id: str
     deadline_s: float  # monotonic
     hops: int = 0
+    # The client chose deadline_s (its timeout was shorter than the gateway's default): running
+    # out of it is the client's doing, never the replica's (gateway.deadline.Deadline.client).
+    client_deadline: bool = False
     started_s: float = 0.0  # monotonic arrival time: the deadline's budget is deadline_s - started_s
     # Who asked (for nearest-to-client routing): the socket peer and X-Forwarded-For as received.
     client_ip: str = ""
@@ -109,3 +112,4 @@ def grpc_to_http(code: grpc.StatusCode) -> int:
 OUTCOME_NAME: dict[Outcome, str] = {o: o.value for o in Outcome}
 RETRYABLE: frozenset[Outcome] = frozenset(o for o in Outcome if o.retryable)
 FAILURES: frozenset[Outcome] = frozenset(o for o in Outcome if o.is_failure)
+NO_VERDICT: frozenset[Outcome] = frozenset(o for o in Outcome if o.no_verdict)

@@ -3,6 +3,15 @@
 Both the retry policy (is it safe and useful to try another replica?) and passive outlier
 detection (does this count against the replica?) read the same classification, so HTTP statuses
 and gRPC codes are mapped once, here.
+
+Failure attribution: only what the replica caused counts against it (refused or reset
+connections, its 5xx / UNAVAILABLE, no answer within the gateway's OWN per-try timeout or
+default deadline). What the client caused says nothing about the replica and is neither a
+failure nor retryable: a deadline the client chose that ran out (``DEADLINE_CLIENT``: the
+attempt's limit was the client's remaining time, shorter than the gateway's own), an attempt
+cancelled by the client or by the gateway itself (``CANCELLED``: the client went away, a hedge
+lost its race), a request refused as malformed (``CLIENT_ERROR``). Otherwise one client with
+`geogate-timeout-ms: 0.15` could eject every replica and take its region out of GeoDNS.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ class Outcome(enum.Enum):
     UNAVAILABLE = "unavailable"  # HTTP 503 / gRPC UNAVAILABLE: the replica says "not now"
     SERVER_ERROR = "server_error"  # other 5xx / INTERNAL / UNKNOWN ...: the replica failed
     CLIENT_ERROR = "client_error"  # 4xx / INVALID_ARGUMENT / NOT_FOUND ...: the request's fault
+    DEADLINE_CLIENT = "deadline_client"  # the client's own (shorter) deadline ran out first
+    CANCELLED = "cancelled"  # the client cancelled, or the gateway did (a losing hedge)
 
     @property
     def retryable(self) -> bool:
@@ -28,11 +39,18 @@ class Outcome(enum.Enum):
 
     @property
     def is_failure(self) -> bool:
-        """Counts against the replica (passive outlier detection). A client error never does."""
-        return self not in (Outcome.SUCCESS, Outcome.CLIENT_ERROR)
+        """Counts against the replica (passive outlier detection). What the client caused never does."""
+        return self not in _NOT_FAILURES
+
+    @property
+    def no_verdict(self) -> bool:
+        """The replica neither failed nor answered: its failure streak is left as it was."""
+        return self in _CLIENT_CAUSED_NO_ANSWER
 
 
 _RETRYABLE = frozenset({Outcome.CONNECT_FAILURE, Outcome.RESET, Outcome.TIMEOUT, Outcome.UNAVAILABLE})
+_CLIENT_CAUSED_NO_ANSWER = frozenset({Outcome.DEADLINE_CLIENT, Outcome.CANCELLED})
+_NOT_FAILURES = frozenset({Outcome.SUCCESS, Outcome.CLIENT_ERROR}) | _CLIENT_CAUSED_NO_ANSWER
 
 HTTP_SERVICE_UNAVAILABLE = 503
 HTTP_GATEWAY_TIMEOUT = 504

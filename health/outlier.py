@@ -4,7 +4,8 @@
 Algorithm (per replica, driven by ``record()`` after every upstream attempt):
 - A failure (``Outcome.is_failure``: connect failure, reset, timeout, 503/UNAVAILABLE, other
   5xx) increments ``consecutive_failures``; a success or a client error (the replica answered
-  properly) resets it to 0.
+  properly) resets it to 0; a client's own deadline or a cancelled attempt
+  (``Outcome.no_verdict``: no answer, not the replica's fault) leaves it as it was.
 - At ``consecutive_failures`` failures in a row the replica is ejected for
   ``base_ejection_ms * ejection_count`` (the count includes this ejection), capped at
   ``max_ejection_ms``: a replica that keeps coming back broken stays out longer each time.
@@ -44,6 +45,8 @@ class OutlierDetector:
         """Account one upstream attempt's outcome; may eject `state` (never more than the cap)."""
         self._expire(state, now_s)
         self._decay(state, now_s)
+        if outcome.no_verdict:
+            return
         if not outcome.is_failure:
             state.consecutive_failures = 0
             return

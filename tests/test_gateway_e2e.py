@@ -295,10 +295,11 @@ def test_grpc_missing_input_and_garbage(world):
 
 
 def test_replica_4xx_passes_through_unchanged(world):
-    """A bad request the gateway cannot judge (nested JSON data of the wrong size) reaches a
-    replica; its 400 comes back as is, after exactly one attempt."""
+    """A bad request the gateway does not judge (JSON values that are not numbers: the gateway
+    counts elements, the replica reads them) reaches a replica; its 400 comes back as is, after
+    exactly one attempt."""
     gw, _ = world
-    body = _json_body([{**GOOD_INPUT, "shape": [2, 16], "data": [[0.5] * 16, [0.5] * 15]}])
+    body = _json_body([{**GOOD_INPUT, "shape": [2, 16], "data": [[0.5] * 16, [0.5] * 15 + ["x"]]}])
     status, h, raw = http_call(f"http://{gw.http}/v2/models/demo/versions/1/infer", body)
     assert status == 400, raw
     assert json.loads(raw)["error"]

@@ -38,4 +38,7 @@ def test_retryable_and_failure():
     retryable = {o for o in Outcome if o.retryable}
     assert retryable == {Outcome.CONNECT_FAILURE, Outcome.RESET, Outcome.TIMEOUT, Outcome.UNAVAILABLE}
     failures = {o for o in Outcome if o.is_failure}
-    assert failures == set(Outcome) - {Outcome.SUCCESS, Outcome.CLIENT_ERROR}
+    assert failures == set(Outcome) - {Outcome.SUCCESS, Outcome.CLIENT_ERROR, Outcome.DEADLINE_CLIENT,
+                                       Outcome.CANCELLED}
+    # What the client caused is no verdict on the replica either way.
+    assert {o for o in Outcome if o.no_verdict} == {Outcome.DEADLINE_CLIENT, Outcome.CANCELLED}

@@ -131,3 +131,19 @@ def test_on_eject_hook_and_unejection_resets_failures():
     assert pool[0].ejection_count == 1
     det.record(pool[0], Outcome.TIMEOUT, pool, 2.0)  # ejection over: count starts again
     assert pool[0].consecutive_failures == 1 and not pool[0].ejected(2.0)
+
+
+def test_client_caused_outcomes_neither_count_nor_reset():
+    """A client's own deadline or a cancelled attempt says nothing about the replica: it never
+    ejects (however many) and it does not wipe a real failure streak either."""
+    pool = make_pool(2)
+    det = OutlierDetector(SETTINGS)
+    r = pool[0]
+    for outcome in (Outcome.DEADLINE_CLIENT, Outcome.CANCELLED):
+        fail(det, r, pool, 100.0, 50, outcome)
+    assert r.consecutive_failures == 0 and not r.ejected(100.0)
+    fail(det, r, pool, 100.0, 2, Outcome.TIMEOUT)
+    fail(det, r, pool, 100.0, 5, Outcome.DEADLINE_CLIENT)
+    assert r.consecutive_failures == 2
+    fail(det, r, pool, 100.0, 1, Outcome.TIMEOUT)
+    assert r.ejected(100.0)
