@@ -68,6 +68,11 @@ class ControlToken:
             raise ControlTokenError(problem)
         self._token = token.encode("ascii")
 
+    @property
+    def text(self) -> str:
+        """The token itself, for a client that presents it (the sync agent)."""
+        return self._token.decode("ascii")
+
     @staticmethod
     def problem(token: str) -> str:
         if len(token) < MIN_CONTROL_TOKEN_CHARS:
