@@ -119,8 +119,8 @@ def check_file_names(cfg: mc.ModelConfig) -> None:
     replicas read only `default_model_filename`; the other file-naming fields of Triton's config
     (per-GPU model files, custom op library, label files, warm-up data) are never opened here,
     and are held to the same rule so that no accepted config points anywhere else."""
-    names = [("default_model_filename", cfg.default_model_filename),
-             ("model_operations.op_library_filename", cfg.model_operations.op_library_filename)]
+    names = [("default_model_filename", cfg.default_model_filename)]
+    names += [("model_operations.op_library_filename", v) for v in cfg.model_operations.op_library_filename]
     names += [(f"cc_model_filenames[{k!r}]", v) for k, v in cfg.cc_model_filenames.items()]
     names += [(f"output {o.name!r} label_filename", o.label_filename) for o in cfg.output]
     names += [(f"model_warmup {w.name!r} input {k!r} input_data_file", d.input_data_file)
