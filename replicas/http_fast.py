@@ -140,8 +140,10 @@ def content_coding(value: str | None) -> str:
 
 class Inflater:
     """Inflates a gzip or deflate (zlib) body fed in pieces, `INFLATE_STEP_BYTES` of output at a
-    time with the event loop free between steps, and raises 413 as soon as the output passes
-    `limit_bytes`: a small compressed body cannot make us inflate (or hold) more than the limit."""
+    time, and raises 413 as soon as the output passes `limit_bytes`: a small compressed body cannot
+    make us inflate (or hold) more than the limit. A piece that inflates to more than one step is
+    inflated further in a worker thread (zlib releases the GIL), so a bomb does not hold up the
+    event loop and other clients' requests."""
 
     def __init__(self, coding: str, limit_bytes: int):
         self.coding = coding
@@ -152,6 +154,7 @@ class Inflater:
     async def feed(self, data: bytes) -> None:
         z = self._z
         out = self._out
+        inline = True  # small expansions (the usual case) stay on the loop: a thread hop costs more
         while True:
             if z.eof:
                 if data or z.unused_data:
@@ -159,7 +162,7 @@ class Inflater:
                 return
             want = min(self.limit_bytes - len(out) + 1, INFLATE_STEP_BYTES)
             try:
-                piece = z.decompress(data, want)
+                piece = z.decompress(data, want) if inline else await asyncio.to_thread(z.decompress, data, want)
             except zlib.error as exc:
                 raise invalid(f"the request body is not valid {self.coding}: {exc}") from None
             out += piece
@@ -172,7 +175,7 @@ class Inflater:
                 if z.eof and z.unused_data:
                     raise invalid(f"the request body has data after the end of its {self.coding} stream")
                 return  # all input consumed and nothing pending
-            await asyncio.sleep(0)
+            inline = False
 
     def finish(self) -> bytearray:
         if not self._z.eof:
