@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import itertools
 import json
 import secrets
 import socket
@@ -30,6 +32,8 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -862,3 +866,182 @@ def test_refusal_logs_are_one_warning_line_each_and_rate_limited(replica):
     assert sent > 30 and all(len(kind) <= LOG_LINES_PER_WINDOW * windows for kind in (fast, slow, refused)), \
         (sent, len(fast), len(slow), len(refused))
     assert any("suppressed" in e for e in fast + slow + refused)
+
+
+# ---------------------------------------------------------------------------------------- in-process fuzzing
+
+class _FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = self.eof = self.paused = False
+
+    def write(self, data) -> None:
+        assert not self.closed and not self.eof, "written after close"
+        self.out += data
+
+    def writelines(self, parts) -> None:
+        for p in parts:
+            self.write(p)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+class _FakeAiohttp(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.made = False
+
+    def connection_made(self, transport) -> None:
+        self.made = True
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+class _FakeServer:
+    """What FastInferProtocol needs of FastPathServer; `infer` records each request it gets."""
+
+    def __init__(self, max_body_bytes: int = 1 << 16):
+        self.loop = asyncio.get_running_loop()
+        self.max_body_bytes = max_body_bytes
+        self.fast_connections: set = set()
+        self.watched: set = set()
+        self.seen: list[tuple] = []
+        self.handler = _FakeAiohttp()
+
+    def aiohttp_server(self) -> _FakeAiohttp:
+        return self.handler
+
+    async def infer(self, model, version, body, header_length, request_id):
+        self.seen.append((model, version, bytes(body), header_length, request_id))
+        return 200, b'{"ok":1}', "application/json", "1", None
+
+    def answered(self) -> None:
+        pass
+
+
+def _feed(chunks: list[bytes], max_body_bytes: int = 1 << 16) -> tuple[_FakeServer, _FakeTransport]:
+    from replicas.http_fast import FastInferProtocol
+
+    async def run():
+        server = _FakeServer(max_body_bytes)
+        transport = _FakeTransport()
+        proto = FastInferProtocol(server)
+        proto.connection_made(transport)
+        for chunk in chunks:
+            if transport.closed:
+                break
+            proto.data_received(chunk)
+            await asyncio.sleep(0)
+        for _ in range(200):  # until every queued answer is written
+            await asyncio.sleep(0)
+        return server, transport
+
+    return asyncio.run(run())
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+_hot = st.builds(
+    dict,
+    model=st.text("abcXYZ019_.-", min_size=1, max_size=12),
+    version=st.one_of(st.just(""), st.text("0123456789", min_size=1, max_size=3)),
+    body=st.binary(max_size=300),
+    header_length=st.one_of(st.none(), st.integers(0, 400)),
+    request_id=st.one_of(st.just(""), st.text("abcdef-0123", min_size=1, max_size=20)),
+    lead=st.sampled_from([b"", b"\r\n", b"\n", b"\r\n\r\n"]),
+    case=st.booleans(),
+    extra=st.lists(st.sampled_from([b"Accept: */*", b"User-Agent: t/1", b"X-Pad:  x\t", b"Connection: keep-alive",
+                                    b"Content-Type: application/octet-stream", b"Content-Encoding: identity"]),
+                   max_size=3, unique=True),
+)
+
+
+def _raw_hot(r: dict) -> bytes:
+    path = f"/v2/models/{r['model']}" + (f"/versions/{r['version']}" if r["version"] else "") + "/infer"
+    headers = [b"Host: t", *r["extra"], b"Content-Length: " + str(len(r["body"])).encode()]
+    if r["header_length"] is not None:
+        headers.append(b"Inference-Header-Content-Length: " + str(r["header_length"]).encode())
+    if r["request_id"]:
+        headers.append(b"Geogate-Request-Id: " + r["request_id"].encode())
+    if r["case"]:  # header names are case-insensitive
+        headers = [h.partition(b":")[0].upper() + b":" + h.partition(b":")[2] for h in headers]
+    return r["lead"] + b"POST " + path.encode() + b" HTTP/1.1\r\n" + b"\r\n".join(headers) + b"\r\n\r\n" + r["body"]
+
+
+_NON_HOT = [b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n",
+            b"POST /v2/models/m/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"POST /v2/models/m/infer HTTP/1.0\r\nContent-Length: 2\r\n\r\nab",
+            b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab",
+            b"POST /v2/models/m%20x/infer HTTP/1.1\r\nContent-Length: 0\r\n\r\n"]
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(requests=st.lists(_hot, max_size=6), tail=st.one_of(st.none(), st.sampled_from(_NON_HOT)),
+       after=st.binary(max_size=50), cuts=st.lists(st.integers(0, 10_000), max_size=12))
+def test_fuzz_fast_path_framing(requests, tail, after, cuts):
+    """Hot requests in any chunking reach inference exactly as sent (bodies, versions, headers), one
+    answer each, in order; a request of another shape and every byte after it reach aiohttp
+    untouched, whatever the chunking (the framing the module doc describes)."""
+    stream = b"".join(_raw_hot(r) for r in requests) + ((tail + after) if tail is not None else b"")
+    server, transport = _feed(_split(stream, cuts))
+    assert server.seen == [(r["model"], r["version"], r["body"],
+                            None if r["header_length"] is None else str(r["header_length"]), r["request_id"])
+                           for r in requests]
+    answers, rest = parse_answers(bytes(transport.out))
+    assert [a.status for a in answers] == [200] * len(requests) and rest == b""
+    assert bytes(server.handler.data) == ((tail + after) if tail is not None else b"")
+    assert not transport.closed
+
+
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(requests=st.lists(_hot, min_size=1, max_size=4), at=st.integers(0, 10_000),
+       byte=st.sampled_from(b"\x00\x01\r\n\x7f :@\t\xe9aZ0-"), mode=st.sampled_from(["insert", "replace", "cut"]),
+       cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_fuzz_fast_path_with_a_corrupted_byte(requests, at, byte, mode, cuts):
+    """One byte inserted, replaced or removed anywhere: nothing raises; what is written is a sequence
+    of well-formed answers in which a 400 (malformed) can only be the last, followed by a
+    half-close; never more answers than requests; nothing is handed over after a refusal."""
+    stream = bytearray(b"".join(_raw_hot(r) for r in requests))
+    i = at % (len(stream) + 1)
+    if mode == "insert":
+        stream[i:i] = bytes([byte])
+    elif mode == "replace" and i < len(stream):
+        stream[i] = byte
+    elif mode == "cut" and i < len(stream):
+        del stream[i]
+    server, transport = _feed(_split(bytes(stream), cuts))
+    answers, rest = parse_answers(bytes(transport.out))
+    assert rest == b""
+    assert len(answers) <= len(requests) + 1
+    statuses = [a.status for a in answers]
+    assert all(s in (200, 400, 413, 415) for s in statuses), statuses  # 415: a corrupted Content-Encoding
+    if 400 in statuses:
+        assert statuses.index(400) == len(statuses) - 1 and transport.eof
+        assert answers[-1].headers.get("connection") == "close"
+        assert "malformed HTTP request" in answers[-1].json()["error"]
+        assert not server.handler.made
+    assert len(server.seen) == statuses.count(200)
