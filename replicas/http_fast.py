@@ -284,6 +284,7 @@ class FastInferProtocol(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._closing = False
+        self._eof = False  # the client half-closed (it may still read our answers)
         self._linger_until_s = 0.0  # > 0: refused and half-closed; input is dropped until then
         self._task: asyncio.Task | None = None  # the answer in progress (held: the loop keeps weak refs)
         self._aiohttp: asyncio.Protocol | None = None  # aiohttp's protocol, once handed over
@@ -353,8 +354,8 @@ class FastInferProtocol(asyncio.Protocol):
             return self._aiohttp.eof_received()
         if self._linger_until_s:
             return None  # the client read our refusal and closed: close
-        if self._busy or self._queue:
-            self._closing = True  # answer what came (a half-closed client still reads), then close
+        if self._busy or self._queue or self._handover_at >= 0:
+            self._eof = True  # answer what came (a half-closed client still reads), then close
             return True
         return None
 
@@ -475,7 +476,7 @@ class FastInferProtocol(asyncio.Protocol):
         if self._handover_at >= 0:
             self._hand_over()
             return
-        if self._closing:
+        if self._closing or self._eof:
             transport.close()
             return
         if self._paused:
@@ -529,9 +530,6 @@ class FastInferProtocol(asyncio.Protocol):
         transport.writelines([b"".join(parts), payload])
         self.last_active = time.monotonic()
         self._server.answered()
-        if self._closing and not self._queue:
-            transport.close()
-            return
         self._next()
 
     def _hand_over(self) -> None:
@@ -551,6 +549,8 @@ class FastInferProtocol(asyncio.Protocol):
         if data:
             self._watch.feed(data)
             handler.data_received(data)
+        if self._eof and not handler.eof_received():
+            self._transport.close()
 
     def _peer(self) -> str:
         peer = self._transport.get_extra_info("peername") if self._transport is not None else None
@@ -598,8 +598,12 @@ class FastInferProtocol(asyncio.Protocol):
             self.close_when_idle()
 
     def close_when_idle(self) -> None:
-        """Shutdown or keep-alive expiry: close now if idle, else right after the current answer."""
+        """Shutdown or keep-alive expiry: no new request is read; close now if idle, else once the
+        requests already received are answered."""
         self._closing = True
+        if self._aiohttp is None:
+            self._parser = None
+            self._handover_at = -1
         if not self._busy and not self._queue and self._transport is not None:
             self._transport.close()
 

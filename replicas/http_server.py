@@ -24,7 +24,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from replicas.http_fast import DEFAULT_HEAD_TIMEOUT_S, FastPathAppRunner, Inflater, content_coding
+from replicas.http_fast import (
+    DEFAULT_HEAD_TIMEOUT_S,
+    KEEPALIVE_TIMEOUT_S,
+    FastPathAppRunner,
+    Inflater,
+    content_coding,
+)
 from replicas.infer_errors import InferError, LogLimiter, invalid, one_line, too_large
 from replicas.inference_service import FaultSwitch, InferenceService
 from replicas.model_config import message_to_json_dict
@@ -143,10 +149,11 @@ class HttpApi:
     def make_runner(self, **kwargs: Any) -> web.AppRunner:
         """The runner for the main port: aiohttp serves the whole API; connections start on the fast
         inference path and are handed to aiohttp at their first request of another shape."""
-        # auto_decompress off: bodies are inflated by `_body`, capped (see the module doc).
+        # auto_decompress off: bodies are inflated by `_body`, capped (see the module doc); idle
+        # connections close after the same time on both paths (aiohttp's own default is an hour).
         return FastPathAppRunner(self.build_app(), self.run_infer, self.max_body_bytes,
                                  head_timeout_s=self.head_timeout_s, auto_decompress=False,
-                                 logger=AiohttpServerLog(), **kwargs)
+                                 keepalive_timeout=KEEPALIVE_TIMEOUT_S, logger=AiohttpServerLog(), **kwargs)
 
     def build_metrics_app(self) -> web.Application:
         app = web.Application()

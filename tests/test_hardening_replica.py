@@ -1045,3 +1045,28 @@ def test_fuzz_fast_path_with_a_corrupted_byte(requests, at, byte, mode, cuts):
         assert "malformed HTTP request" in answers[-1].json()["error"]
         assert not server.handler.made
     assert len(server.seen) == statuses.count(200)
+
+
+def test_half_closed_client_gets_every_answer():
+    """A client that sends its requests and then shuts down its sending side (EOF) still gets all its
+    answers, including a request handed over to aiohttp, which then sees the EOF too."""
+    from replicas.http_fast import FastInferProtocol
+
+    async def run():
+        server = _FakeServer()
+        server.handler.eof = False
+        server.handler.eof_received = lambda: setattr(server.handler, "eof", True)
+        transport = _FakeTransport()
+        proto = FastInferProtocol(server)
+        proto.connection_made(transport)
+        hot = _raw_hot({"model": "m", "version": "", "body": b"x", "header_length": None, "request_id": "",
+                        "lead": b"", "case": False, "extra": []})
+        proto.data_received(hot + hot + _NON_HOT[0])
+        assert proto.eof_received() is True  # keep the transport open to answer
+        for _ in range(50):
+            await asyncio.sleep(0)
+        return server, transport
+
+    server, transport = asyncio.run(run())
+    assert [a.status for a in parse_answers(bytes(transport.out))[0]] == [200, 200]
+    assert bytes(server.handler.data) == _NON_HOT[0] and server.handler.eof
