@@ -320,6 +320,9 @@ class PoolSection:
     discover_resolver: str = ""  # HOST:PORT of the DNS server to ask; empty: the system's
     weights: dict[str, int] = field(default_factory=dict)  # replica URL -> weight (default 1)
     repository: str = ""
+    # The replicas' control token (`geogate replica --control-token-file`), presented by the sync
+    # agent on their repository API; empty: the replicas' repository API is open.
+    control_token_file: str = ""
     metrics_scrape: bool = False
     # Where the load-signal scraper (gateway.load_signals) reads each replica's Prometheus
     # /metrics: metrics_ports maps a replica URL to its metrics port (several replicas on one

@@ -2,6 +2,9 @@
 
 Uses tritonclient's generated modules, so the wire format is Triton's. Outputs always travel
 in `raw_output_contents`; inputs are read from `raw_input_contents` or the typed `contents`.
+With a control token, RepositoryIndex (unless `ready` only), RepositoryModelLoad and
+RepositoryModelUnload need `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise),
+as over HTTP.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from replicas.infer_errors import InferError
+from replicas.infer_errors import InferError, one_line
 from replicas.inference_service import InferenceService
-from replicas.repository import LoadError, ModelRepository
+from replicas.repository import ControlToken, LoadError, ModelRepository
 from replicas.server_info import EXTENSIONS, SERVER_NAME, server_version, statistics_response
 from replicas.v2_codec import decode_grpc, encode_grpc
 
@@ -63,10 +66,29 @@ class ReadinessHealthServicer(HealthServicer):
             await self.set(service, status)
 
 
+def _authorization(context: grpc.aio.ServicerContext) -> str | bytes | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
+
+
 class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: InferenceService, repository: ModelRepository):
+    def __init__(self, service: InferenceService, repository: ModelRepository,
+                 control_token: ControlToken | None = None):
         self.service = service
         self.repository = repository
+        self.control_token = control_token
+
+    async def _check_control(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """Abort with UNAUTHENTICATED unless the call carries this replica's control token."""
+        if self.control_token is None:
+            return
+        reason = self.control_token.refusal(_authorization(context))
+        if reason:
+            log.warning("repository API call refused", extra={"fields": {
+                "method": method, "peer": context.peer(), "reason": reason}})
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -175,19 +197,28 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------------ model repository extension
 
     async def RepositoryIndex(self, request, context):
+        if not request.ready:  # the ready-only index is what health checks read: open (see http_server)
+            await self._check_control(context, "RepositoryIndex")
         rows = self.repository.index(ready_only=request.ready)
         return service_pb2.RepositoryIndexResponse(
             models=[service_pb2.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
 
     async def RepositoryModelLoad(self, request, context):
+        await self._check_control(context, "RepositoryModelLoad")
         config = None
         for key, param in request.parameters.items():
             if key == "config":
+                if param.WhichOneof("parameter_choice") != "string_param":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "parameters.config must be a string_param holding the model config as JSON")
                 config = param.string_param
+            elif key.startswith("file:"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "load parameters 'file:...': file overrides are not supported by geogate "
+                                    "replicas; put the files in the repository")
             else:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"load parameter '{key}' is not supported by geogate replicas"
-                                    + (": put the files in the repository" if key.startswith("file:") else ""))
+                                    f"load parameter {one_line(key, 60)!r} is not supported by geogate replicas")
         log.info("load requested", extra={"fields": {"model": request.model_name,
                                                      "config_override": config is not None}})
         try:
@@ -197,6 +228,7 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        await self._check_control(context, "RepositoryModelUnload")
         log.info("unload requested", extra={"fields": {"model": request.model_name}})
         try:
             await self.repository.unload(request.model_name)

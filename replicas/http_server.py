@@ -2,9 +2,16 @@
 
 Content-Type is never used to decide how to read a body (clients disagree on it); the binary
 extension is recognised by the `Inference-Header-Content-Length` header alone. Gzip/deflate
-request bodies (`Content-Encoding`) are inflated by aiohttp before the size limit applies.
+request bodies (`Content-Encoding`) are inflated here, not by aiohttp, in bounded steps that stop
+with 413 the moment the output passes the body limit (`http_fast.Inflater`): aiohttp's own
+decompression kept inflating a body after the answer (1 MiB of gzip -> 1 GiB).
 Plain inference requests are served by the lean path in `http_fast` (same answers, about half
 the event-loop CPU per request); `make_runner` sets it up in front of this aiohttp application.
+
+With a control token (`geogate replica --control-token-file`), the repository API needs
+`Authorization: Bearer <token>` (401 otherwise), except the ready-only index
+(`{"ready": true}`): gateways' health checks read it, and it lists only READY versions, which
+`GET /v2/models/{m}` tells anyone. Inference, health and metadata stay open.
 """
 
 from __future__ import annotations
@@ -17,13 +24,19 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from replicas.http_fast import FastPathAppRunner
-from replicas.infer_errors import InferError, invalid
+from replicas.http_fast import (
+    DEFAULT_HEAD_TIMEOUT_S,
+    KEEPALIVE_TIMEOUT_S,
+    FastPathAppRunner,
+    Inflater,
+    content_coding,
+)
+from replicas.infer_errors import InferError, LogLimiter, invalid, one_line, too_large
 from replicas.inference_service import FaultSwitch, InferenceService
 from replicas.model_config import message_to_json_dict
 from replicas.replica_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from replicas.replica_metrics import ReplicaMetrics
-from replicas.repository import LoadError, ModelRepository
+from replicas.repository import ControlToken, LoadError, ModelRepository
 from replicas.server_info import server_metadata, statistics_response
 from replicas.v2_codec import decode_http, encode_http
 
@@ -36,6 +49,7 @@ JSON = "application/json"
 OCTET = "application/octet-stream"
 FAULTS_PATH = "/geogate/test/faults"
 NOT_READY_STATUS = 400
+MAX_HEADER_LENGTH_DIGITS = 18
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -54,14 +68,55 @@ def request_id_of(headers) -> str:
     return ""
 
 
+def parse_header_length(raw: str | None) -> int | None:
+    """Inference-Header-Content-Length: ASCII digits only (int() would also take other scripts'
+    digits, signs, underscores and spaces)."""
+    if raw is None:
+        return None
+    value = raw.strip(" \t")
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_HEADER_LENGTH_DIGITS:
+        raise invalid(f"{HEADER_LENGTH} must be a non-negative integer in ASCII digits, got {one_line(raw, 40)!r}")
+    return int(value)
+
+
+class AiohttpServerLog:
+    """aiohttp's server logger on the replica's port: a request its parser refused (the client's
+    fault) becomes one rate-limited warning line instead of a traceback at error level; other
+    failures keep their traceback, rate-limited too."""
+
+    def __init__(self) -> None:
+        self._log = logging.getLogger("aiohttp.server")
+        self._malformed = LogLimiter(self._log)
+        self._errors = LogLimiter(self._log)
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        self._log.debug(*args, **kwargs)
+
+    def warning(self, *args: Any, **kwargs: Any) -> None:
+        self._log.warning(*args, **kwargs)
+
+    def error(self, *args: Any, **kwargs: Any) -> None:
+        self._log.error(*args, **kwargs)
+
+    def exception(self, msg: str, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self._malformed.warning("malformed HTTP request refused", {
+                "error": one_line(str(exc_info)), "peer": str(args[0]) if args else ""})
+            return
+        self._errors.log(logging.ERROR, msg % args if args else msg, {}, exc_info=exc_info)
+
+
 class HttpApi:
     def __init__(self, service: InferenceService, repository: ModelRepository, metrics: ReplicaMetrics,
-                 *, max_body_bytes: int, faults: FaultSwitch | None):
+                 *, max_body_bytes: int, faults: FaultSwitch | None, control_token: ControlToken | None = None,
+                 head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S):
         self.service = service
         self.repository = repository
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.faults = faults
+        self.control_token = control_token
+        self.head_timeout_s = head_timeout_s
 
     def build_app(self) -> web.Application:
         # aiohttp enforces client_max_size on read(); we turn its error into Triton-style JSON.
@@ -94,7 +149,11 @@ class HttpApi:
     def make_runner(self, **kwargs: Any) -> web.AppRunner:
         """The runner for the main port: aiohttp serves the whole API; connections start on the fast
         inference path and are handed to aiohttp at their first request of another shape."""
-        return FastPathAppRunner(self.build_app(), self.run_infer, self.max_body_bytes, **kwargs)
+        # auto_decompress off: bodies are inflated by `_body`, capped (see the module doc); idle
+        # connections close after the same time on both paths (aiohttp's own default is an hour).
+        return FastPathAppRunner(self.build_app(), self.run_infer, self.max_body_bytes,
+                                 head_timeout_s=self.head_timeout_s, auto_decompress=False,
+                                 keepalive_timeout=KEEPALIVE_TIMEOUT_S, logger=AiohttpServerLog(), **kwargs)
 
     def build_metrics_app(self) -> web.Application:
         app = web.Application()
@@ -153,17 +212,30 @@ class HttpApi:
 
     # ------------------------------------------------------------------ inference (hot path)
 
-    async def _body(self, request: web.Request) -> bytes:
+    async def _body(self, request: web.Request) -> bytes | bytearray:
+        limit = self.max_body_bytes
         length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise InferError(413, f"request body of {length} bytes is over the limit of "
-                                  f"{self.max_body_bytes} bytes")
+        if length is not None and length > limit:
+            raise too_large(f"request body of {length} bytes is over the limit of {limit} bytes")
+        codings = request.headers.getall("Content-Encoding", ())
+        if len(codings) > 1:
+            raise InferError(415, "the request has more than one Content-Encoding header")
+        coding = content_coding(codings[0] if codings else None)
         try:
-            return await request.read()
+            if not coding:
+                return await request.read()  # bounded by client_max_size
+            inflater = Inflater(coding, limit)
+            received = 0
+            async for chunk in request.content.iter_any():
+                received += len(chunk)
+                if received > limit:
+                    raise too_large(f"request body is over the limit of {limit} bytes")
+                await inflater.feed(chunk)
+            return inflater.finish()
         except web.HTTPRequestEntityTooLarge:
-            raise InferError(413, f"request body is over the limit of {self.max_body_bytes} bytes") from None
-        except (OSError, ValueError, RequestPayloadError, HttpProcessingError) as exc:  # bad gzip, truncated
-            raise invalid(f"failed to read the request body: {exc}") from None
+            raise too_large(f"request body is over the limit of {limit} bytes") from None
+        except (OSError, ValueError, RequestPayloadError, HttpProcessingError) as exc:  # truncated, reset
+            raise invalid(f"failed to read the request body: {one_line(str(exc))}") from None
 
     async def infer(self, request: web.Request) -> web.Response:
         try:
@@ -181,17 +253,12 @@ class HttpApi:
         return web.Response(body=payload, content_type=content_type,
                             headers={MODEL_VERSION_HEADER: version, HEADER_LENGTH: str(json_length)})
 
-    async def run_infer(self, model: str, version: str, body: bytes, raw_length: str | None, request_id: str
+    async def run_infer(self, model: str, version: str, body: bytes | bytearray, raw_length: str | None, request_id: str
                         ) -> tuple[int, bytes, str, str, int | None]:
         """One inference, for both HTTP paths: (status, body, content type, served version or "",
         Inference-Header-Content-Length or None for an all-JSON answer)."""
         try:
-            header_length = None
-            if raw_length is not None:
-                try:
-                    header_length = int(raw_length)
-                except ValueError:
-                    raise invalid(f"{HEADER_LENGTH} must be an integer, got {raw_length!r}") from None
+            header_length = parse_header_length(raw_length)
             handle, (payload, json_length) = await self.service.infer(
                 "http", model, version, lambda sig: decode_http(body, header_length, sig), encode_http, request_id)
         except InferError as exc:
@@ -212,18 +279,41 @@ class HttpApi:
             raise invalid("the request JSON must be an object")
         return obj
 
+    def _control_refusal(self, request: web.Request) -> web.Response | None:
+        """401 when this replica has a control token and the request does not carry it."""
+        if self.control_token is None:
+            return None
+        reason = self.control_token.refusal(request.headers.get("Authorization"))
+        if not reason:
+            return None
+        log.warning("repository API call refused", extra={"fields": {
+            "path": request.path[:200], "remote": request.remote, "reason": reason}})
+        return web.Response(status=401, body=orjson.dumps({"error": reason}), content_type=JSON,
+                            headers={"WWW-Authenticate": 'Bearer realm="geogate-replica"'})
+
     async def repository_index(self, request: web.Request) -> web.Response:
         try:
             obj = await self._json_body(request)
+            ready = obj.get("ready", False)
+            if not isinstance(ready, bool):
+                raise invalid("'ready' must be true or false")
         except InferError as exc:
             return error_response(exc.http_status, exc.message)
-        return json_response(self.repository.index(ready_only=bool(obj.get("ready", False))))
+        refusal = None if ready else self._control_refusal(request)
+        if refusal is not None:
+            return refusal
+        return json_response(self.repository.index(ready_only=ready))
 
     async def load(self, request: web.Request) -> web.Response:
+        refusal = self._control_refusal(request)
+        if refusal is not None:
+            return refusal
         model = request.match_info["model"]
         try:
             obj = await self._json_body(request)
-            params = obj.get("parameters") or {}
+            params = obj.get("parameters")
+            if params is None:
+                params = {}
             if not isinstance(params, dict):
                 raise invalid("'parameters' must be an object")
             config = None
@@ -233,10 +323,10 @@ class HttpApi:
                         raise invalid("parameters.config must be a string holding the model config as JSON")
                     config = value
                 elif key.startswith("file:"):
-                    raise invalid(f"load parameter '{key}': file overrides are not supported by geogate "
+                    raise invalid("load parameters 'file:...': file overrides are not supported by geogate "
                                   "replicas; put the files in the repository")
                 else:
-                    raise invalid(f"unknown load parameter '{key}'")
+                    raise invalid(f"unknown load parameter {one_line(key, 60)!r}")
             log.info("load requested", extra={"fields": {"model": model, "config_override": config is not None}})
             await self.repository.load(model, config)
         except InferError as exc:
@@ -246,6 +336,9 @@ class HttpApi:
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
+        refusal = self._control_refusal(request)
+        if refusal is not None:
+            return refusal
         model = request.match_info["model"]
         try:
             await self._json_body(request)  # may carry unload_dependents; nothing depends here

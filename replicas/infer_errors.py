@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Any
+
 import grpc
 
 HTTP_STATUS_TO_GRPC: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     499: grpc.StatusCode.CANCELLED,
     500: grpc.StatusCode.INTERNAL,
@@ -49,3 +55,47 @@ def not_found(message: str) -> InferError:
 
 def unavailable(message: str) -> InferError:
     return InferError(503, message)
+
+
+def too_large(message: str) -> InferError:
+    return InferError(413, message)
+
+
+class LogLimiter:
+    """Rate limit for log lines a client can cause (malformed requests, refusals): at most
+    `lines_per_interval` lines per `interval_s`; the first line after a suppressed spell says how
+    many were dropped (`suppressed`). One hostile client cannot flood the log or its disk."""
+
+    def __init__(self, logger: logging.Logger, *, lines_per_interval: int = 10, interval_s: float = 10.0):
+        self.logger = logger
+        self.lines_per_interval = lines_per_interval
+        self.interval_s = interval_s
+        self._window_start_s = -1e18
+        self._lines = 0
+        self._suppressed = 0
+
+    def log(self, level: int, msg: str, fields: dict[str, Any], *, exc_info: Any = None) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        now_s = time.monotonic()
+        if now_s - self._window_start_s >= self.interval_s:
+            self._window_start_s = now_s
+            self._lines = 0
+        if self._lines >= self.lines_per_interval:
+            self._suppressed += 1
+            return
+        self._lines += 1
+        if self._suppressed:
+            fields = {**fields, "suppressed": self._suppressed}
+            self._suppressed = 0
+        self.logger.log(level, msg, extra={"fields": fields}, exc_info=exc_info)
+
+    def warning(self, msg: str, fields: dict[str, Any]) -> None:
+        self.log(logging.WARNING, msg, fields)
+
+
+def one_line(text: str, max_chars: int = 300) -> str:
+    """An error text as one log-friendly line of bounded length (parser messages span lines and
+    quote the client's bytes)."""
+    line = " ".join(text.split())
+    return line if len(line) <= max_chars else line[:max_chars] + "..."

@@ -3,7 +3,9 @@
 resolve model version -> decode + validate (protocol codec) -> test faults -> scheduler
 (batching, ORT off the loop) -> pick requested outputs -> encode (protocol codec), with
 metrics, per-version statistics and in-flight tracking around it. Every failure becomes an
-InferError carrying the HTTP status (and so the gRPC code) the client gets.
+InferError carrying the HTTP status (and so the gRPC code) the client gets. Refusals are logged
+as one warning line each, rate-limited (a client sending malformed requests in a loop cannot
+flood the log); unexpected failures keep their traceback, rate-limited as well.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from replicas.infer_errors import InferError, unavailable
+from replicas.infer_errors import InferError, LogLimiter, one_line, unavailable
 from replicas.replica_metrics import UNKNOWN, ReplicaMetrics
 from replicas.repository import ModelRepository
 from replicas.signature import ModelSignature
@@ -25,6 +27,11 @@ log = logging.getLogger("geogate.replica.infer")
 
 T = TypeVar("T")
 INJECTED_STATUS_MIN, INJECTED_STATUS_MAX = 400, 599
+CLIENT_CANCELLED = 499
+# separate budgets: a flood of one kind does not hide the others
+_refused_log = LogLimiter(log)
+_unavailable_log = LogLimiter(log)
+_failed_log = LogLimiter(log)
 
 
 class FaultSwitch:
@@ -101,12 +108,12 @@ class InferenceService:
             self._failed(protocol, handle, started, exc, request_id)
             raise
         except asyncio.CancelledError:
-            self._failed(protocol, handle, started, InferError(499, "client cancelled"), request_id)
+            self._failed(protocol, handle, started, InferError(CLIENT_CANCELLED, "client cancelled"), request_id)
             raise
         except Exception as exc:
-            err = InferError(500, f"inference failed for model '{model}': {exc}")
-            log.exception("inference failed", extra={"fields": {"model": model, "version": version,
-                                                                "request_id": request_id}})
+            err = InferError(500, f"inference failed for model '{model}': {one_line(str(exc))}")
+            _failed_log.log(logging.ERROR, "inference failed", {"model": model, "version": version,
+                                                                "request_id": request_id}, exc_info=exc)
             self._failed(protocol, handle, started, err, request_id)
             raise err from None
         finally:
@@ -132,5 +139,8 @@ class InferenceService:
             handle.stats.record_failure(int(elapsed_s * 1e9))
         else:
             self.metrics.observe(UNKNOWN, UNKNOWN, protocol, outcome, elapsed_s)
-        log.info("inference refused", extra={"fields": {
-            "request_id": request_id, "protocol": protocol, "status": exc.http_status, "error": exc.message}})
+        if exc.http_status == CLIENT_CANCELLED:
+            return
+        limiter = _unavailable_log if exc.http_status >= 500 else _refused_log
+        limiter.warning("inference refused", {"request_id": one_line(request_id, 100), "protocol": protocol,
+                                              "status": exc.http_status, "error": one_line(exc.message)})

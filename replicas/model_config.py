@@ -30,6 +30,7 @@ BACKEND = "onnxruntime"
 # Triton's --backend-config=default-max-batch-size (4) for models that can batch.
 DEFAULT_MAX_BATCH_SIZE = 4
 EXECUTION_PROVIDER_PARAMETER = "execution_provider"
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX
 
 # ORT's type strings (session.get_inputs()[i].type) -> KServe v2 datatype.
 ORT_TYPE_TO_V2: dict[str, str] = {
@@ -91,7 +92,43 @@ def config_from_json(text: str) -> mc.ModelConfig:
     try:
         return json_format.Parse(text, mc.ModelConfig())
     except json_format.ParseError as exc:
-        raise ConfigError(f"invalid model config JSON: {exc}") from exc
+        raise ConfigError(f"invalid model config JSON: {_brief(str(exc))}") from None
+    except RecursionError:  # json.loads of deeply nested arrays/objects
+        raise ConfigError("invalid model config JSON: nested too deeply") from None
+
+
+def _brief(text: str, max_chars: int = 300) -> str:
+    return text if len(text) <= max_chars else text[:max_chars] + "..."
+
+
+def file_name_problem(value: str, field: str) -> str:
+    """Why `value` cannot name a file in a model's version directory ("" when it can): a config
+    (possibly from the load API) must not reach outside it. Decided on the text alone, before any
+    filesystem access, so the answer never depends on what exists."""
+    if not value:
+        return ""
+    if (len(value.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES or value in (".", "..")
+            or any(c in "/\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in value)):
+        return (f"{field} must be a plain file name inside the version directory (no '/', '\\', '..', NUL "
+                f"or control characters, at most {MAX_FILE_NAME_BYTES} bytes)")
+    return ""
+
+
+def check_file_names(cfg: mc.ModelConfig) -> None:
+    """ConfigError when a config names a file outside the model's version directory. Geogate
+    replicas read only `default_model_filename`; the other file-naming fields of Triton's config
+    (per-GPU model files, custom op library, label files, warm-up data) are never opened here,
+    and are held to the same rule so that no accepted config points anywhere else."""
+    names = [("default_model_filename", cfg.default_model_filename)]
+    names += [("model_operations.op_library_filename", v) for v in cfg.model_operations.op_library_filename]
+    names += [(f"cc_model_filenames[{k!r}]", v) for k, v in cfg.cc_model_filenames.items()]
+    names += [(f"output {o.name!r} label_filename", o.label_filename) for o in cfg.output]
+    names += [(f"model_warmup {w.name!r} input {k!r} input_data_file", d.input_data_file)
+              for w in cfg.model_warmup for k, d in w.inputs.items()]
+    for field, value in names:
+        problem = file_name_problem(value, field)
+        if problem:
+            raise ConfigError(_brief(problem))
 
 
 def base_config(model_dir: Path, override_json: str | None = None) -> tuple[mc.ModelConfig, bool]:

@@ -7,19 +7,33 @@ versions being positive integers. The version policy (config or load override) p
 Loading never interrupts serving: new sessions are created off the event loop while the
 current ones keep answering, then swapped in; versions that leave the policy stop receiving
 requests at once and are closed when their in-flight requests are done. A version whose files
-and config did not change is kept as it is.
+and config did not change is kept as it is. A load that fails (bad config, a selected version
+that does not load, nothing selected) changes nothing that serves, as in Triton.
+
+Confinement: the repository load API lets a caller choose a config, so a config can never name
+a file outside the model's version directory: `default_model_filename` must be a plain file name
+(no path separator, `..`, NUL or control character; refused before the filesystem is touched),
+and a model file that is a symlink leading out of its version directory counts as absent. Either
+way the answer does not depend on what exists outside the repository, and error texts name
+paths relative to the repository only.
+
+Control credentials (`ControlToken`): with `geogate replica --control-token-file`, the
+repository API (index, load, unload; HTTP and gRPC) needs `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from gateway.name_checks import model_name_problem
 from replicas import model_config as mcfg
 from replicas.infer_errors import invalid, not_found
 from replicas.onnx_runner import OrtRunner
@@ -31,10 +45,91 @@ log = logging.getLogger("geogate.replica.repository")
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 REASON_UNLOADED = "unloaded"
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+MAX_VERSION_CHARS = 18
+MAX_CONFIG_JSON_BYTES = 1 << 20  # a load override's config; Triton configs are a few KB
+CONTROL_TOKEN_ENV = "GEOGATE_REPLICA_CONTROL_TOKEN"
+MIN_CONTROL_TOKEN_CHARS = 16
 
 
 class LoadError(Exception):
     """A load request that failed; the message is what the index and the API answer."""
+
+
+class ControlTokenError(ValueError):
+    """A control token file or variable that cannot be used; the message says why."""
+
+
+class ControlToken:
+    """The shared secret of the replica's control endpoints, compared in constant time."""
+
+    def __init__(self, token: str):
+        problem = self.problem(token)
+        if problem:
+            raise ControlTokenError(problem)
+        self._token = token.encode("ascii")
+
+    @property
+    def text(self) -> str:
+        """The token itself, for a client that presents it (the sync agent)."""
+        return self._token.decode("ascii")
+
+    @staticmethod
+    def problem(token: str) -> str:
+        if len(token) < MIN_CONTROL_TOKEN_CHARS:
+            return f"the control token must have at least {MIN_CONTROL_TOKEN_CHARS} characters, got {len(token)}"
+        if not all("!" <= c <= "~" for c in token):
+            return "the control token must be printable ASCII without spaces (it travels in a header)"
+        return ""
+
+    @classmethod
+    def from_file(cls, path: str) -> ControlToken:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(64 * 1024)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ControlTokenError(f"cannot read the control token file {path}: {exc}") from None
+        try:
+            return cls(text.strip())
+        except ControlTokenError as exc:
+            raise ControlTokenError(f"{path}: {exc}") from None
+
+    @classmethod
+    def configured(cls, path: str) -> ControlToken | None:
+        """From `path` if given, else from $GEOGATE_REPLICA_CONTROL_TOKEN; None when neither is set."""
+        if path:
+            return cls.from_file(path)
+        value = os.environ.get(CONTROL_TOKEN_ENV, "").strip()
+        if not value:
+            return None
+        try:
+            return cls(value)
+        except ControlTokenError as exc:
+            raise ControlTokenError(f"${CONTROL_TOKEN_ENV}: {exc}") from None
+
+    def refusal(self, authorization: str | bytes | None) -> str:
+        """"" when `authorization` (the header / metadata value) carries the token, else why not."""
+        if not authorization:
+            return ("this replica's repository API needs its control token: send 'Authorization: Bearer "
+                    "<token>' (geogate replica --control-token-file)")
+        if isinstance(authorization, str):
+            authorization = authorization.encode("utf-8", "surrogateescape")
+        scheme, _, presented = authorization.strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(presented.strip(), self._token):
+            return "the control token presented is not valid for this replica"
+        return ""
+
+
+def model_file(version_dir: Path, filename: str) -> Path | None:
+    """The version's model file, or None when it is absent or a symlink leading out of the
+    version directory (both answer the same: nothing outside the repository can be probed)."""
+    try:
+        real_dir = os.path.realpath(version_dir)
+        real = os.path.realpath(version_dir / filename)
+        if os.path.dirname(real) != real_dir or not os.path.isfile(real):
+            return None
+    except (OSError, ValueError):
+        return None
+    return Path(real)
 
 
 @dataclass
@@ -96,10 +191,9 @@ class ModelRepository:
             raise not_found(f"Request for unknown model: '{name}' is not found")
         if not version:
             return entry.latest
-        try:
-            v = int(version)
-        except ValueError:
-            raise invalid(f"model version must be an integer, got '{version}'") from None
+        if not (version.isascii() and version.isdigit()) or len(version) > MAX_VERSION_CHARS:
+            raise invalid(f"model version must be a positive integer, got {version[:40]!r}")
+        v = int(version)
         handle = entry.serving.get(v)
         if handle is None:
             raise not_found(f"Request for unknown model: '{name}' version {v} is not found")
@@ -142,7 +236,8 @@ class ModelRepository:
         if not model_dir.is_dir():
             return out
         for p in model_dir.iterdir():
-            if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file():
+            if (p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0
+                    and model_file(p, filename) is not None):
                 out.append(int(p.name))
         return sorted(out)
 
@@ -182,10 +277,9 @@ class ModelRepository:
                 log.error("model failed to load", extra={"fields": {"model": name, "reason": str(exc)}})
         self.started = True
 
-    def _build(self, name: str, version: int, base: mc.ModelConfig, from_file: bool, mbs_given: bool,
-               fingerprint: bytes, file_stamp: tuple[int, int]) -> tuple[OrtRunner, mc.ModelConfig, frozenset]:
+    def _build(self, name: str, version: int, path: Path, base: mc.ModelConfig, from_file: bool, mbs_given: bool,
+               fingerprint: bytes) -> tuple[OrtRunner, mc.ModelConfig, frozenset]:
         """Blocking: create the sessions of one version and complete its config from the graph."""
-        path = self.root / name / str(version) / (base.default_model_filename or mcfg.DEFAULT_MODEL_FILENAME)
         count = mcfg.instance_count(base) if len(base.instance_group) else 1
         runner = OrtRunner(path, count=count, want_gpu=mcfg.wants_gpu(base),
                            intra_op_threads=self.intra_op_threads, label=f"{name}/{version}")
@@ -199,69 +293,93 @@ class ModelRepository:
         mcfg.set_execution_provider(cfg, runner.provider)
         return runner, cfg, frozenset({fingerprint, _fingerprint(cfg)})
 
+    def _relative(self, text: str) -> str:
+        """An error text with the repository's location left out (paths relative to it)."""
+        for root in {str(self.root), os.path.realpath(self.root)}:
+            text = text.replace(root.rstrip("/") + "/", "")
+        return text
+
+    def _failed(self, entry: ModelEntry, reason: str) -> LoadError:
+        """Count a failed load; the reason shows in the index while nothing of the model serves."""
+        self.metrics.load_failures.labels(entry.name).inc()
+        if not entry.serving:
+            entry.error = reason
+            return LoadError(reason)
+        return LoadError(f"{reason}; the versions loaded before keep serving")
+
     async def load(self, name: str, config_json: str | None = None) -> None:
-        """Load (or reload) a model: the versions its policy selects. Raises LoadError."""
-        if not name or "/" in name or name.startswith("."):
-            raise LoadError(f"invalid model name '{name}'")
+        """Load (or reload) a model: the versions its policy selects. Raises LoadError; a load that
+        fails leaves what served before serving (nothing is retired, no new version is added)."""
+        problem = model_name_problem(name)
+        if problem:
+            raise LoadError(f"failed to load: {problem}")
+        if config_json is not None and len(config_json) > MAX_CONFIG_JSON_BYTES:
+            raise LoadError(f"failed to load '{name}': the config is {len(config_json)} characters long "
+                            f"(at most {MAX_CONFIG_JSON_BYTES})")
         model_dir = self.root / name
-        if not model_dir.is_dir() and name not in self._models:
-            raise LoadError(f"failed to load '{name}': no model directory '{name}' in the repository "
-                            f"{self.root}")
+        if name not in self._models and not model_dir.is_dir():
+            raise LoadError(f"failed to load '{name}': no model directory '{name}' in the repository")
         entry = self._entry(name)
         async with entry.lock:
             entry.desired = True
             try:
                 base, from_file = mcfg.base_config(model_dir, config_json)
                 mbs_given = mcfg.max_batch_size_given(model_dir, config_json)
+                mcfg.check_file_names(base)
             except (mcfg.ConfigError, OSError) as exc:
-                entry.error = f"failed to load '{name}': {exc}"
-                self.metrics.load_failures.labels(name).inc()
-                raise LoadError(entry.error) from None
+                raise self._failed(entry, self._relative(f"failed to load '{name}': {exc}")) from None
             filename = base.default_model_filename or mcfg.DEFAULT_MODEL_FILENAME
             available = self.available_versions(model_dir, filename)
             selected = select_versions(base.version_policy, available)
             if not selected:
-                entry.error = (f"failed to load '{name}': no version matches the version policy "
-                               f"({base.version_policy.WhichOneof('policy_choice') or 'latest'}); versions "
-                               f"on disk with {filename}: {available}")
-                self.metrics.load_failures.labels(name).inc()
-                await self._retire(entry, set())
-                raise LoadError(entry.error)
-            entry.error = ""
+                raise self._failed(entry, (
+                    f"failed to load '{name}': no version matches the version policy "
+                    f"({base.version_policy.WhichOneof('policy_choice') or 'latest'}); versions in the "
+                    f"repository with {filename!r}: {available}"))
             fingerprint = _fingerprint(base)
             old = dict(entry.serving)
             keep: dict[int, VersionHandle] = {}
-            to_load: list[tuple[int, tuple[int, int]]] = []
+            to_load: list[tuple[int, Path, tuple[int, int]]] = []
+            failures: list[str] = []
             for v in selected:
-                st = (model_dir / str(v) / filename).stat()
+                path = model_file(model_dir / str(v), filename)
+                try:
+                    if path is None:
+                        raise FileNotFoundError(f"{filename!r} is gone")
+                    st = path.stat()
+                except OSError:
+                    failures.append(f"failed to load '{name}' version {v}: {filename!r} is missing")
+                    continue
                 stamp = (st.st_mtime_ns, st.st_size)
                 h = old.get(v)
                 if h is not None and fingerprint in h.fingerprints and h.file_stamp == stamp:
                     keep[v] = h
                 else:
-                    to_load.append((v, stamp))
+                    to_load.append((v, path, stamp))
                     if h is None:
                         entry.states[v] = (LOADING, "")
             loop = asyncio.get_running_loop()
             fresh: dict[int, VersionHandle] = {}
-            failures: list[str] = []
-            for v, stamp in to_load:
+            for v, path, stamp in to_load:
                 try:
                     runner, cfg, fps = await loop.run_in_executor(
-                        self._load_executor, self._build, name, v, base, from_file, mbs_given, fingerprint, stamp)
+                        self._load_executor, self._build, name, v, path, base, from_file, mbs_given, fingerprint)
                     fresh[v] = VersionHandle(model=name, version=v, config=cfg, runner=runner,
                                              metrics=self.metrics, fingerprints=fps, file_stamp=stamp)
                 except Exception as exc:
-                    reason = f"failed to load '{name}' version {v}: {exc}"
+                    reason = self._relative(f"failed to load '{name}' version {v}: {exc}")
                     failures.append(reason)
-                    self.metrics.load_failures.labels(name).inc()
                     log.error("version failed to load", extra={"fields": {"model": name, "version": v,
-                                                                          "reason": str(exc)}})
-                    if v in old:  # a failed reload keeps the version that serves
-                        keep[v] = old[v]
-                        entry.states[v] = (READY, reason)
-                    else:
-                        entry.states[v] = (UNAVAILABLE, reason)
+                                                                          "reason": reason}})
+                    entry.states[v] = (READY, reason) if v in old else (UNAVAILABLE, reason)
+            if failures and old:
+                # Triton's rule: a reload that fails changes nothing that serves. The versions that
+                # did load are dropped again; the old ones keep serving with their old config.
+                for v in fresh:
+                    entry.states[v] = (READY, "") if v in old else (UNAVAILABLE, "; ".join(failures))
+                await asyncio.gather(*(h.drain_and_close(0, forget_metrics=v not in old) for v, h in fresh.items()))
+                raise self._failed(entry, "; ".join(failures))
+            entry.error = ""
             entry.set_serving({**keep, **fresh})
             for v, h in fresh.items():
                 entry.states[v] = (READY, "")
@@ -272,11 +390,12 @@ class ModelRepository:
                     "dynamic_batching": h.config.HasField("dynamic_batching"),
                     "instances": h.runner.count}})
             await self._retire(entry, {id(h) for h in entry.serving.values()}, old)
-            if not entry.serving:
-                entry.error = "; ".join(failures) or f"failed to load '{name}'"
-                raise LoadError(entry.error)
-            if failures:
-                raise LoadError("; ".join(failures))
+            if failures:  # a first load: the versions that loaded serve, the others are indexed
+                self.metrics.load_failures.labels(name).inc()
+                reason = "; ".join(failures)
+                if not entry.serving:
+                    entry.error = reason
+                raise LoadError(reason)
 
     async def _retire(self, entry: ModelEntry, still_serving: set[int],
                       old: dict[int, VersionHandle] | None = None) -> None:
@@ -297,6 +416,9 @@ class ModelRepository:
                 log.info("version unloaded", extra={"fields": {"model": entry.name, "version": h.version}})
 
     async def unload(self, name: str) -> None:
+        problem = model_name_problem(name)
+        if problem:
+            raise LoadError(f"failed to unload: {problem}")
         entry = self._models.get(name)
         if entry is None:
             if not (self.root / name).is_dir():

@@ -25,6 +25,7 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_HEAD_TIMEOUT_S = 10.0
 HTTP_BACKLOG = 1024
 # The ORT worker threads need the GIL back to hand a finished batch over; with Python's default
 # 5 ms switch interval a busy event loop can keep them (and so the model) idle that long.
@@ -84,10 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-client-ca", default="", metavar="FILE",
                         help="require client certificates signed by this CA (mutual TLS: only the gateway "
                              "with its certificate can call)")
+    parser.add_argument("--control-token-file", default="", metavar="FILE",
+                        help="require this token (Authorization: Bearer ...) on the repository API: index, "
+                             "load, unload over HTTP and gRPC (default: $GEOGATE_REPLICA_CONTROL_TOKEN, else "
+                             "open); inference, health and metadata stay open")
+    parser.add_argument("--request-head-timeout-s", type=float, default=DEFAULT_HEAD_TIMEOUT_S,
+                        help="an HTTP request's line and headers must arrive within this many seconds of its "
+                             "first byte, on every request of a connection (else 408 and close; default 10)")
 
 
 class ReplicaServer:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, control_token=None):
         from replicas.grpc_server import GrpcInferenceServicer, ReadinessHealthServicer
         from replicas.http_server import HttpApi
         from replicas.inference_service import FaultSwitch, InferenceService
@@ -102,9 +110,10 @@ class ReplicaServer:
         self.faults = FaultSwitch() if args.enable_test_faults else None
         self.service = InferenceService(self.repository, self.metrics, self.faults)
         self.http = HttpApi(self.service, self.repository, self.metrics, max_body_bytes=args.max_body_bytes,
-                            faults=self.faults)
+                            faults=self.faults, control_token=control_token,
+                            head_timeout_s=getattr(args, "request_head_timeout_s", DEFAULT_HEAD_TIMEOUT_S))
         self.health = ReadinessHealthServicer(self.repository)
-        self.grpc_servicer = GrpcInferenceServicer(self.service, self.repository)
+        self.grpc_servicer = GrpcInferenceServicer(self.service, self.repository, control_token)
         self._stop = asyncio.Event()
         self._tls_watch: asyncio.Task | None = None  # --tls-cert: certificate files re-read on change
 
@@ -213,9 +222,23 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.repository).is_dir():
         log.error("repository is not a directory", extra={"fields": {"repository": args.repository}})
         return 2
+    head_timeout_s = getattr(args, "request_head_timeout_s", DEFAULT_HEAD_TIMEOUT_S)
+    if not 0 < head_timeout_s < float("inf"):
+        log.error("--request-head-timeout-s must be a positive number of seconds",
+                  extra={"fields": {"value": head_timeout_s}})
+        return 2
+    from replicas.repository import ControlToken, ControlTokenError
+
+    try:
+        control_token = ControlToken.configured(getattr(args, "control_token_file", ""))
+    except ControlTokenError as exc:
+        log.error("cannot use the control token", extra={"fields": {"error": str(exc)}})
+        return 2
+    if control_token is not None:
+        log.info("repository API needs the control token")
     import uvloop
 
     async def main() -> int:
-        return await ReplicaServer(args).serve()
+        return await ReplicaServer(args, control_token).serve()
 
     return uvloop.run(main())

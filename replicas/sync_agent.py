@@ -117,18 +117,24 @@ def _address(url: str) -> str:
     return url.partition("://")[2].rstrip("/")
 
 
+def _bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
 class HttpReplica:
-    def __init__(self, url: str):
+    def __init__(self, url: str, control_token: str = ""):
         self.url = url
         self._base = ("https://" if url.startswith("https://") else "http://") + _address(url)
         self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Content-Type": "application/json"}
+        if control_token:
+            self._headers["Authorization"] = _bearer(control_token)
 
     async def _post(self, path: str, body: dict, timeout_s: float) -> bytes:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            async with self._session.post(self._base + path, data=orjson.dumps(body),
-                                          headers={"Content-Type": "application/json"},
+            async with self._session.post(self._base + path, data=orjson.dumps(body), headers=self._headers,
                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 data = await resp.read()
                 if resp.status != 200:
@@ -161,8 +167,9 @@ class HttpReplica:
 
 
 class GrpcReplica:
-    def __init__(self, url: str):
+    def __init__(self, url: str, control_token: str = ""):
         self.url = url
+        self._metadata = (("authorization", _bearer(control_token)),) if control_token else None
         opts = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES)]
         addr = _address(url)
         self._channel = (grpc.aio.secure_channel(addr, grpc.ssl_channel_credentials(), options=opts)
@@ -173,13 +180,14 @@ class GrpcReplica:
         req = service_pb2.RepositoryModelLoadRequest(model_name=model)
         req.parameters["config"].string_param = config_json
         try:
-            await self._stub.RepositoryModelLoad(req, timeout=timeout_s)
+            await self._stub.RepositoryModelLoad(req, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _grpc_error(self.url, exc) from None
 
     async def index(self) -> Index:
         try:
-            resp = await self._stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=INDEX_TIMEOUT_S)
+            resp = await self._stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=INDEX_TIMEOUT_S,
+                                                    metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _grpc_error(self.url, exc) from None
         out: Index = {}
@@ -197,13 +205,14 @@ def _grpc_error(url: str, exc: grpc.aio.AioRpcError) -> ReplicaError:
     return ReplicaError(f"{url}: {exc.code().name}: {exc.details()}", reachable=not down)
 
 
-def replica_client(url: str) -> HttpReplica | GrpcReplica:
-    """The replica's protocol is its URL's scheme (DESIGN.md: Configuration)."""
+def replica_client(url: str, control_token: str = "") -> HttpReplica | GrpcReplica:
+    """The replica's protocol is its URL's scheme (DESIGN.md: Configuration); `control_token`:
+    presented on its repository API (the pool's control_token_file)."""
     scheme = url.partition("://")[0]
     if scheme in ("http", "https"):
-        return HttpReplica(url)
+        return HttpReplica(url, control_token)
     if scheme in ("grpc", "grpcs"):
-        return GrpcReplica(url)
+        return GrpcReplica(url, control_token)
     raise ValueError(f"replica URL {url!r}: scheme must be http or grpc")
 
 
@@ -287,6 +296,7 @@ class Target:
     # Pools that find replicas by DNS SRV (geo.srv_discovery.SrvDiscovery): re-resolved every
     # sync round, so replicas that come and go (an autoscaler) get every version loaded too.
     discoveries: list = field(default_factory=list)
+    control_token: str = ""  # presented to these replicas' repository API (pools' control_token_file)
 
     @property
     def staging_root(self) -> Path:
@@ -344,7 +354,7 @@ class SyncAgent:
         self.store_last_error = ""  # kept after recovery, so the status can say what happened
         self.store_last_error_s = 0.0
         self._store_answered_mono = time.monotonic()  # the last round/publication the store answered
-        self._clients = {url: replica_client(url) for t in targets for url in t.replicas}
+        self._clients = {url: replica_client(url, t.control_token) for t in targets for url in t.replicas}
         self._publish_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._cycle: asyncio.Task | None = None
@@ -452,9 +462,9 @@ class SyncAgent:
                 log.info("replicas of the repository changed", extra={"fields": {
                     "repository": str(t.repository), "replicas": urls}})
             t.replicas = urls
-        wanted = {u for t in self.targets for u in t.replicas}
-        for url in wanted - self._clients.keys():
-            self._clients[url] = replica_client(url)
+        wanted = {u: t.control_token for t in self.targets for u in t.replicas}
+        for url in wanted.keys() - self._clients.keys():
+            self._clients[url] = replica_client(url, wanted[url])
         for url in self._clients.keys() - wanted:
             await self._clients.pop(url).close()
 
@@ -839,7 +849,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+def _control_token(cfg, pool) -> str:
+    """The pool's replica control token (its control_token_file), checked as replicas check it."""
+    from gateway.config import ConfigError
+    from replicas.repository import ControlToken, ControlTokenError
+
+    if not pool.control_token_file:
+        return ""
+    path = cfg.resolve_path(pool.control_token_file)
+    try:
+        return ControlToken.from_file(path).text
+    except ControlTokenError as exc:
+        raise ConfigError(f"pool {pool.name!r} control_token_file: {exc}") from None
+
+
 def targets_for_site(cfg, site: str) -> list[Target]:
+    from gateway.config import ConfigError
+
     region = cfg.region(site)
     by_repo: dict[str, Target] = {}
     for pool in region.pools:
@@ -847,7 +873,11 @@ def targets_for_site(cfg, site: str) -> list[Target]:
             log.warning("pool has no repository: nothing to sync", extra={"fields": {"pool": pool.name}})
             continue
         repo = cfg.resolve_path(pool.repository)
-        t = by_repo.setdefault(repo, Target(Path(repo), [], []))
+        token = _control_token(cfg, pool)
+        t = by_repo.setdefault(repo, Target(Path(repo), [], [], control_token=token))
+        if token != t.control_token:
+            raise ConfigError(f"pool {pool.name!r}: pools {t.pools} share its repository {pool.repository!r} but "
+                              "not its control_token_file (the sync agent loads them all with one token)")
         t.pools.append(pool.name)
         t.replicas.extend(u for u in pool.replicas if u not in t.replicas)
         t.configured.extend(u for u in pool.replicas if u not in t.configured)

@@ -5,6 +5,12 @@ byte count), so a bad request is refused before any tensor is copied. Binary inp
 numpy views of the request body (`np.frombuffer`, no copy); binary outputs are appended to the
 response as buffers (no `tobytes` copy before the final join).
 
+Every field is type-checked before it is used or quoted in a message (a client's value is never
+repr'd whole: a 990-deep nested list made repr() raise RecursionError, a 500). JSON `data`
+elements must be JSON numbers for numeric datatypes (integers for integer types, in range) and
+true/false for BOOL, and their count must match the shape, for every datatype; binary and gRPC
+raw inputs must have exactly the bytes their shape needs.
+
 Binary requests from one client repeat the same JSON header byte for byte (same inputs, shapes,
 options), so a header that decoded and validated cleanly is remembered per model version as a
 plan (offsets, dtypes, shapes, batch key, requested outputs): the next request with those exact
@@ -93,16 +99,51 @@ def _from_plan(plan: _BinaryPlan, body: bytes) -> DecodedRequest:
     return DecodedRequest(plan.request_id, feeds, plan.rows, plan.key, plan.outputs, plan.binary_default)
 
 
-def decode_http(body: bytes, header_length: int | None, sig: ModelSignature) -> DecodedRequest:
+def _kind(value: Any) -> str:
+    """A client's value named by its JSON type, for messages (never its repr: it may be huge or deep)."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _str_field(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"{what} must be a string, got {_kind(value)}")
+    return value
+
+
+def _object_field(value: Any, what: str) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise invalid(f"{what} must be an object, got {_kind(value)}")
+    return value
+
+
+def _bool_field(params: dict | None, key: str, default: bool, what: str) -> bool:
+    value = params.get(key, default) if params is not None else default
+    if not isinstance(value, bool):
+        raise invalid(f"{what} parameter '{key}' must be true or false, got {_kind(value)}")
+    return value
+
+
+def _shape_field(value: Any, name: str) -> list:
+    if not isinstance(value, list) or not all(type(d) is int for d in value):
+        raise invalid(f"inference input '{name}' has an invalid shape: expected an array of non-negative integers, "
+                      f"got {_kind(value)}" + (" with other elements" if isinstance(value, list) else ""))
+    return value
+
+
+def decode_http(body: bytes | bytearray, header_length: int | None, sig: ModelSignature) -> DecodedRequest:
     """An HTTP infer body (JSON, or JSON + binary blobs when `header_length` is given)."""
     plan_key = None
     if header_length is not None and 0 < header_length <= min(PLAN_MAX_HEADER_BYTES, len(body)):
-        plan_key = body[:header_length]
+        plan_key = body[:header_length] if type(body) is bytes else bytes(body[:header_length])
         plans = _PLANS.get(sig)
         plan = plans.get(plan_key) if plans is not None else None
         if plan is not None and plan.body_length == len(body):
             return _from_plan(plan, body)
-    decoded, plan = _decode_http(body, header_length, sig)
+    try:
+        decoded, plan = _decode_http(body, header_length, sig)
+    except RecursionError:  # a safety net: every field is type-checked before use
+        raise invalid("the request JSON is nested too deeply") from None
     if plan is not None and plan_key is not None:
         plans = _PLANS.get(sig)
         if plans is None:
@@ -134,27 +175,29 @@ def _decode_http(body: bytes, header_length: int | None, sig: ModelSignature
     inputs = header.get("inputs")
     if not isinstance(inputs, list):
         raise invalid("the request JSON has no 'inputs' list")
-    request_id = header.get("id", "")
-    if not isinstance(request_id, str):
-        request_id = str(request_id)
+    request_id = _str_field(header.get("id", ""), "'id'")
+    params = _object_field(header.get("parameters"), "'parameters'")
+    binary_default = _bool_field(params, "binary_data_output", False, "the request's")
     feeds: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     planned: list[tuple[str, np.dtype, tuple[int, ...], int, int]] | None = []
     for item in inputs:
         if not isinstance(item, dict):
             raise invalid("each entry of 'inputs' must be an object")
-        spec = sig.input_spec(item.get("name"))
+        spec = sig.input_spec(_str_field(item.get("name"), "an input's 'name'"))
         if spec.name in feeds:
             raise invalid(f"input '{spec.name}' is given more than once")
-        shape = spec.check_header(item.get("datatype"), item.get("shape"))
-        params = item.get("parameters")
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        shape = spec.check_header(_str_field(item.get("datatype"), f"input '{spec.name}': 'datatype'"),
+                                  _shape_field(item.get("shape"), spec.name))
+        iparams = _object_field(item.get("parameters"), f"input '{spec.name}': 'parameters'")
+        size = iparams.get("binary_data_size") if iparams is not None else None
         if size is not None:
             if header_length is None:
                 raise invalid(f"input '{spec.name}' has binary_data_size but the request has no "
                               "Inference-Header-Content-Length header")
             if type(size) is not int or size < 0:
-                raise invalid(f"input '{spec.name}' has an invalid binary_data_size {size!r}")
+                raise invalid(f"input '{spec.name}' has an invalid binary_data_size: expected a non-negative "
+                              f"integer, got {_kind(size)}")
             spec.check_byte_size(shape, size)
             if blob_offset + size > len(body):
                 raise invalid(f"unexpected end of binary data for input '{spec.name}': needs {size} bytes "
@@ -168,14 +211,12 @@ def _decode_http(body: bytes, header_length: int | None, sig: ModelSignature
         else:
             if "data" not in item:
                 raise invalid(f"input '{spec.name}' has neither 'data' nor a binary_data_size parameter")
-            feeds[spec.name] = _json_tensor(spec.name, item["data"], spec.dtype, shape)
+            feeds[spec.name] = _json_tensor(spec.name, item["data"], spec.datatype, spec.dtype, shape)
             planned = None  # the data lives in the header: nothing to reuse
         shapes[spec.name] = shape
     if blob_offset != len(body):
         raise invalid(f"the request body has {len(body) - blob_offset} bytes of binary data that no "
                       "input claims")
-    params = header.get("parameters")
-    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     outputs = None
     wanted = header.get("outputs")
     if wanted is not None:
@@ -185,14 +226,12 @@ def _decode_http(body: bytes, header_length: int | None, sig: ModelSignature
         for out in wanted:
             if not isinstance(out, dict):
                 raise invalid("each entry of 'outputs' must be an object")
-            name = out.get("name")
+            name = _str_field(out.get("name"), "an output's 'name'")
             sig.check_output_name(name)
-            oparams = out.get("parameters")
-            binary = binary_default
-            if isinstance(oparams, dict):
-                if "classification" in oparams:
-                    raise invalid(f"output '{name}': the classification extension is not supported")
-                binary = bool(oparams.get("binary_data", binary_default))
+            oparams = _object_field(out.get("parameters"), f"output '{name}': 'parameters'")
+            if oparams is not None and "classification" in oparams:
+                raise invalid(f"output '{name}': the classification extension is not supported")
+            binary = _bool_field(oparams, "binary_data", binary_default, f"output '{name}':")
             outputs.append(RequestedOutput(name, binary))
     decoded = _finish(sig, request_id, feeds, shapes, outputs, binary_default)
     plan = None
@@ -202,16 +241,33 @@ def _decode_http(body: bytes, header_length: int | None, sig: ModelSignature
     return decoded, plan
 
 
-def _json_tensor(name: str, data: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+# JSON element kinds (numpy's, from the parsed values) each datatype accepts
+_JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"}
+_INTEGER_KINDS = "iu"
+
+
+def _json_tensor(name: str, data: Any, datatype: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(data, list):
+        raise invalid(f"input '{name}': 'data' must be an array, got {_kind(data)}")
     try:
-        arr = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise invalid(f"input '{name}': 'data' cannot be read as {dtype.name}: {exc}") from None
+        values = np.asarray(data)  # numpy reads the JSON values as they are: their kind is checked below
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise invalid(f"input '{name}': 'data' must be a (nested) array of numbers with the same length at "
+                      "each level") from None
+    allowed = _JSON_KINDS.get(datatype, _INTEGER_KINDS)
+    if values.dtype.kind not in allowed and values.size:
+        wanted = {"b": "true/false", "iu": "integers", "iuf": "numbers"}[allowed]
+        raise invalid(f"input '{name}': 'data' of datatype {datatype} must hold JSON {wanted}")
     expected = math.prod(shape)
-    if arr.size != expected:
-        raise invalid(f"input '{name}': 'data' has {arr.size} elements, the shape {list(shape)} needs "
+    if values.size != expected:
+        raise invalid(f"input '{name}': 'data' has {values.size} elements, the shape {list(shape)} needs "
                       f"{expected}")
-    return arr.reshape(shape)
+    if dtype.kind in _INTEGER_KINDS and values.size:
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise invalid(f"input '{name}': 'data' has values outside the range of {datatype} "
+                          f"({info.min}..{info.max})")
+    return values.astype(dtype, copy=False).reshape(shape)
 
 
 def encode_http(sig: ModelSignature, request_id: str, outputs: list[tuple[str, np.ndarray, bool]]
@@ -278,7 +334,11 @@ def decode_grpc(request: service_pb2.ModelInferRequest, sig: ModelSignature) -> 
             if len(values) != expected:
                 raise invalid(f"input '{spec.name}': contents has {len(values)} elements, the shape "
                               f"{list(shape)} needs {expected}")
-            arr = np.array(values, dtype=spec.dtype)
+            try:
+                arr = np.array(values, dtype=spec.dtype)
+            except (ValueError, OverflowError):  # INT8/INT16/UINT8/UINT16 travel in 32-bit fields
+                raise invalid(f"input '{spec.name}': contents has values outside the range of "
+                              f"{spec.datatype}") from None
         feeds[spec.name] = arr.reshape(shape)
         shapes[spec.name] = shape
     outputs = None

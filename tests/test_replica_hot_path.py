@@ -15,7 +15,7 @@ import pytest
 
 from replicas.batcher import Scheduler
 from replicas.demo_model import reference_outputs, write_repository_entry
-from replicas.http_fast import parse_head
+from replicas.http_fast import infer_target
 from replicas.onnx_runner import OrtRunner
 from tests.procs import ReplicaProc
 
@@ -24,41 +24,24 @@ MAX_BODY_BYTES = 4096
 TIMEOUT_S = 30.0
 
 
-# ---------------------------------------------------------------------------- which heads are fast
+# ---------------------------------------------------------------------------- which paths are fast
 
-def _head(*lines: str, request_line: str = "POST /v2/models/demo/infer HTTP/1.1") -> bytes:
-    return "\r\n".join([request_line, *lines]).encode()
-
-
-def test_parse_head_takes_the_hot_request_shape():
-    h = parse_head(_head("Host: x", "Content-Length: 12", "Inference-Header-Content-Length: 7",
-                         "X-Request-Id: abc", "connection: keep-alive"))
-    assert (h.model, h.version, h.content_length, h.header_length, h.request_id) == ("demo", "", 12, "7", "abc")
-    h = parse_head(_head("content-length:0", "GEOGATE-REQUEST-ID: r1", "x-request-id: r2",
-                         request_line="POST /v2/models/demo-heavy/versions/2/infer HTTP/1.1"))
-    assert (h.model, h.version, h.content_length, h.header_length, h.request_id) == ("demo-heavy", "2", 0, None,
-                                                                                      "r1")
-
-
-@pytest.mark.parametrize("head", [
-    _head("Content-Length: 3", request_line="GET /v2/models/demo/infer HTTP/1.1"),
-    _head("Content-Length: 3", request_line="POST /v2/models/demo/infer HTTP/1.0"),
-    _head("Content-Length: 3", request_line="POST /v2/models/demo/ready HTTP/1.1"),
-    _head("Content-Length: 3", request_line="POST /v2/models/de%6Do/infer HTTP/1.1"),
-    _head("Content-Length: 3", request_line="POST /v2/models/demo/infer?x=1 HTTP/1.1"),
-    _head("Transfer-Encoding: chunked"),
-    _head("Content-Length: 3", "Content-Encoding: gzip"),
-    _head("Content-Length: 3", "Expect: 100-continue"),
-    _head("Content-Length: 3", "Connection: close"),
-    _head("Content-Length: 3", "Content-Length: 3"),
-    _head("Content-Length: -3"),
-    _head("Host: x"),  # no Content-Length
-    _head("Content-Length: 3", " folded"),
-    _head("Content-Length : 3"),
-    _head("Content-Length: 3", "Inference-Header-Content-Length: 1", "Inference-Header-Content-Length: 1"),
+@pytest.mark.parametrize(("url", "target"), [
+    (b"/v2/models/demo/infer", ("demo", "")),
+    (b"/v2/models/demo-heavy/versions/2/infer", ("demo-heavy", "2")),
+    (b"/v2/models/a_b.c/versions/x/infer", ("a_b.c", "x")),  # the repository answers for the version
 ])
-def test_parse_head_leaves_everything_else_to_aiohttp(head):
-    assert parse_head(head) is None
+def test_infer_target_takes_inference_paths(url, target):
+    assert infer_target(url) == target
+
+
+@pytest.mark.parametrize("url", [
+    b"/v2/models/demo/ready", b"/v2/models/de%6Do/infer", b"/v2/models/demo/infer?x=1", b"/v2/models//infer",
+    b"/v2/models/demo/versions//infer", b"/v2/models/demo/versions/1/2/infer", b"/v2/models/demo/vers/1/infer",
+    b"http://h/v2/models/demo/infer", b"/v2/models/d\xc3\xa9mo/infer",
+])
+def test_infer_target_leaves_everything_else_to_aiohttp(url):
+    assert infer_target(url) is None
 
 
 # ---------------------------------------------------------------------------- a real replica, raw sockets
