@@ -165,7 +165,7 @@ class GatewaySection:
     # files (FILE.1 ...); with --workers N each worker writes FILE with ".wK" before its suffix.
     access_log_file: str = ""
     access_log_max_bytes: int = _v(_positive, default=64 * 1024 * 1024)
-    access_log_backups: int = _v(_non_negative, default=5)
+    access_log_backups: int = _v(_positive, default=5)
     # gRPC connections are closed gracefully (HTTP/2 GOAWAY, then in-flight calls finish) after
     # this long, +-10%; a worker replaced by a rolling restart waits for this to hand its clients
     # over without a failed call. 0: never (a rolling restart then stops with the connections open).

@@ -237,7 +237,9 @@ async def sweep_slow_clients(guards: dict, limits: GuardLimits) -> None:
 # Open on the admin listener even with admin credentials: load balancers, Kubernetes probes,
 # peer gateways and GeoDNS read these; the region summary without credentials leaves out
 # replica URLs, routing and peers (public_region_summary); /ui/login is how a browser gets in.
-ADMIN_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region", "/ui/login"})
+# (/ui/logout only clears the session cookie.)
+ADMIN_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region", "/ui/login",
+                              "/ui/logout"})
 ADMIN_API_PREFIX = "/admin/v1/"  # checked by gateway.admin_models itself (audit, operator names)
 UI_PAGES = frozenset({"/ui", "/ui/"})
 ADMIN_CHECK_KEY = web.RequestKey("geogate.admin_check", AdminCheck)
