@@ -78,20 +78,31 @@ class StreamSink:
 
 
 class RotatingSink:
-    """Bytes appended to ``path``, rotated by size (blocking: call it from a thread). Whole
-    writes go to one file: a write that would pass ``max_bytes`` rotates first, so each file
-    ends on a line boundary when writes are whole lines."""
+    """Bytes appended to ``path``, rotated by size (blocking: call it from a thread). Writes
+    are cut into pieces of whole lines below ``max_bytes``, and a piece that would pass it
+    rotates first: each file stays within ``max_bytes`` (counted in characters) and ends on a
+    line boundary when writes are whole lines."""
 
     def __init__(self, path: str, *, max_bytes: int, backups: int) -> None:
-        if max_bytes <= 0 or backups <= 0:
-            raise ValueError("a rotated log needs max_bytes > 0 and backups > 0")
+        if max_bytes <= 1 or backups <= 0:
+            raise ValueError("a rotated log needs max_bytes > 1 and backups > 0")
         self.path = path
+        self.max_bytes = max_bytes
         self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
                                                              encoding="utf-8")  # opened now: a bad path fails early
         self._handler.terminator = ""  # the data carries its own newlines
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, data: bytes) -> None:
+        limit = self.max_bytes - 1  # RotatingFileHandler counts a newline more than it writes
+        while len(data) > limit:
+            cut = data.rfind(b"\n", 0, limit) + 1 or data.find(b"\n", limit) + 1 or len(data)
+            self._emit(data[:cut])
+            data = data[cut:]
+        if data:
+            self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
         # Invalid UTF-8 (a child's raw output) is kept readable, escaped.
         # handle(): under the handler's lock (several threads may write one file)
         self._handler.handle(logging.makeLogRecord({"msg": data.decode("utf-8", "backslashreplace")}))

@@ -268,6 +268,19 @@ def admin_request_check(creds: AdminCredentials, request: web.BaseRequest) -> Ad
     return creds.check_authorization(None)
 
 
+@web.middleware
+async def admin_json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own 404 / 405 on the admin listener as ``{"error": ...}`` like every other answer."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return error_response(f"Not Found: {request.method} {request.path}", 404)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error_response(f"Method Not Allowed: {request.method} {request.path} (allowed: {allowed})", 405,
+                              {"Allow": allowed})
+
+
 def admin_guard(creds: AdminCredentials, *, open_metrics: bool):
     """aiohttp middleware of the admin (and metrics) listener: 401 / 403 with ``{"error": ...}``
     for requests without valid admin credentials, except ADMIN_OPEN_PATHS, the admin API (its
@@ -372,8 +385,8 @@ class HttpFront:
     def _admin_middlewares(self) -> list:
         creds = self.admin_credentials
         if creds is None or not creds.configured:
-            return []
-        return [admin_guard(creds, open_metrics=self.gw.cfg.admin.open_metrics)]
+            return [admin_json_errors]
+        return [admin_json_errors, admin_guard(creds, open_metrics=self.gw.cfg.admin.open_metrics)]
 
     def region_detail_allowed(self, request: web.BaseRequest) -> bool:
         """May this request see the region summary's topology (replica URLs, routing, peers)?

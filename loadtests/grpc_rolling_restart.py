@@ -40,7 +40,7 @@ REGION = "r1"
 START_TIMEOUT_S = 90.0
 RESTART_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 10.0
-CUT_OFF = re.compile(r"worker (\d+) stopped after [\d.]+ s drain \((\d+) requests cut off\)")
+CUT_OFF = re.compile(r"worker (\d+) stopped after [\d.]+ s drain \((\d+) requests cut off[:)]")
 DRAINING = re.compile(r'"ts":([\d.]+),[^\n]*worker \d+ draining')
 X = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(1, 16)
 
@@ -140,8 +140,7 @@ class GrpcLoad:
                 next_s += period_s
 
         loops = [asyncio.ensure_future(channel_loop(i)) for i in range(self.channels)]
-        while not self._stop.is_set():
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._stop.wait)
         for t in loops:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
