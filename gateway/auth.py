@@ -36,6 +36,10 @@ Buckets and in-flight counts of keys whose limits did not change survive a reloa
 
 Where the gateway calls it: see ``Authenticator.authorize``; every refusal is an
 ``AuthDecision`` with HTTP status (401/403/429), gRPC code and an operator-readable message.
+
+The admin listener has credentials of its own (``AdminCredentials``: the shared ``[admin]
+token`` and the operators of ``[admin] operators_file``, an Authenticator over the same file
+format), plus signed browser sessions for the status page.
 """
 
 from __future__ import annotations

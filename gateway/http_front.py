@@ -17,6 +17,10 @@ Security (all off unless configured, see README "Security"):
   clients: a ``SlowClientGuard`` around each connection answers 408 and closes when a request
   head does not arrive within ``request_head_timeout_ms``; a body not read within
   ``request_body_timeout_ms`` is 408 too.
+- Admin listener (``admin_app``; and the ``[gateway] metrics`` listener): with ``[admin]``
+  credentials configured, ``admin_guard`` wants them on every route but ADMIN_OPEN_PATHS
+  (``[admin] open_metrics`` adds /metrics); the region summary without them is
+  ``public_region_summary`` (no replica URLs, routing or peers), on both listeners.
 """
 
 from __future__ import annotations

@@ -183,6 +183,7 @@ class DrainReport:
     cut_off_grpc: int = 0
     grpc_connections_at_stop: int | None = 0
     timed_out: bool = False
+    max_connection_age_s: float = 0.0
 
     @property
     def cut_off(self) -> int:
@@ -196,7 +197,9 @@ class DrainReport:
             text += (f"; {conns} gRPC connections were still open when its server stopped: calls they sent "
                      "before reading its GOAWAY may have been answered CANCELLED by grpc-core, uncounted "
                      "(grpc/grpc#41785)")
-            if self.mode == MODE_HANDOVER:
+            if self.mode == MODE_HANDOVER and not self.max_connection_age_s:
+                text += "; set [gateway] grpc_max_connection_age_ms so that clients move before the server stops"
+            elif self.mode == MODE_HANDOVER:
                 text += ("; raise [gateway] drain_timeout_ms above grpc_max_connection_age_ms x 1.1 plus the "
                          "longest request")
         elif conns is None:
@@ -221,7 +224,7 @@ class WorkerDrain:
 
     async def run(self, mode: str) -> DrainReport:
         gw = self.gw
-        report = DrainReport(mode)
+        report = DrainReport(mode, max_connection_age_s=self.max_connection_age_s)
         t0 = time.monotonic()
         deadline = t0 + self.drain_timeout_s
         gw.draining = True

@@ -1,7 +1,7 @@
 """gRPC through rolling restarts: count every non-OK call, and say where it came from.
 
     python -m loadtests.grpc_rolling_restart [--channels 8] [--rate 300] [--restarts 4]
-                                             [--workers 2] [--out DIR]
+                                             [--workers 2] [--max-connection-age-ms 10000] [--out DIR]
 
 Starts two `geogate replica` processes and one `geogate gateway --workers N`, sends gRPC
 ModelInfer calls from `--channels` separate channels (separate connections, spread over the
@@ -13,8 +13,10 @@ failed or a worker's count is not the number of calls it really cut off.
 This is how the CANCELLED calls of issue 17 were found and measured: grpc-core answers
 CANCELLED for a call that reached a server after ``grpc_server_shutdown_and_notify`` but
 before the client read the GOAWAY, and for calls queued in core that the Python server had
-not asked for yet (grpc/grpc#41785). See gateway/main.py (``drain``) for what the worker
-does about it. `tests/test_hardening_admin.py` runs this with a smaller load.
+not asked for yet (grpc/grpc#41785). gateway/worker_drain.py says what the worker does about
+it; ``--max-connection-age-ms 0`` turns that off (the worker cannot move its gRPC clients
+before its server stops) and shows the CANCELLED calls again. `tests/test_hardening_admin.py`
+runs the same load, smaller.
 """
 
 from __future__ import annotations
@@ -245,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=300.0, help="calls per second, all channels together")
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-connection-age-ms", type=int, default=10000,
+                   help="[gateway] grpc_max_connection_age_ms (0: no handover of gRPC clients)")
     p.add_argument("--out", default="", help="keep the processes' logs here (default: a temp dir)")
     args = p.parse_args(argv)
     workdir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="geogate-grpc-restart-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    res = measure(workdir, channels=args.channels, rate=args.rate, restarts=args.restarts, workers=args.workers)
+    res = measure(workdir, channels=args.channels, rate=args.rate, restarts=args.restarts, workers=args.workers,
+                  gateway_extra={"grpc_max_connection_age_ms": args.max_connection_age_ms})
     print(f"{res['total']} calls: {res['codes']}")
     for f in res["failures"]:
         print(f"  {f['code']} ({f['when']}): {f['details']}")

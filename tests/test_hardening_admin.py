@@ -322,6 +322,35 @@ def test_admin_api_name_rules_tokens_and_bad_input(protected):
                                            if '"level":"error"' in line and "geogate.admin" in line]
 
 
+ADMIN_PATHS = ["/metrics", "/ui", "/ui/", "/ui/login", "/ui/logout", "/ui/static/app.js", "/ui/static/..%2F..%2Fx",
+               "/geogate/v1/world", "/geogate/v1/region-events", "/geogate/v1/capacity", "/geogate/v1/region",
+               "/v2/health/ready", "/admin/v1/models", "/admin/v1/models/demo", "/admin/v1/models/demo/promote",
+               "/admin/v1/models/demo/canary", "/admin/v1/models/demo/rollback", "/admin/v1/status", "/nope"]
+
+
+def test_no_admin_path_answers_500_to_bad_input(protected):
+    """Every admin path x method x body x query string, with and without credentials: a 2xx,
+    3xx or 4xx, always with a body that says what happened (JSON, or the login page)."""
+    gw = protected["gw"]
+    bodies = [None, b"", b"{", b"\xff\xfe\x00", b"[" * 3000, json.dumps({"version": "1", "weight": 0.5}).encode()]
+    queries = ["", "?%FF%FE=%00&x", "?token=", "?token=%FF", "?" + "a=1&" * 500]
+    headers_sets = [{}, bearer(TOKEN), {**bearer(TOKEN), "Content-Type": "multipart/form-data; boundary=x"},
+                    {"Content-Type": "application/x-www-form-urlencoded", "Cookie": "geogate_admin_session=%FF;;="}]
+    for path in ADMIN_PATHS:
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            for body in bodies:
+                for query in queries[:2] if body else queries:
+                    for headers in headers_sets:
+                        code, h, raw = request(gw.admin, path + query, method=method, headers=headers, body=body)
+                        where = (path, query[:20], method, body[:10] if body else body, headers)
+                        assert code < 500, (where, code, raw[:200])
+                        if code >= 400:
+                            ctype = h.get("content-type", "")
+                            assert ctype.startswith(("application/json", "text/html")), (where, code, ctype, raw[:100])
+                            if ctype.startswith("application/json"):
+                                assert json.loads(raw)["error"], where
+
+
 def test_open_metrics_opens_metrics_only(tmp_path, procs):
     reps = start_replicas(procs, demo_repository(tmp_path), 1)
     metrics = f"127.0.0.1:{free_port()}"
