@@ -358,7 +358,7 @@ class HttpFront:
         r.add_get("/v2/models/{model}/versions/{version}/config", self.model_config)
         r.add_get("/v2/models/{model}/stats", self.stats)
         r.add_get("/v2/models/{model}/versions/{version}/stats", self.stats)
-        r.add_get("/geogate/v1/region", self.region_json)
+        r.add_get("/geogate/v1/region", self.public_region_json)
         r.add_route("*", "/v2/repository/{tail:.*}", self.not_here("model repository extension"))
         r.add_route("*", "/v2/systemsharedmemory{tail:.*}", self.not_here("shared memory extension"))
         r.add_route("*", "/v2/cudasharedmemory{tail:.*}", self.not_here("shared memory extension"))
@@ -645,10 +645,18 @@ class HttpFront:
         return error_response(f"model '{model}' is not ready: {cands.reason}", 400)
 
     async def region_json(self, request: web.Request) -> web.Response:
+        """The admin listener's: complete with admin credentials (or none configured)."""
         summary = region_summary(self.gw)
         if not self.region_detail_allowed(request):
             summary = public_region_summary(summary)
         return json_response(summary)
+
+    async def public_region_json(self, request: web.Request) -> web.Response:
+        """The client listener's: never takes admin credentials (they stay off a public listener),
+        so with admin credentials configured it is always the public summary."""
+        summary = region_summary(self.gw)
+        creds = self.admin_credentials
+        return json_response(public_region_summary(summary) if creds is not None and creds.configured else summary)
 
     async def metrics(self, request: web.Request) -> web.Response:
         # In a thread: with --workers N it reads every worker's metric files.

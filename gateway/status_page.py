@@ -168,8 +168,8 @@ class WorldView:
         token = self.source.config.admin_token()
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    async def _fetch_json(self, url: str) -> dict:
-        async with self._client().get(url, headers=self._peer_headers()) as resp:
+    async def _fetch_json(self, url: str, headers: dict[str, str] | None = None) -> dict:
+        async with self._client().get(url, headers=headers) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:200]
                 raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
@@ -179,8 +179,10 @@ class WorldView:
         errors = []
         for listener in (region.admin, region.http):
             base = f"http://{listener}"
+            # The admin token goes to the peer's admin listener only, never to its client listener.
+            headers = self._peer_headers() if listener == region.admin else None
             try:
-                summary = await self._fetch_json(f"{base}/geogate/v1/region")
+                summary = await self._fetch_json(f"{base}/geogate/v1/region", headers)
             except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as exc:
                 errors.append(f"{listener} {_describe(exc)}")
                 if isinstance(exc, TimeoutError):
@@ -189,7 +191,7 @@ class WorldView:
             events: list[dict] = []
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, RuntimeError, ValueError):
                 # Best effort: a peer without the status routes simply contributes no events.
-                got = await self._fetch_json(f"{base}/geogate/v1/region-events")
+                got = await self._fetch_json(f"{base}/geogate/v1/region-events", headers)
                 events = [_event_dict(e, region.name) for e in got.get("events", [])]
             return {"summary": summary, "error": "", "events": events, "via": base}
         return {"summary": None, "error": "; ".join(errors), "events": [], "via": ""}
