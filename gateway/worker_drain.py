@@ -34,11 +34,16 @@ The worker's last line says how many requests it cut off: requests it had accept
 not answer because it stopped. HTTP: inference requests still in flight when the listener's
 cleanup cancels them (``GatewayMetrics.in_flight_now``) less those answered meanwhile
 (``answered``). gRPC: calls grpc-core held open (channelz: started, less succeeded and
-failed) when the server was stopped with no grace left, which cancels every one of them;
-after a completed handover that is 0 by construction. A gRPC server stopped with connections
-still open (the drain timed out, or a plain stop) may also answer CANCELLED to calls those
-connections send in the instant before they read its GOAWAY; such calls never reach this
-process, so they cannot be counted: the line gives the number of connections instead.
+failed) when the server was stopped with no grace left, which cancels every one of them
+(handover); or, for a stop with grace, the calls grpc-core held that no handler had taken yet
+when it began (it cancels those at once) plus the handlers still running when the grace ran
+out. After a completed handover that is 0 by construction. Long-lived calls (a grpc.health.v1
+Watch stream) keep their connection past its age: the handover then ends at the drain timeout
+and counts them. A gRPC server stopped with connections still open (the drain timed out, or a
+plain stop) may also answer CANCELLED to calls those connections send in the instant before
+they read its GOAWAY; such calls never reach this process's handlers and are gone from
+channelz with the server, so they cannot be counted: the line gives the number of open
+connections instead.
 """
 
 from __future__ import annotations
@@ -247,6 +252,11 @@ class WorkerDrain:
         else:
             await asyncio.sleep(max(0.0, min(DRAIN_NOTICE_S, deadline - time.monotonic())))
             report.grpc_connections_at_stop = self.grpc_view.connections()
+            # Calls grpc-core holds but no handler runs yet are cancelled as the server stops
+            # (the rest get its grace): count them now, while channelz still has the server.
+            calls = self.grpc_view.calls()
+            grpc_running, grpc_answered = gw.metrics.in_flight_now["grpc"], gw.metrics.answered["grpc"]
+            pending = max(0, calls.open - grpc_running) if calls is not None else 0
             # grace: the rest of the drain; its GOAWAY tells clients to go elsewhere
             grpc_stop = asyncio.ensure_future(self.grpc_server.stop(max(0.0, deadline - time.monotonic())))
             await self.http_site.stop()  # no new HTTP connections; open ones finish their requests
@@ -264,9 +274,9 @@ class WorkerDrain:
             await self.grpc_server.stop(0)  # no grace: every call still open is cancelled now
             report.cut_off_grpc = calls.open if calls is not None else metrics.in_flight_now["grpc"]
         else:
-            grpc_left, grpc_answered = metrics.in_flight_now["grpc"], metrics.answered["grpc"]
             await grpc_stop  # its grace ends with the drain: what is still running is cancelled
-            report.cut_off_grpc = max(0, grpc_left - (metrics.answered["grpc"] - grpc_answered))
+            # No handler starts once the server stops: each one running then was answered or cut off.
+            report.cut_off_grpc = pending + max(0, grpc_running - (metrics.answered["grpc"] - grpc_answered))
         for runner in self.runners:
             await runner.cleanup()
         report.cut_off_http = max(0, http_left - (metrics.answered["http"] - http_answered))

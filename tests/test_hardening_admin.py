@@ -502,9 +502,10 @@ def test_grpc_rolling_restarts_fail_no_call_and_count_true(tmp_path, procs):
     assert _sum_samples(text, "geogate_in_flight_requests") == 0
 
 
-def test_cut_off_count_is_true_when_the_drain_times_out(tmp_path, procs):
-    """A request slower than the drain is cut off at a rolling restart: the worker says so, by
-    protocol, and the numbers are what the clients saw."""
+@pytest.mark.parametrize("how", ["rolling restart", "SIGTERM"])
+def test_cut_off_count_is_true_when_the_drain_times_out(tmp_path, procs, how):
+    """Requests slower than the drain are cut off, at a rolling restart (handover) or a stop:
+    the workers say so, by protocol, and the numbers are what the clients saw."""
     reps = start_replicas(procs, demo_repository(tmp_path), 1)
     gw = GatewayProc(tmp_path, replicas=replica_urls(reps, ("grpc",)), workers=2,
                      gateway_extra="drain_timeout_ms = 1500\ngrpc_max_connection_age_ms = 1000")
@@ -540,7 +541,11 @@ def test_cut_off_count_is_true_when_the_drain_times_out(tmp_path, procs):
         t.start()
     wait_for(lambda: _sum_samples(request(gw.admin, "/metrics")[2].decode(), "geogate_in_flight_requests") == 2,
              "both slow requests in flight", 20)
-    _rolling_restart(gw)
+    if how == "SIGTERM":
+        os.kill(gw.pid, signal.SIGTERM)
+        assert gw.popen.wait(30) == 0
+    else:
+        _rolling_restart(gw)
     for t in threads:
         t.join(60)
     set_faults(reps[0])
