@@ -162,7 +162,10 @@ class WorkerSupervisor:
                     code = 1
                     self._on_stop(signal.SIGTERM, None)
                 time.sleep(POLL_S)
-            if any(p is not None and p.returncode not in (0, None) for p in self.slots):
+            # A worker still starting when asked to stop dies of the signal itself (its handlers
+            # are not installed yet): that is a clean stop too.
+            clean = (0, None, -signal.SIGTERM, -signal.SIGINT, -signal.SIGUSR1)
+            if any(p is not None and p.returncode not in clean for p in self.slots):
                 code = 1
         finally:
             for proc in self.slots:

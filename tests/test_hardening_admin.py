@@ -511,7 +511,7 @@ def test_cut_off_count_is_true_when_the_drain_times_out(tmp_path, procs, how):
                      gateway_extra="drain_timeout_ms = 1500\ngrpc_max_connection_age_ms = 1000")
     procs.append(gw)
     gw.wait_ready()
-    wait_for(lambda: len(_worker_pids(gw.pid)) == 2, "two workers")
+    wait_for(lambda: all(f"worker {i} serving" in gw.output() for i in (0, 1)), "both workers serving")
     set_faults(reps[0], delay_ms=20000)
     outcomes: dict[str, str] = {}
 
@@ -543,7 +543,7 @@ def test_cut_off_count_is_true_when_the_drain_times_out(tmp_path, procs, how):
              "both slow requests in flight", 20)
     if how == "SIGTERM":
         os.kill(gw.pid, signal.SIGTERM)
-        assert gw.popen.wait(30) == 0
+        assert gw.popen.wait(30) == 0, gw.output()[-3000:]
     else:
         _rolling_restart(gw)
     for t in threads:
