@@ -7,8 +7,11 @@
     POST /admin/v1/models/{name}/rollback    {}
     GET  /admin/v1/status                    every site's status.json
 
-All need ``Authorization: Bearer <token>`` (401 without, 403 with a wrong one, 403 when the
-server has no token configured). Two kinds of credentials, separate from the client API keys:
+All need ``Authorization: Bearer <token>`` (401 without or malformed, e.g. not printable
+ASCII; 403 with a wrong one, 403 when the server has no token configured); never the status
+page's session cookie (a browser must not be able to promote on a forged link). Model names
+and versions follow gateway.name_checks (400 otherwise, before any store lookup).
+Two kinds of credentials (gateway.auth.AdminCredentials), separate from the client API keys:
 - a named operator's token from ``[admin] operators_file`` (keys-file format, hashed at rest,
   re-read when it changes; ``python -m gateway.auth new-key NAME``): the operator's name is
   what the release history records as ``who``;
@@ -25,7 +28,6 @@ applied ones are in the model's release history (``who``, ``when``).
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Any
@@ -33,6 +35,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.auth import AdminCredentials
+from gateway.name_checks import model_name_problem, version_problem
 from replicas.manifest import list_stored_versions
 from replicas.releases import ConflictError, ReleaseError, Releases, UnknownModel, UnknownVersion
 from replicas.site_status import read_all_sites
@@ -40,26 +44,41 @@ from replicas.store import ObjectStore, StoreError, StoreUnavailable
 
 PREFIX = "/admin/v1"
 DEFAULT_WHO = "admin-api"
+MAX_WHO_CHARS = 128
+MAX_AUDIT_VALUE_CHARS = 64
 audit_log = logging.getLogger("geogate.audit")
+log = logging.getLogger("geogate.admin")
 
 
 def audit(*, who: str, action: str, model: str, status: int, remote: str, detail: dict | None = None,
           error: str = "") -> None:
     """One audit record (JSON logs carry it as the "audit" field; see gateway.main's formatter)."""
-    entry = {"who": who, "action": action, "model": model, "status": status, "remote": remote,
-             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(detail or {})}
+    entry = {"who": who, "action": action, "model": model[:MAX_AUDIT_VALUE_CHARS], "status": status,
+             "remote": remote, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             **{k: _audit_value(v) for k, v in (detail or {}).items()}}
     if error:
         entry["error"] = error
     audit_log.info("admin %s %s by %s from %s: %s", action, model, who or "?", remote or "?",
                    "applied" if status == 200 else f"refused ({status}: {error})", extra={"audit": entry})
 
 
+def _audit_value(value: Any) -> Any:
+    """A body value as the audit line shows it: a client's oversized or nested value is cut short."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= MAX_AUDIT_VALUE_CHARS else text[:MAX_AUDIT_VALUE_CHARS] + "..."
+
+
 def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json({"error": message}, status)
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    resp = _json({"error": message}, status)
+    if headers:
+        resp.headers.update(headers)
+    return resp
 
 
 # Per-request storage: the authenticated operator ("" for the shared token), who the history
@@ -69,36 +88,29 @@ WHO_KEY = web.RequestKey("geogate.who", str)
 DETAIL_KEY = web.RequestKey("geogate.detail", dict)
 
 
-def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: str, operators=None) -> None:
-    """`operators`: a gateway.auth.Authenticator over [admin] operators_file (None: shared token only)."""
+def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: str = "", operators=None,
+                           credentials: AdminCredentials | None = None) -> None:
+    """`credentials`: the gateway's AdminCredentials; or else `token` (the shared [admin] token)
+    and `operators` (a gateway.auth.Authenticator over [admin] operators_file, None: none)."""
     releases = Releases(store)
+    creds = credentials if credentials is not None else AdminCredentials(token, operators)
 
     def authorized(request: web.Request) -> web.Response | str:
         """The operator's name ("" for the shared token), or the refusal."""
-        header = request.headers.get("Authorization", "")
-        if not header:
-            return _error(401, "missing 'Authorization: Bearer <token>' header")
-        scheme, _, given = header.partition(" ")
-        given = given.strip()
-        if scheme.lower() != "bearer" or not given:
-            return _error(401, "Authorization header must be 'Bearer <token>'")
-        if not token and operators is None:
-            return _error(403, "admin API disabled: no admin token configured ([admin] token / token_env / "
-                               "operators_file)")
-        if operators is not None and given.startswith("gk_"):
-            decision = operators.authorize(given, None, limits=False)
-            if decision.allowed:
-                return decision.key_name
-            return _error(403, f"invalid operator token: {decision.message}")
-        if not token or not hmac.compare_digest(given.encode(), token.encode()):
-            return _error(403, "invalid admin token")
-        return ""
+        check = creds.check_authorization(request.headers.get("Authorization", ""))
+        if not check.ok:
+            return _error(check.status, check.message, check.http_headers())
+        return check.who
 
     def guarded(handler, action: str = ""):
         async def wrapper(request: web.Request) -> web.StreamResponse:
             who = authorized(request)
             if isinstance(who, web.Response):
                 resp = who
+            elif bad_name := model_name_problem(request.match_info.get("name", "_")):
+                # Same rules as the data path, before any store lookup by that name (a 300-
+                # character name was an OSError "File name too long": a 500).
+                resp = _error(400, bad_name)
             else:
                 request[OPERATOR_KEY] = who
                 try:
@@ -111,10 +123,16 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
                     resp = _error(409, str(exc))
                 except ValueError as exc:
                     resp = _error(400, str(exc))
+                except web.HTTPRequestEntityTooLarge:
+                    resp = _error(413, "request body is too large for the admin API (an admin request is a small "
+                                       "JSON object)")
                 except StoreUnavailable as exc:
                     resp = _error(503, f"model store unavailable: {exc}")
                 except StoreError as exc:
                     resp = _error(502, f"model store error: {exc}")
+                except Exception:  # a bug of ours: a JSON 500, logged, and audited below
+                    log.exception("admin API %s %s failed", request.method, request.path)
+                    resp = _error(500, "internal error in the admin API (logged by the gateway)")
             if action:  # a change: audited whatever happened
                 error = ""
                 if resp.status != 200 and isinstance(resp, web.Response) and resp.body:
@@ -132,7 +150,12 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
     def who_of(request: web.Request, doc: dict[str, Any]) -> str:
         """Who the history records: the operator's own name, or (shared token) the body's "who"."""
         operator = request.get(OPERATOR_KEY, "")
-        who = operator or str(doc.get("who") or DEFAULT_WHO)
+        given = doc.get("who")
+        if not operator and given is not None and not (isinstance(given, str) and 0 < len(given) <= MAX_WHO_CHARS
+                                                       and given.isprintable()):
+            raise ValueError(f"\"who\" must be a non-empty printable string of at most {MAX_WHO_CHARS} "
+                             f"characters, got {str(given)[:40]!r}")
+        who = operator or given or DEFAULT_WHO
         request[WHO_KEY] = who
         return who
 
@@ -150,14 +173,17 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
 
     def gen(doc: dict[str, Any]) -> int | None:
         g = doc.get("if_generation")
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool)):
-            raise ValueError(f"'if_generation' must be an integer, got {g!r}")
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < 2 ** 63):
+            raise ValueError(f"'if_generation' must be a non-negative integer, got {str(g)[:40]!r}")
         return g
 
     def version_of(doc: dict[str, Any]) -> str:
         v = doc.get("version")
-        if v is None or isinstance(v, bool):
-            raise ValueError("body needs \"version\" (e.g. {\"version\": \"2\"})")
+        if v is None or isinstance(v, bool) or not isinstance(v, str | int):
+            raise ValueError("body needs \"version\": a positive integer or its string (e.g. {\"version\": \"2\"})")
+        problem = version_problem(str(v))
+        if problem:
+            raise ValueError(problem)
         return str(v)
 
     async def model_view(name: str) -> dict[str, Any] | None:
@@ -200,8 +226,9 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
         who = who_of(request, doc)
         weight = doc.get("weight")
         request[DETAIL_KEY] = {"version": doc.get("version"), "weight": weight}
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise ValueError("body needs \"weight\": a number between 0 and 1")
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0.0 <= weight <= 1.0:
+            raise ValueError(f"body needs \"weight\": a number between 0 and 1 (a fraction of traffic), "
+                             f"got {str(weight)[:40]!r}")
         rec = await releases.set_canary(request.match_info["name"], version_of(doc), float(weight),
                                         who=who, expected_generation=gen(doc), verify=True)
         return _json({"release": rec.to_dict()})
@@ -240,24 +267,26 @@ def mount(admin_app: web.Application, gw: Any) -> None:
     from replicas.store import open_store
 
     cfg = gw.cfg
-    store = open_store(cfg.store.url, cfg.store, base_dir=cfg.base_dir, create=False)
-    operators = None
+    creds: AdminCredentials | None = getattr(gw, "admin_credentials", None)
     watcher = None
-    if cfg.admin.operators_file:
-        from gateway.auth import Authenticator
+    if creds is None:  # not built by gateway.main (tests mounting on a bare app)
+        from gateway.auth import admin_credentials_from_config
 
-        # A broken file at startup fails the mount (logged by gateway.main): the routes then
-        # do not exist rather than exist without the configured credentials.
-        operators = Authenticator(cfg.resolve_path(cfg.admin.operators_file), check_on_request=False)
+        # A broken operators file fails the mount: the routes then do not exist rather than
+        # exist without the configured credentials.
+        creds = admin_credentials_from_config(cfg)
+        if creds.operators is not None:
+            operators = creds.operators
 
-        async def start_watch(_app: web.Application) -> None:
-            nonlocal watcher
-            import asyncio
+            async def start_watch(_app: web.Application) -> None:
+                nonlocal watcher
+                import asyncio
 
-            watcher = asyncio.get_running_loop().create_task(operators.watch(), name="operators-file-watch")
+                watcher = asyncio.get_running_loop().create_task(operators.watch(), name="operators-file-watch")
 
-        admin_app.on_startup.append(start_watch)
-    add_model_admin_routes(admin_app, store, token=cfg.admin_token(), operators=operators)
+            admin_app.on_startup.append(start_watch)
+    store = open_store(cfg.store.url, cfg.store, base_dir=cfg.base_dir, create=False)
+    add_model_admin_routes(admin_app, store, credentials=creds)
 
     async def close_store(_app: web.Application) -> None:
         if watcher is not None:

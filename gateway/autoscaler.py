@@ -226,8 +226,11 @@ class PoolStatus:
 class LocalAutoscaler:
     def __init__(self, pools: list[AutoscaledPool], registry: UnboundRegistry, *, workdir: str | Path,
                  interval_s: float = 1.0, drain_wait_s: float = 30.0, desired_file: str = "",
-                 replica_test_delay_ms: int = 0) -> None:
+                 replica_test_delay_ms: int = 0, admin_token: str = "") -> None:
         self.pools = pools
+        # The gateways' admin credentials ([admin] token), for /geogate/v1/capacity and the
+        # full region summary (which replicas a pool still holds) when the gateways require them.
+        self.admin_headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
         # Benchmarks on small machines: every inference of the replicas takes this long (the
         # replica's test fault switch), like a busy accelerator, without burning CPU.
         self.replica_test_delay_ms = replica_test_delay_ms
@@ -261,7 +264,8 @@ class LocalAutoscaler:
         assert self.session is not None
         url = f"http://{pool.admin}{CAPACITY_PATH}"
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
+            async with self.session.get(url, headers=self.admin_headers,
+                                        timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
                 if r.status != 200:
                     return None, f"{url} answered {r.status}", "gateway"
                 body = orjson.loads(await r.read())
@@ -318,12 +322,14 @@ class LocalAutoscaler:
         """Does the region gateway still hold `url` in the pool? None: cannot tell."""
         assert self.session is not None
         try:
-            async with self.session.get(f"http://{pool.admin}{REGION_PATH}",
+            async with self.session.get(f"http://{pool.admin}{REGION_PATH}", headers=self.admin_headers,
                                         timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
                 if r.status != 200:
                     return None
                 body = orjson.loads(await r.read())
         except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            return None
+        if "pools" not in body:  # the summary without admin credentials: it cannot tell
             return None
         for p in body.get("pools", []):
             if p.get("name") == pool.pool:
@@ -475,7 +481,8 @@ async def _main(args: argparse.Namespace, cfg: Config) -> int:
     await asyncio.to_thread(registry.start)
     scaler = LocalAutoscaler(pools, registry, workdir=workdir, interval_s=cfg.capacity.autoscale_interval_ms / 1000.0,
                              drain_wait_s=cfg.capacity.autoscale_drain_wait_ms / 1000.0,
-                             desired_file=args.desired_file, replica_test_delay_ms=args.replica_test_delay_ms)
+                             desired_file=args.desired_file, replica_test_delay_ms=args.replica_test_delay_ms,
+                             admin_token=cfg.admin_token())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -42,7 +42,6 @@ not "overloaded" (health-based failover moves its traffic), and it advertises
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -395,9 +394,9 @@ class _Gauges:
         self.region = region
         self.desired = Gauge("geogate_pool_desired_replicas", "Replicas the pool should run (autoscaling target)",
                              labels, registry=r, multiprocess_mode="livemax")
-        self.reason = Gauge("geogate_pool_desired_replicas_reason",
-                            "1 for the reason behind geogate_pool_desired_replicas", [*labels, "reason"],
-                            registry=r, multiprocess_mode="livemax")
+        self._last_reason: dict[str, str] = {}
+        self.reason = _ReasonCollector(region, self._last_reason)
+        r.register(self.reason)
         self.members = Gauge("geogate_pool_replicas", "Replicas in the pool (not draining)", labels,
                              registry=r, multiprocess_mode="livemax")
         self.utilization = Gauge("geogate_pool_utilization", "In-flight / sum of replica concurrency limits",
@@ -406,7 +405,6 @@ class _Gauges:
                            labels, registry=r, multiprocess_mode="livemax")
         self.queue = Gauge("geogate_pool_expected_queue_seconds", "Expected queueing delay of a new request",
                            labels, registry=r, multiprocess_mode="livemax")
-        self._last_reason: dict[str, str] = {}
 
     def set(self, pool: str, load: PoolLoad, rec: Recommendation) -> None:
         reg = self.region
@@ -416,13 +414,37 @@ class _Gauges:
         self.limit.labels(reg, pool).set(load.limit_total)
         q_ms = load.expected_queue_ms
         self.queue.labels(reg, pool).set(q_ms / MS_PER_S if math.isfinite(q_ms) else 1e9)
-        old = self._last_reason.get(pool)
-        if old != rec.reason:
-            if old is not None:
-                with contextlib.suppress(KeyError):
-                    self.reason.remove(reg, pool, old)
-            self.reason.labels(reg, pool, rec.reason).set(1)
-            self._last_reason[pool] = rec.reason
+        self._last_reason[pool] = rec.reason
+
+
+REASON_METRIC = "geogate_pool_desired_replicas_reason"
+
+
+class _ReasonCollector:
+    """``geogate_pool_desired_replicas_reason{region,pool,reason} 1``: each pool's current
+    reason, read at scrape time. A Gauge would need ``.remove()`` of the previous reason's
+    series, which prometheus-client's multiprocess mode does not implement (it warned at every
+    rolling restart and kept every old reason at 1 in the worker's file). Process-local: with
+    --workers N the reason is that of the worker answering the scrape."""
+
+    def __init__(self, region: str, reasons: dict[str, str]) -> None:
+        self.region = region
+        self.reasons = reasons  # pool -> reason, updated by _Gauges.set
+
+    def _family(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        return GaugeMetricFamily(REASON_METRIC, "1 for the reason behind geogate_pool_desired_replicas",
+                                 labels=["region", "pool", "reason"])
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        for pool, reason in list(self.reasons.items()):
+            family.add_metric([self.region, pool, reason], 1.0)
+        yield family
 
 
 # ---------------------------------------------------------------------------- gateway wiring

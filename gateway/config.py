@@ -172,7 +172,16 @@ class GatewaySection:
     discovery_interval_ms: int = _v(_positive, default=5000)
     drain_timeout_ms: int = _v(_non_negative, default=15000)
     metrics: str = ""  # HOST:PORT for a separate /metrics listener; empty: only on admin
-    access_log: bool = True  # one JSON line per inference request on stderr
+    access_log: bool = True  # one JSON line per inference request (stderr, or access_log_file)
+    # A file instead of stderr, rotated at access_log_max_bytes keeping access_log_backups old
+    # files (FILE.1 ...); with --workers N each worker writes FILE with ".wK" before its suffix.
+    access_log_file: str = ""
+    access_log_max_bytes: int = _v(_positive, default=64 * 1024 * 1024)
+    access_log_backups: int = _v(_positive, default=5)
+    # gRPC connections are closed gracefully (HTTP/2 GOAWAY, then in-flight calls finish) after
+    # this long, +-10%; a worker replaced by a rolling restart waits for this to hand its clients
+    # over without a failed call. 0: never (a rolling restart then stops with the connections open).
+    grpc_max_connection_age_ms: int = _v(_non_negative, default=10000)
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,12 @@ class AdminSection:
     # `python -m gateway.auth new-key NAME`); the name is recorded as `who` in the release history
     # and the audit log. Re-read when it changes. Either this or `token` (or both).
     operators_file: str = ""
+    # With admin credentials (token or operators_file), everything on the admin listener but
+    # /v2/health/*, the region summary (without replica URLs, routing and peers) and /ui/login
+    # needs them; open_metrics = true lets scrapers read /metrics without (also on [gateway] metrics).
+    open_metrics: bool = False
+    # Lifetime of a status page login (the browser's session cookie).
+    session_ttl_s: int = _v(_positive, default=12 * 3600)
 
 
 # ---------------------------------------------------------------- security (gateway.auth, gateway.tls)

@@ -6,13 +6,25 @@ and histograms into one ``/metrics`` answer whichever worker serves it (gauges: 
 summed over live workers, replica health is the max over workers). With one worker the
 ordinary in-process registry is used.
 
+Dead workers (multiprocess mode): the supervisor calls ``merge_dead_worker`` when a worker
+exits (rolling restart, crash): its live gauges' files go (``mark_process_dead``) and its
+counters and histograms are added into ``<kind>_dead.db``, so the directory does not grow by
+a few files per restart and totals never go backwards. Scrapes read the files under a shared
+``flock`` and the merge happens under an exclusive one: no scrape sees a dead worker's counts
+twice or not at all. Collectors that compute their samples at scrape time (e.g. the capacity
+reason, gateway.capacity) are process-local: ``exposition`` adds them to the merged answer.
+
 Labelled children are cached in dicts: ``labels(...)`` costs a few microseconds per call,
 too much to pay several times per proxied request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +36,9 @@ from prometheus_client import (
 )
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MERGE_LOCK_FILE = "merge.lock"  # not *.db: prometheus-client never reads it
+ADDITIVE_KINDS = ("counter", "histogram", "summary")  # file kinds whose values add up across processes
+DEAD_SUFFIX = "dead"  # <kind>_dead.db: the merged values of every dead worker
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -74,16 +89,20 @@ class GatewayMetrics:
         self._lat: dict[tuple, object] = {}
         self._att: dict[tuple, object] = {}
         self._inflight = {p: self.in_flight.labels(region, p) for p in ("http", "grpc")}
-        self._inflight_counts = {"http": 0, "grpc": 0}
+        # This worker's own counts per protocol (the drain's cut-off accounting reads them):
+        # requests in flight, and requests answered (request() or reject()).
+        self.in_flight_now = {"http": 0, "grpc": 0}
+        self.answered = {"http": 0, "grpc": 0}
         if not self._multiprocess:
             # Read at scrape time: no lock-taking gauge update per request.
             for p, child in self._inflight.items():
-                child.set_function(lambda p=p: self._inflight_counts[p])
+                child.set_function(lambda p=p: self.in_flight_now[p])
 
     # ------------------------------------------------------------------ hot path
 
     def request(self, model: str, version: str, replica: str, protocol: str, outcome: str,
                 duration_s: float) -> None:
+        self.answered[protocol] += 1
         key = (model, version, replica, protocol, outcome)
         c = self._req.get(key)
         if c is None:
@@ -103,10 +122,9 @@ class GatewayMetrics:
         c.inc()  # type: ignore[attr-defined]
 
     def in_flight_add(self, protocol: str, delta: int) -> None:
+        self.in_flight_now[protocol] += delta
         if self._multiprocess:
             self._inflight[protocol].inc(delta)
-        else:
-            self._inflight_counts[protocol] += delta
 
     # ------------------------------------------------------------------ rare events
 
@@ -129,13 +147,76 @@ class GatewayMetrics:
         self.replica_healthy.labels(self.region, pool, replica).set(1 if healthy else 0)
 
     def reject(self, protocol: str, status: str) -> None:
+        self.answered[protocol] += 1
         self.rejected.labels(self.region, protocol, status).inc()
 
     def exposition(self) -> tuple[bytes, str]:
-        if multiprocess_mode():
-            from prometheus_client import multiprocess
+        """The /metrics answer (blocking file reads in multiprocess mode: call it off the loop)."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
 
-            reg = CollectorRegistry()
-            multiprocess.MultiProcessCollector(reg)
-            return generate_latest(reg), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg, directory)
+        with _merge_lock(directory, fcntl.LOCK_SH):
+            families = list(reg.collect())
+        # Process-local collectors (samples computed at scrape time, no files): what this
+        # registry has that the files do not.
+        seen = {f.name for f in families}
+        families += [f for f in self.registry.collect() if f.name not in seen and f.samples]
+        return generate_latest(_Families(families)), CONTENT_TYPE_LATEST
+
+
+class _Families:
+    """A registry-like holder of already collected families, for generate_latest."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+@contextlib.contextmanager
+def _merge_lock(directory: str, mode: int) -> Iterator[None]:
+    with open(os.path.join(directory, MERGE_LOCK_FILE), "a") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def merge_dead_worker(directory: str, pid: int) -> list[str]:
+    """A worker process `pid` is gone: remove its live gauges (``mark_process_dead``) and add
+    its counters, histograms and summaries into ``<kind>_dead.db`` (then delete its files).
+    Returns the files merged. Called by the supervisor, never by a worker."""
+    from prometheus_client import multiprocess
+    from prometheus_client.mmap_dict import MmapedDict
+
+    multiprocess.mark_process_dead(pid, directory)
+    merged = []
+    with _merge_lock(directory, fcntl.LOCK_EX):
+        for kind in ADDITIVE_KINDS:
+            src = os.path.join(directory, f"{kind}_{pid}.db")
+            if not os.path.exists(src):
+                continue
+            dst = os.path.join(directory, f"{kind}_{DEAD_SUFFIX}.db")
+            tmp = dst + ".tmp"  # not *.db: invisible to scrapes until renamed
+            if os.path.exists(dst):
+                shutil.copyfile(dst, tmp)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+            into = MmapedDict(tmp)
+            try:
+                for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(src):
+                    old, _ts = into.read_value(key)
+                    into.write_value(key, old + value, timestamp)
+            finally:
+                into.close()
+            os.replace(tmp, dst)
+            os.remove(src)
+            merged.append(src)
+    return merged

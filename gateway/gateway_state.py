@@ -77,7 +77,7 @@ class GatewayState:
         self.workers = max(1, workers)
         self.metrics = GatewayMetrics(region.name)
         self.load = LoadWindow()
-        self.access_log = AccessLog(enabled=cfg.gateway.access_log)
+        self.access_log = AccessLog.from_config(cfg.gateway, base_dir=cfg.base_dir, worker=worker, workers=workers)
         self.pools = RegionPools(cfg, region, on_health_change=self._on_health_change,
                                  on_eject=self._on_eject, on_member_change=self._on_member)
         self.events: collections.deque[dict] = collections.deque(maxlen=MAX_EVENTS)

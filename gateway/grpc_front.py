@@ -99,6 +99,9 @@ class GrpcFront:
             # slow or silent clients: TLS/HTTP2 handshake, then idle connections, are bounded
             ("grpc.server_handshake_timeout_ms", limits.request_head_timeout_ms),
             ("grpc.max_connection_idle_ms", limits.idle_timeout_ms),
+            # graceful GOAWAY after this age: how a draining worker hands clients over (gateway.worker_drain)
+            *([("grpc.max_connection_age_ms", age_ms)] if (age_ms := self.gw.cfg.gateway.grpc_max_connection_age_ms)
+              else []),
         ])
         handlers: dict[str, grpc.RpcMethodHandler] = {
             "ModelInfer": grpc.unary_unary_rpc_method_handler(

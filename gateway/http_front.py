@@ -17,6 +17,10 @@ Security (all off unless configured, see README "Security"):
   clients: a ``SlowClientGuard`` around each connection answers 408 and closes when a request
   head does not arrive within ``request_head_timeout_ms``; a body not read within
   ``request_body_timeout_ms`` is 408 too.
+- Admin listener (``admin_app``; and the ``[gateway] metrics`` listener): with ``[admin]``
+  credentials configured, ``admin_guard`` wants them on every route but ADMIN_OPEN_PATHS
+  (``[admin] open_metrics`` adds /metrics); the region summary without them is
+  ``public_region_summary`` (no replica URLs, routing or peers), on both listeners.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import deadline as dl
 from gateway.access_log import REQUEST_ID_HEADER, request_id_from
-from gateway.auth import AuthDecision, Authenticator
+from gateway.auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials, AuthDecision, Authenticator
 from gateway.name_checks import cached_model_ref_problem as model_ref_problem
 from gateway.region_summary import region_summary
 from gateway.request_checks import ClientErrorLog, RequestError, ValidatedHeaders, check_coding, parse_hops
@@ -260,6 +264,81 @@ class ListenerLog:
             self.logger.error(msg, *args, exc_info=exc_info, **kw)
 
 
+# ---------------------------------------------------------------------------- admin listener
+
+
+# Open on the admin listener even with admin credentials: load balancers, Kubernetes probes,
+# peer gateways and GeoDNS read these; the region summary without credentials leaves out
+# replica URLs, routing and peers (public_region_summary); /ui/login is how a browser gets in.
+# (/ui/logout only clears the session cookie.)
+ADMIN_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region", "/ui/login",
+                              "/ui/logout"})
+ADMIN_API_PREFIX = "/admin/v1/"  # checked by gateway.admin_models itself (audit, operator names)
+UI_PAGES = frozenset({"/ui", "/ui/"})
+ADMIN_CHECK_KEY = web.RequestKey("geogate.admin_check", AdminCheck)
+# What the region summary shows without admin credentials (when they are configured).
+PUBLIC_SUMMARY_FIELDS = ("region", "location", "ready", "reason", "replicas", "models", "load", "worker")
+REDACTED_NOTE = "pools (replica URLs), routing and peers need admin credentials"
+
+
+def public_region_summary(summary: dict) -> dict:
+    """The region summary as peers and GeoDNS need it (readiness, replica counts, models ready,
+    load): no replica URLs, no routing or peer details."""
+    out = {k: summary[k] for k in PUBLIC_SUMMARY_FIELDS if k in summary}
+    out["redacted"] = REDACTED_NOTE
+    return out
+
+
+def admin_request_check(creds: AdminCredentials, request: web.BaseRequest) -> AdminCheck:
+    """Admin credentials of a request: ``Authorization: Bearer <token>``, or (reads only) the
+    status page's session cookie."""
+    header = request.headers.get("Authorization")
+    if header:
+        return creds.check_authorization(header)
+    cookie = request.cookies.get(ADMIN_SESSION_COOKIE) if request.method in ("GET", "HEAD") else None
+    if cookie:
+        return creds.check_session(cookie)
+    return creds.check_authorization(None)
+
+
+@web.middleware
+async def admin_json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own 404 / 405 on the admin listener as ``{"error": ...}`` like every other answer."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return error_response(f"Not Found: {request.method} {request.path}", 404)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error_response(f"Method Not Allowed: {request.method} {request.path} (allowed: {allowed})", 405,
+                              {"Allow": allowed})
+
+
+def admin_guard(creds: AdminCredentials, *, open_metrics: bool):
+    """aiohttp middleware of the admin (and metrics) listener: 401 / 403 with ``{"error": ...}``
+    for requests without valid admin credentials, except ADMIN_OPEN_PATHS, the admin API (its
+    own check), /metrics with ``open_metrics``, and /ui?token=... (the page logs in with it).
+    A browser asking for /ui without a session is sent to /ui/login."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler) -> web.StreamResponse:
+        path = request.path
+        if path in ADMIN_OPEN_PATHS or path.startswith(ADMIN_API_PREFIX) or (open_metrics and path == "/metrics"):
+            return await handler(request)
+        if path in UI_PAGES and "token" in request.query:
+            return await handler(request)
+        check = admin_request_check(creds, request)
+        if check.ok:
+            request[ADMIN_CHECK_KEY] = check
+            return await handler(request)
+        if path in UI_PAGES and request.method in ("GET", "HEAD") and "Authorization" not in request.headers:
+            raise web.HTTPSeeOther("/ui/login")
+        return error_response(f"{request.method} {path} needs admin credentials: {check.message}", check.status,
+                              check.http_headers())
+
+    return guard
+
+
 class HttpFront:
     def __init__(self, gw) -> None:
         self.gw = gw
@@ -279,6 +358,10 @@ class HttpFront:
         self.guards: dict = {}  # transport -> SlowClientGuard, for the client listener's connections
         self.listener_log = ListenerLog(logging.getLogger("geogate.gateway.http.listener"))
         self.crash_log = ClientErrorLog(log)  # rate limit for tracebacks of unexpected errors
+
+
+        # None or not .configured: the admin listener is open (no [admin] credentials)
+        self.admin_credentials: AdminCredentials | None = getattr(gw, "admin_credentials", None)
 
     # ------------------------------------------------------------------ apps
 
@@ -309,7 +392,7 @@ class HttpFront:
         r.add_get("/v2/models/{model}/versions/{version}/config", self.model_config)
         r.add_get("/v2/models/{model}/stats", self.stats)
         r.add_get("/v2/models/{model}/versions/{version}/stats", self.stats)
-        r.add_get("/geogate/v1/region", self.region_json)
+        r.add_get("/geogate/v1/region", self.public_region_json)
         r.add_route("*", "/v2/repository/{tail:.*}", self.not_here("model repository extension"))
         r.add_route("*", "/v2/systemsharedmemory{tail:.*}", self.not_here("shared memory extension"))
         r.add_route("*", "/v2/cudasharedmemory{tail:.*}", self.not_here("shared memory extension"))
@@ -321,8 +404,9 @@ class HttpFront:
 
     def admin_app(self) -> web.Application:
         """/metrics, /geogate/v1/region and /v2/health/ready; others mount the admin API and
-        /ui on this Application (add routes before the listener starts)."""
-        app = web.Application()
+        /ui on this Application (add routes before the listener starts). With admin
+        credentials configured, every route but ADMIN_OPEN_PATHS needs them (``admin_guard``)."""
+        app = web.Application(middlewares=self._admin_middlewares())
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/geogate/v1/region", self.region_json)
         app.router.add_get("/v2/health/ready", self.ready)
@@ -331,9 +415,22 @@ class HttpFront:
         return app
 
     def metrics_app(self) -> web.Application:
-        app = web.Application()
+        """The ``[gateway] metrics`` listener: /metrics under the same rule as on the admin listener."""
+        app = web.Application(middlewares=self._admin_middlewares())
         app.router.add_get("/metrics", self.metrics)
         return app
+
+    def _admin_middlewares(self) -> list:
+        creds = self.admin_credentials
+        if creds is None or not creds.configured:
+            return [admin_json_errors]
+        return [admin_json_errors, admin_guard(creds, open_metrics=self.gw.cfg.admin.open_metrics)]
+
+    def region_detail_allowed(self, request: web.BaseRequest) -> bool:
+        """May this request see the region summary's topology (replica URLs, routing, peers)?
+        Yes without admin credentials configured; otherwise only with them."""
+        creds = self.admin_credentials
+        return creds is None or not creds.configured or admin_request_check(creds, request).ok
 
     # ------------------------------------------------------------------ inference
 
@@ -595,10 +692,22 @@ class HttpFront:
         return error_response(f"model '{model}' is not ready: {cands.reason}", 400)
 
     async def region_json(self, request: web.Request) -> web.Response:
-        return json_response(region_summary(self.gw))
+        """The admin listener's: complete with admin credentials (or none configured)."""
+        summary = region_summary(self.gw)
+        if not self.region_detail_allowed(request):
+            summary = public_region_summary(summary)
+        return json_response(summary)
+
+    async def public_region_json(self, request: web.Request) -> web.Response:
+        """The client listener's: never takes admin credentials (they stay off a public listener),
+        so with admin credentials configured it is always the public summary."""
+        summary = region_summary(self.gw)
+        creds = self.admin_credentials
+        return json_response(public_region_summary(summary) if creds is not None and creds.configured else summary)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body, ctype = self.gw.metrics.exposition()
+        # In a thread: with --workers N it reads every worker's metric files.
+        body, ctype = await asyncio.to_thread(self.gw.metrics.exposition)
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def no_route(self, request: web.Request) -> web.Response:

@@ -1,14 +1,16 @@
 """`geogate gateway --config FILE --region R [--workers N]`: run a region's gateway.
 
 Lifecycle of one worker (uvicorn's shape): startup (pools, health checks, listeners) ->
-serve -> on SIGTERM/SIGINT drain: readiness turns false first (HTTP /v2/health/ready 503,
-gRPC health NOT_SERVING, region summary "draining"), requests in flight finish (bounded by
-``[gateway] drain_timeout_ms``), then the listeners close and the worker exits 0.
+serve -> drain (gateway.worker_drain): on SIGTERM/SIGINT readiness turns false first (HTTP
+/v2/health/ready 503, gRPC health NOT_SERVING, region summary "draining"), requests in flight
+finish (bounded by ``[gateway] drain_timeout_ms``), then the listeners close and the worker
+exits 0; on SIGUSR1 (handover) the listeners close at once and the worker waits until its
+clients moved to the other workers (gRPC connections closed by their max age) before stopping.
 
 ``--workers N`` (N > 1): this process becomes a small supervisor of N worker processes that
 all bind the same HTTP, gRPC and admin ports with SO_REUSEPORT (gateway.worker_supervisor:
-SIGTERM drains all, SIGUSR2 restarts them one at a time with no failed request, a crashed
-worker is replaced). Metrics use prometheus-client's multiprocess mode (gateway.gateway_metrics), so
+SIGTERM drains all, SIGUSR2 restarts them one at a time with no failed request, HTTP or
+gRPC, a crashed worker is replaced). Metrics use prometheus-client's multiprocess mode (gateway.gateway_metrics), so
 /metrics on any worker reports all of them; the region summary and health state are per
 worker (each worker health-checks the replicas itself).
 
@@ -25,13 +27,12 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
-import time
 from typing import TYPE_CHECKING
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.worker_drain import HTTP_CLEANUP_GRACE_S, WorkerDrain, install_signals
 from gateway.worker_supervisor import WORKER_ENV, announce_ready
 
 if TYPE_CHECKING:
@@ -39,10 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("geogate.gateway")
 
-DRAIN_POLL_S = 0.05
-# After readiness turns false, keep serving new arrivals this long so load balancers and
-# peers that poll readiness notice before the listeners close (bounded by drain_timeout_ms).
-DRAIN_NOTICE_S = 0.5
 
 
 class _JsonFormatter(logging.Formatter):
@@ -114,7 +111,7 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
     reuse_port = workers > 1
     from aiohttp import web
 
-    from gateway.auth import KeysFileError
+    from gateway.auth import KeysFileError, admin_credentials_from_config
     from gateway.gateway_state import GatewayState
     from gateway.grpc_front import GrpcFront
     from gateway.http_front import HttpFront
@@ -125,30 +122,31 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
         configure_links_from_config(cfg)
         server_tls = server_tls_from_config(cfg)
         auth = make_authenticator(cfg)
+        admin_credentials = admin_credentials_from_config(cfg)
     except (TlsConfigError, KeysFileError) as exc:
         raise StartupError(str(exc)) from None
     gw = GatewayState(cfg, region, worker=worker, workers=workers)
     gw.auth = auth
+    gw.admin_credentials = admin_credentials  # the admin listener's (gateway.http_front.admin_guard)
     http_front = HttpFront(gw)
     grpc_front = GrpcFront(gw)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # SIGUSR2 is the supervisor's (rolling restart): a worker it reaches through the process
-    # group must not die of it.
-    loop.add_signal_handler(signal.SIGUSR2, lambda: None)
+    how = install_signals(loop, stop)  # SIGTERM/SIGINT: stop; SIGUSR1: handover
     background: list[asyncio.Task] = [http_front.sweep_task()]
     if auth is not None:
         auth.install_sighup(loop)
         background.append(loop.create_task(auth.watch(), name="keys-file-watch"))
     if server_tls is not None:
         background.append(loop.create_task(server_tls.watch(), name="tls-files-watch"))
+    if admin_credentials.operators is not None:
+        background.append(loop.create_task(admin_credentials.operators.watch(), name="operators-file-watch"))
 
     # startup
     await gw.start()
+    # shutdown_timeout: the drain (gateway.worker_drain) waits for requests itself first
     client_runner = web.AppRunner(http_front.client_app(), access_log=None, handle_signals=False,
-                                  shutdown_timeout=cfg.gateway.drain_timeout_ms / 1000.0)
+                                  shutdown_timeout=HTTP_CLEANUP_GRACE_S)
     admin_app = http_front.admin_app()
     gw.admin_app = admin_app  # others mount routes on it (admin API, /ui)
     _mount_extras(admin_app, gw)
@@ -178,34 +176,20 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
              f"; TLS{' (client certificates required)' if server_tls.mutual else ''}" if server_tls else "",
              f"; API keys from {auth.keys_file} ({len(auth.key_names)} keys)" if auth else "")
 
+    drain = WorkerDrain(gw, grpc_front, grpc_server, http_site=sites[0], runners=runners,
+                        grpc_port=_host_port(region.grpc)[1], drain_timeout_s=cfg.gateway.drain_timeout_ms / 1000.0,
+                        max_connection_age_s=cfg.gateway.grpc_max_connection_age_ms / 1000.0)
+
     # serve
     await stop.wait()
 
-    # drain: readiness false first, then let in-flight requests finish
-    drain_s = cfg.gateway.drain_timeout_ms / 1000.0
-    t0 = time.monotonic()
-    gw.draining = True
-    await grpc_front.set_serving(False)
-    log.info("worker %d draining (%d in flight, up to %.1f s)", worker, gw.load.in_flight, drain_s)
-    await asyncio.sleep(min(DRAIN_NOTICE_S, drain_s))
-    grpc_stop = asyncio.ensure_future(grpc_server.stop(max(0.0, drain_s - (time.monotonic() - t0))))
-    await sites[0].stop()  # no new HTTP connections; open ones finish their requests
-    closed_s = time.monotonic()
-    # Polling a counter the hot path bumps is cheaper than signalling an Event per request.
-    # Keep-alive clients get DRAIN_NOTICE_S more to send their next request on an open
-    # connection: it is answered with Connection: close (http_front), so they move on cleanly.
-    while (gw.load.in_flight > 0 or time.monotonic() - closed_s < DRAIN_NOTICE_S) \
-            and time.monotonic() - t0 < drain_s:  # noqa: ASYNC110
-        await asyncio.sleep(DRAIN_POLL_S)
-    left = gw.load.in_flight
-    await grpc_stop
+    # drain (gateway.worker_drain): readiness false first, then listeners, then what is in flight
+    report = await drain.run(how["mode"])
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    for runner in runners:
-        await runner.cleanup()
     await gw.close()
-    log.info("worker %d stopped after %.2f s drain (%d requests cut off)", worker, time.monotonic() - t0, left)
+    log.info(report.describe(worker))
     return 0
 
 

@@ -5,6 +5,11 @@ Reads ``GET /geogate/v1/world`` (gateway/status_page.py) from a gateway's admin 
 that answers: a region being down must not blind the operator), else ``.geogate/world.toml``
 (what ``geogate up`` writes). Prints rich tables; ``--watch`` keeps them live; ``--json``
 prints the world JSON as the gateway sent it.
+
+Admin credentials (when the gateways have ``[admin]`` credentials): ``Authorization: Bearer``
+with the token from ``--token-env`` (an environment variable's name), else the config's
+``[admin] token`` / ``token_env`` (default ``GEOGATE_ADMIN_TOKEN``); an operator key
+(``gk_...``) works as well as the shared token.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ WORLD_PATH = "/geogate/v1/world"
 FETCH_TIMEOUT_S = 5.0
 DEFAULT_WATCH_INTERVAL_S = 2.0
 DEFAULT_CONFIG = ".geogate/world.toml"  # written by `geogate up`
+DEFAULT_TOKEN_ENV = "GEOGATE_ADMIN_TOKEN"
 MAX_EVENTS_SHOWN = 10
 SITE_STALE_AFTER_S = 15.0  # a sync agent publishes every few seconds; older is worth a look
 
@@ -47,13 +53,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval-s", type=float, default=DEFAULT_WATCH_INTERVAL_S,
                         help="refresh interval with --watch (seconds)")
     parser.add_argument("--json", action="store_true", help="print the world JSON instead of tables")
+    parser.add_argument("--token-env", default="",
+                        help=f"environment variable holding the admin token (default: the config's [admin] token / "
+                             f"token_env, else {DEFAULT_TOKEN_ENV})")
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else "")
 
 
 def candidate_urls(args: argparse.Namespace) -> list[str]:
     if args.url:
         url = args.url.rstrip("/")
         return [url if "://" in url else f"http://{url}"]
-    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else "")
+    path = _config_path(args)
     if not path:
         raise StatusError(f"give --url http://ADMIN_HOST:PORT or --config FILE (no {DEFAULT_CONFIG} here)")
     config = load_config(path)
@@ -62,14 +75,32 @@ def candidate_urls(args: argparse.Namespace) -> list[str]:
     return [f"http://{r.admin}" for r in config.regions]
 
 
-def fetch_world(urls: list[str]) -> dict:
+def admin_token(args: argparse.Namespace) -> tuple[str, str]:
+    """(token, where it came from) for the gateways' admin credentials; ("", ...) for none."""
+    env = getattr(args, "token_env", "")
+    if env:
+        return os.environ.get(env, ""), f"${env}"
+    path = _config_path(args)
+    if path:
+        config = load_config(path)
+        return config.admin_token(), f"{path} [admin] token / ${config.admin.token_env}"
+    return os.environ.get(DEFAULT_TOKEN_ENV, ""), f"${DEFAULT_TOKEN_ENV}"
+
+
+def fetch_world(urls: list[str], token: str = "", token_from: str = "") -> dict:
     errors = []
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     for base in urls:
         try:
-            with urllib.request.urlopen(base + WORLD_PATH, timeout=FETCH_TIMEOUT_S) as resp:
+            req = urllib.request.Request(base + WORLD_PATH, headers=headers)
+            with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            errors.append(f"{base}: HTTP {exc.code} {exc.read()[:200].decode(errors='replace')}")
+            text = f"{base}: HTTP {exc.code} {exc.read()[:200].decode(errors='replace')}"
+            if exc.code in (401, 403):
+                text += (f" (admin token {'from ' + token_from + ' refused' if token else 'not set: ' + token_from})"
+                         if token_from else "")
+            errors.append(text)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             errors.append(f"{base}: {reason}")
@@ -222,15 +253,16 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
         urls = candidate_urls(args)
+        token, token_from = admin_token(args)
         if not args.watch:
-            world = fetch_world(urls)
+            world = fetch_world(urls, token, token_from)
             if args.json:
                 sys.stdout.write(json.dumps(world, indent=2) + "\n")
             else:
                 console.print(render(world))
             return 0
         try:
-            return _watch(args, urls, console)
+            return _watch(args, urls, console, token, token_from)
         except KeyboardInterrupt:
             return 0  # Ctrl-C is how one leaves --watch
     except (StatusError, ConfigError) as exc:
@@ -238,14 +270,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _watch(args: argparse.Namespace, urls: list[str], console: Console) -> int:
+def _watch(args: argparse.Namespace, urls: list[str], console: Console, token: str = "", token_from: str = "") -> int:
     from rich.live import Live  # only --watch needs it
 
     interval_s = max(0.2, args.interval_s)
     if args.json:  # one JSON document per line, for piping
         while True:
             try:
-                sys.stdout.write(json.dumps(fetch_world(urls)) + "\n")
+                sys.stdout.write(json.dumps(fetch_world(urls, token, token_from)) + "\n")
             except StatusError as exc:
                 sys.stdout.write(json.dumps({"error": str(exc)}) + "\n")
             sys.stdout.flush()
@@ -253,7 +285,7 @@ def _watch(args: argparse.Namespace, urls: list[str], console: Console) -> int:
     with Live(Text("connecting…"), console=console, refresh_per_second=4, screen=False) as live:
         while True:
             try:
-                live.update(render(fetch_world(urls)))
+                live.update(render(fetch_world(urls, token, token_from)))
             except StatusError as exc:
                 live.update(Text(f"{time.strftime('%H:%M:%S')} {exc}", style="red"))
             time.sleep(interval_s)

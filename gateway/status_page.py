@@ -12,6 +12,18 @@ Routes (``add_status_routes``):
                                 (the page uses it; it falls back to polling ``/world`` when the
                                 stream cannot be opened).
 - ``GET /geogate/v1/region-events``  this gateway's own recent events (peers merge them).
+- ``GET|POST /ui/login``, ``POST /ui/logout``  the page's login with admin credentials.
+
+With admin credentials configured (``[admin] token`` / ``token_env`` / ``operators_file``) every
+route above but /ui/login needs them (gateway.http_front.admin_guard). A browser logs in once:
+``/ui/login`` asks for the token (the shared admin token or an operator's key), or the link
+``/ui?token=...`` (what ``geogate up`` prints) does it; either sets a session cookie
+(``geogate_admin_session``: HttpOnly, SameSite=Strict, Secure on a TLS admin listener, valid
+``[admin] session_ttl_s``, signed under a key derived from that credential) and redirects to
+``/ui`` without the token in the address bar. The cookie serves reads only: the admin API
+(promote, canary, rollback) still wants ``Authorization: Bearer``. Gateways fetch each other's
+region summary and events with the shared admin token when there is one (with operator keys
+only, peers' replica details and events are not shown).
 
 A peer that cannot be fetched is shown as unreachable (``health: "down"``, with the error as
 the reason) rather than failing the whole view: during an outage this page is what operators
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import logging
 import time
 from collections import deque
@@ -33,6 +46,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials
 from gateway.config import Config, RegionSection
 
 log = logging.getLogger("geogate.status_page")
@@ -148,8 +162,14 @@ class WorldView:
             return {"summary": None, "error": f"own summary failed: {exc!r}", "events": self.local_events(),
                     "via": "local"}
 
-    async def _fetch_json(self, url: str) -> dict:
-        async with self._client().get(url) as resp:
+    def _peer_headers(self) -> dict[str, str]:
+        """The shared admin token for peers' protected views (their full region summary and
+        events); without it peers answer the public summary and no events."""
+        token = self.source.config.admin_token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def _fetch_json(self, url: str, headers: dict[str, str] | None = None) -> dict:
+        async with self._client().get(url, headers=headers) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:200]
                 raise RuntimeError(f"HTTP {resp.status} from {url}: {body}")
@@ -159,8 +179,10 @@ class WorldView:
         errors = []
         for listener in (region.admin, region.http):
             base = f"http://{listener}"
+            # The admin token goes to the peer's admin listener only, never to its client listener.
+            headers = self._peer_headers() if listener == region.admin else None
             try:
-                summary = await self._fetch_json(f"{base}/geogate/v1/region")
+                summary = await self._fetch_json(f"{base}/geogate/v1/region", headers)
             except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as exc:
                 errors.append(f"{listener} {_describe(exc)}")
                 if isinstance(exc, TimeoutError):
@@ -169,7 +191,7 @@ class WorldView:
             events: list[dict] = []
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, RuntimeError, ValueError):
                 # Best effort: a peer without the status routes simply contributes no events.
-                got = await self._fetch_json(f"{base}/geogate/v1/region-events")
+                got = await self._fetch_json(f"{base}/geogate/v1/region-events", headers)
                 events = [_event_dict(e, region.name) for e in got.get("events", [])]
             return {"summary": summary, "error": "", "events": events, "via": base}
         return {"summary": None, "error": "; ".join(errors), "events": [], "via": ""}
@@ -409,7 +431,8 @@ def mount(app: web.Application, gw: Any) -> None:
     """Hook called by gateway.main on the admin app: the status page for this gateway, and a
     background sampler that turns state changes into events."""
     source = GatewaySummarySource(gw)
-    add_status_routes(app, summary_source=source)
+    add_status_routes(app, summary_source=source, credentials=getattr(gw, "admin_credentials", None),
+                      secure_cookie=gw.cfg.tls.admin)
     task: asyncio.Task | None = None
 
     async def start_sampler(_app: web.Application) -> None:
@@ -445,14 +468,81 @@ def _json(data: Any, status: int = 200) -> web.Response:
                         headers={"Cache-Control": "no-store"})
 
 
-def add_status_routes(app: web.Application, *, summary_source: SummarySource) -> None:
-    """Register the status page routes on ``app`` (the gateway's admin application)."""
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="dark light"><title>geogate status: log in</title><link rel="icon" href="data:,">
+<style>body{{font:15px system-ui,sans-serif;display:grid;place-items:center;min-height:90vh;margin:0}}
+form{{display:grid;gap:.6em;min-width:22em}}input{{font:inherit;padding:.4em}}p.err{{color:#c0392b}}</style>
+</head><body><form method="post" action="/ui/login"><h2>geogate status</h2>{error}
+<label for="token">Admin token (the shared admin token, or your operator key)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" autofocus required>
+<button type="submit">Log in</button></form></body></html>
+"""
+MAX_LOGIN_BODY_BYTES = 4096
+
+
+def login_page(error: str = "", status: int = 200) -> web.Response:
+    text = LOGIN_PAGE.format(error=f'<p class="err">{html.escape(error)}</p>' if error else "")
+    return web.Response(text=text, status=status, content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+def add_login_routes(app: web.Application, credentials: AdminCredentials, *, secure_cookie: bool) -> None:
+    """/ui/login (form and POST), /ui/logout; ``logged_in`` turns an accepted token into the
+    session cookie and a redirect to /ui."""
+
+    async def login_form(_request: web.Request) -> web.Response:
+        return login_page()
+
+    async def login(request: web.Request) -> web.Response:
+        if (request.content_length or 0) > MAX_LOGIN_BODY_BYTES:
+            return login_page("the form is too large", 413)
+        try:
+            form = await request.post()
+        except (ValueError, web.HTTPException):
+            return login_page("the form could not be read", 400)
+        token = form.get("token")
+        return logged_in(credentials, credentials.check_token(token if isinstance(token, str) else None),
+                         secure_cookie=secure_cookie)
+
+    async def logout(_request: web.Request) -> web.Response:
+        resp = _see_other("/ui/login")
+        resp.del_cookie(ADMIN_SESSION_COOKIE, path="/")
+        return resp
+
+    app.router.add_get("/ui/login", login_form)
+    app.router.add_post("/ui/login", login)
+    app.router.add_post("/ui/logout", logout)
+
+
+def logged_in(credentials: AdminCredentials, check: AdminCheck, *, secure_cookie: bool) -> web.Response:
+    """The answer to a login attempt: the session cookie and 303 to /ui, or the form again (401)."""
+    if not check.ok:
+        return login_page(check.message, 401 if check.status == 401 else 403)
+    resp = _see_other("/ui")
+    resp.set_cookie(ADMIN_SESSION_COOKIE, credentials.session_cookie(check), max_age=int(credentials.session_ttl_s),
+                    path="/", httponly=True, samesite="Strict", secure=secure_cookie)
+    return resp
+
+
+def add_status_routes(app: web.Application, *, summary_source: SummarySource,
+                      credentials: AdminCredentials | None = None, secure_cookie: bool = False) -> None:
+    """Register the status page routes on ``app`` (the gateway's admin application).
+    ``credentials`` (configured): the login routes too (the listener's guard checks the rest)."""
     view = WorldView(summary_source)
     # Set on app shutdown so open event streams end at once instead of holding the
     # server's graceful shutdown for its whole timeout.
     stopping = asyncio.Event()
+    protected = credentials is not None and credentials.configured
 
-    async def page(_request: web.Request) -> web.StreamResponse:
+    async def page(request: web.Request) -> web.StreamResponse:
+        if protected and "token" in request.query:  # the link geogate up prints: log in with it
+            return logged_in(credentials, credentials.check_token(request.query.get("token")),
+                             secure_cookie=secure_cookie)
         return web.FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache",
                                                                 "Content-Type": "text/html; charset=utf-8"})
 
@@ -496,5 +586,7 @@ def add_status_routes(app: web.Application, *, summary_source: SummarySource) ->
     app.router.add_get("/geogate/v1/world", world)
     app.router.add_get("/geogate/v1/events", events)
     app.router.add_get("/geogate/v1/region-events", region_events)
+    if protected:
+        add_login_routes(app, credentials, secure_cookie=secure_cookie)
     app.on_shutdown.append(stop_streams)
     app.on_cleanup.append(close_view)

@@ -9,6 +9,11 @@ Lifecycle of a child: spawn (own process group, dies with the supervisor) -> wat
 exit nobody asked for: report, wait the backoff, spawn again. Shutdown: children are stopped
 tier by tier, highest tier first (front doors before the replicas behind them): SIGTERM to
 the child's process group, wait up to STOP_GRACE_S, then SIGKILL.
+
+Logs: a child's stdout and stderr go to its ``log_path``; with ``log_max_bytes`` set they come
+through a pipe that the supervisor copies into the file, rotated by size (LOG -> LOG.1 ...
+LOG.<log_backups>, gateway.access_log.RotatingSink, writes in a thread), as Docker's json-file
+log driver does: a gateway's access log at 150 requests/s grew its log by 21 MB in 11 minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ RESTART_BACKOFF_MAX_S = 10.0
 # A child that ran this long before crashing is restarted with the initial backoff again.
 RESTART_BACKOFF_RESET_AFTER_S = 30.0
 STOP_GRACE_S = 15.0
+LOG_PUMP_CHUNK_BYTES = 64 * 1024
+LOG_PUMP_FINISH_S = 5.0  # after the children stopped, for their last output to reach the logs
 PR_SET_PDEATHSIG = 1
 # Children write logs and metrics without buffering, and ONNX Runtime never phones home.
 CHILD_ENV = {"PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELEMETRY": "1"}
@@ -55,6 +62,34 @@ def _open_log(path: Path) -> IO[bytes]:
     return open(path, "ab")  # handed to the child, closed by the caller
 
 
+def _open_rotating(child: Child):
+    from gateway.access_log import RotatingSink
+
+    child.log_path.parent.mkdir(parents=True, exist_ok=True)
+    return RotatingSink(str(child.log_path), max_bytes=child.log_max_bytes, backups=max(1, child.log_backups))
+
+
+async def _pump(reader: asyncio.StreamReader, sink) -> None:
+    """Copy a child's output into its rotated log, whole lines at a time (a rotation never
+    splits a line), file writes in a thread. Ends when every writer of the pipe has exited."""
+    rest = b""
+    while True:
+        chunk = await reader.read(LOG_PUMP_CHUNK_BYTES)
+        if not chunk:
+            break
+        data = rest + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) < LOG_PUMP_CHUNK_BYTES:
+            rest = data  # no line end yet: wait for it (a longer line is written as it is)
+            continue
+        if cut == 0:
+            cut = len(data)
+        rest = data[cut:]
+        await asyncio.to_thread(sink.write, data[:cut])
+    if rest:
+        await asyncio.to_thread(sink.write, rest)
+
+
 def _signal_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -68,6 +103,9 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     # Stop order: higher tiers stop first (and are fully gone before the next tier is asked).
     tier: int = 0
+    # > 0: the log is rotated at this size, keeping log_backups old files (0: appended forever)
+    log_max_bytes: int = 0
+    log_backups: int = 3
     restarts: int = 0
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
@@ -91,6 +129,8 @@ class Supervisor:
                  on_spawn: Callable[[Child], None] | None = None) -> None:
         self.children: list[Child] = []
         self._watchers: list[asyncio.Task] = []
+        self._pumps: list[asyncio.Task] = []  # children's output -> their rotated logs
+        self._sinks: dict[str, object] = {}  # child name -> RotatingSink
         self._stopping = False
         self._on_event = on_event or (lambda msg: log.warning(msg))
         self._on_spawn = on_spawn
@@ -102,14 +142,23 @@ class Supervisor:
         return child
 
     async def _spawn(self, child: Child) -> None:
-        out = await asyncio.to_thread(_open_log, child.log_path)
+        if child.log_max_bytes > 0:
+            if child.name not in self._sinks:
+                self._sinks[child.name] = await asyncio.to_thread(_open_rotating, child)
+            out = asyncio.subprocess.PIPE
+        else:
+            out = await asyncio.to_thread(_open_log, child.log_path)
         try:
             child.process = await asyncio.create_subprocess_exec(
                 *child.argv, stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, **CHILD_ENV, **child.env}, preexec_fn=_die_with_parent,
             )
         finally:
-            out.close()
+            if out is not asyncio.subprocess.PIPE:
+                out.close()
+        if child.process.stdout is not None:
+            self._pumps.append(asyncio.create_task(_pump(child.process.stdout, self._sinks[child.name]),
+                                                   name=f"log-{child.name}"))
         child.started_at = time.monotonic()
         if self._on_spawn is not None:
             self._on_spawn(child)
@@ -175,3 +224,11 @@ class Supervisor:
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
+        # The children are gone: their pipes end; copy what is left, then close the files.
+        if self._pumps:
+            _done, pending = await asyncio.wait(self._pumps, timeout=LOG_PUMP_FINISH_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+        for sink in self._sinks.values():
+            sink.close()  # type: ignore[attr-defined]

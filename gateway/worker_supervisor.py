@@ -5,12 +5,17 @@ connections over them (gunicorn/uvicorn's model, without a master that accepts).
 
 - SIGTERM / SIGINT: passed to every worker; each drains (readiness false, in-flight requests
   finish); the supervisor exits 0 when all did.
+- SIGUSR1: the same, but each worker hands its clients over first (gateway.worker_drain:
+  listeners closed, gRPC connections moved by their max age) before stopping: for a node
+  leaving a load balancer's pool while others keep serving.
 - SIGHUP: passed on (workers reload their API keys).
 - SIGUSR2: rolling restart, one worker at a time: a replacement starts, and only once it
-  serves (it touches a file in the supervisor's ready directory) is the old one told to drain;
-  the ports never go unserved, so clients see no failed request.
+  serves (it touches a file in the supervisor's ready directory) is the old one sent SIGUSR1
+  (handover drain); the ports never go unserved, so clients see no failed request, HTTP or gRPC.
 - A worker that exits without being asked is reported with its exit status and replaced; one
   that keeps dying right after start (5 times within 10 s each) stops the gateway with 1.
+- Every worker that exits has its metric files merged (gateway.gateway_metrics.merge_dead_worker):
+  its live gauges stop counting and the metrics directory does not grow with each restart.
 """
 
 from __future__ import annotations
@@ -73,10 +78,14 @@ class WorkerSupervisor:
         return proc
 
     def _reap(self, proc: subprocess.Popen) -> None:
-        """A worker is gone: its live gauges must stop counting (prometheus multiprocess)."""
-        from prometheus_client import multiprocess
+        """A worker is gone: its live gauges stop counting, its counters and histograms are
+        merged into the dead workers' totals (prometheus multiprocess mode)."""
+        from gateway.gateway_metrics import merge_dead_worker
 
-        multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
+        try:
+            merge_dead_worker(self.metrics_dir, proc.pid)
+        except OSError as exc:  # never let metrics bookkeeping stop the supervisor
+            log.error("merging the metric files of worker pid %d failed: %s", proc.pid, exc)
         Path(self.ready_dir, str(proc.pid)).unlink(missing_ok=True)
 
     def _ready(self, proc: subprocess.Popen) -> bool:
@@ -91,7 +100,7 @@ class WorkerSupervisor:
 
     def _on_stop(self, signum, _frame) -> None:
         self.stopping = True
-        self._signal_all(signum)
+        self._signal_all(signum)  # SIGTERM/SIGINT: stop; SIGUSR1: hand over, then stop
 
     def _on_hup(self, signum, _frame) -> None:
         self._signal_all(signum)
@@ -121,7 +130,9 @@ class WorkerSupervisor:
                 return
             self.slots[i] = new
             if old is not None and old.poll() is None:
-                old.send_signal(signal.SIGTERM)  # it drains: readiness false, in-flight finish
+                # Handover drain: readiness false, listeners closed (the replacement takes new
+                # connections), gRPC clients moved by their connections' max age, in-flight finish.
+                old.send_signal(signal.SIGUSR1)
                 old.wait()
             if old is not None:
                 self._reap(old)
@@ -133,6 +144,7 @@ class WorkerSupervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGUSR2, self._on_usr2)
         code = 0
@@ -150,7 +162,10 @@ class WorkerSupervisor:
                     code = 1
                     self._on_stop(signal.SIGTERM, None)
                 time.sleep(POLL_S)
-            if any(p is not None and p.returncode not in (0, None) for p in self.slots):
+            # A worker still starting when asked to stop dies of the signal itself (its handlers
+            # are not installed yet): that is a clean stop too.
+            clean = (0, None, -signal.SIGTERM, -signal.SIGINT, -signal.SIGUSR1)
+            if any(p is not None and p.returncode not in clean for p in self.slots):
                 code = 1
         finally:
             for proc in self.slots:

@@ -23,6 +23,9 @@ from gateway.world_ports import bind_problem, free_port, split_host_port
 # Stop order (supervisor tiers, highest first): front doors (gateways, DNS) first, so clients
 # are turned away cleanly; then sync agents, replicas and the autoscaler together.
 TIER_FRONT, TIER_BACK = 1, 0
+# logs/<process>.log is rotated at this size, keeping this many old files (gateway.supervisor).
+CHILD_LOG_MAX_BYTES = 16 * 1024 * 1024
+CHILD_LOG_BACKUPS = 3
 AUTOSCALER = "autoscaler"
 
 
@@ -84,6 +87,9 @@ class Launch:
     regions: list[RegionLaunch]
     skipped: list[str] = field(default_factory=list)
     autoscale_dns: str = ""  # set when any pool is autoscaled: the autoscaler runs
+    # The gateways' admin token ([admin] token / token_env), for the status page link printed
+    # once ready; never written to world.json.
+    admin_token: str = field(default="", repr=False)
 
     @property
     def autoscale(self) -> bool:
@@ -192,7 +198,7 @@ def launch_from_config(cfg: Any, config_path: Path, directory: Path,
     autoscale_dns = cfg.capacity.autoscale_dns if any(r.autoscaled for r in regions) else ""
     return Launch(config_path=config_path.resolve(), directory=directory.resolve(), store_url=cfg.store.url,
                   dns_listen=cfg.dns.listen, dns_service=cfg.dns.service, regions=regions, skipped=skipped,
-                  autoscale_dns=autoscale_dns)
+                  autoscale_dns=autoscale_dns, admin_token=cfg.admin_token())
 
 
 def check_binds(launch: Launch) -> None:
@@ -240,4 +246,6 @@ def children(launch: Launch) -> list[Child]:
         out.append(Child(f"gateway-{r.name}", _geogate("gateway", "--config", config, "--region", r.name),
                          logs / f"gateway-{r.name}.log", tier=TIER_FRONT))
     out.append(Child("dns", _geogate("dns", "--config", config), logs / "dns.log", tier=TIER_FRONT))
+    for child in out:
+        child.log_max_bytes, child.log_backups = CHILD_LOG_MAX_BYTES, CHILD_LOG_BACKUPS
     return out

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+import urllib.parse
 from pathlib import Path
 
 from gateway.supervisor import Supervisor
@@ -212,6 +213,11 @@ def print_summary(launch: Launch, models: dict[str, ModelInfo], ready_s: float,
             f"           status {launch.autoscaler_status_path}; override {launch.autoscale_override_path}; "
             f"replica logs {launch.autoscaler_workdir}/",
         ]
+    if launch.admin_token:
+        # The admin listeners want credentials: this link logs a browser in (a session cookie;
+        # the token leaves the address bar at once).
+        lines.append(f"status     http://{first.admin}/ui?token={urllib.parse.quote(launch.admin_token, safe='')}  "
+                     "(admin credentials: the link logs you in; `geogate status` reads the same token)")
     lines += [f"not started: {s}" for s in launch.skipped]
     lines += ["", "Try it (copy-paste):"]
     release = release_command(models.get(main_model(models)))

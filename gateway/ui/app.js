@@ -375,6 +375,10 @@ function startPolling() {
   const tick = async () => {
     try {
       const resp = await fetch("/geogate/v1/world", { cache: "no-store" });
+      if (resp.status === 401) {  // admin credentials configured and no (or an expired) session
+        window.location.assign("/ui/login");
+        return;
+      }
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       render(await resp.json());
       setConn("polling", "live (polling)");

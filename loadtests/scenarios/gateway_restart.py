@@ -36,7 +36,7 @@ DRAIN_TIMEOUT_MS = 5000
 START_TIMEOUT_S = 60.0
 SERVING_MARK = "serving: http"
 HEALTH = {"interval_ms": 250, "timeout_ms": 500, "rise": 1, "fall": 2}
-CUT_OFF = re.compile(r"stopped after [\d.]+ s drain \((\d+) requests cut off\)")
+CUT_OFF = re.compile(r"stopped after [\d.]+ s drain \((\d+) requests cut off[:)]")
 
 
 def worker_pids(supervisor_pid: int) -> set[int]:
