@@ -188,8 +188,12 @@ class RegionPools:
     def __init__(self, cfg: Config, region: RegionSection, *,
                  on_health_change: Callable[[ReplicaState], None] | None = None,
                  on_eject: Callable[[ReplicaState], None] | None = None,
-                 on_member_change: Callable[[Upstream, bool], None] | None = None) -> None:
+                 on_member_change: Callable[[Upstream, bool], None] | None = None,
+                 client_factory: Callable[[ReplicaState], Any] | None = None) -> None:
         self.cfg = cfg
+        # Makes each replica's client; None: HTTP session / gRPC channel (`make_client`). The
+        # simulation (loadtests.sim) passes its own: no sockets for a planet of replicas.
+        self._client_factory = client_factory
         self.region = region
         self.gw: GatewaySection = cfg.gateway
         self.panic_threshold = cfg.health.panic_threshold
@@ -202,6 +206,8 @@ class RegionPools:
         self.load_signals: LoadSignals | None = None  # while pools with metrics_scrape exist
 
     def make_client(self, state: ReplicaState):
+        if self._client_factory is not None:
+            return self._client_factory(state)
         if state.scheme == "http":
             assert self.session is not None
             return HttpUpstream(state.address, self.session,
@@ -250,6 +256,22 @@ class RegionPools:
 
     def all_states(self) -> list[ReplicaState]:
         return [s for p in self.pools for s in p.states]
+
+    def replica_health_changed(self, state: ReplicaState) -> None:
+        """A replica's active health flipped (or its ready versions changed): eligibility is
+        recomputed; a replica that is healthy again starts with a clean latency record and,
+        like Envoy's successful_active_health_check_uneject_host, without the ejection its
+        old failures earned (it was restarted)."""
+        self.invalidate()
+        if not state.healthy:
+            return
+        for pool in self.pools:
+            up = pool.upstream_of(state)
+            if up is not None:
+                up.load.reset()
+        if state.ejected_until_s:
+            state.ejected_until_s = 0.0
+            state.eject_reason = ""
 
     def invalidate(self) -> None:
         """Forget cached eligibility (health, ejection or membership changed)."""
