@@ -25,7 +25,6 @@ from gateway.router import Router
 from gateway.upstream_types import Reply
 from health.outcomes import Outcome
 from health.replica_state import ReplicaState
-from health.selection import healthy_fraction
 
 log = logging.getLogger("geogate.gateway")
 
@@ -141,7 +140,7 @@ class GatewayState:
         """Healthy fraction of this region's replicas (0 while draining: send everything away)."""
         if self.draining:
             return 0.0
-        return healthy_fraction(self.pools.all_states())
+        return self.pools.healthy_fraction(time.monotonic())
 
     # ------------------------------------------------------------------ lifecycle
 
