@@ -501,11 +501,12 @@ class Planet:
             up.load.outstanding = in_flight
             if url in arrivals:
                 # what the concurrency-limit learner would see from the requests of this tick:
-                # in-flight levels around the mean (Poisson-like spread), each with its latency
+                # in-flight levels around the mean (Poisson-like spread), each with the latency
+                # of one request at that level
                 sd = math.sqrt(in_flight)
                 for _ in range(LEVEL_OBSERVATIONS):
                     level = max(1, round(in_flight + sd * gauss(0.0, 1.0)))
-                    tracker.observe(up.pool.name, url, q.latency_at_level_s(level), level, t)
+                    tracker.observe(up.pool.name, url, q.latency_at_level_s(level, self.rng), level, t)
 
     def _draw_requests(self, t: float, dt: float) -> None:
         world = self.world

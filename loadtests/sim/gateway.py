@@ -33,7 +33,6 @@ from gateway.retry_budget import RetryBudget
 from geo.region_health import RegionHealthMonitor
 from health.active import ProbeResult
 from health.replica_state import ReplicaState
-from health.selection import healthy_fraction
 
 MS_PER_S = 1000.0
 
@@ -80,7 +79,7 @@ class SimGateway:
             self.peer_down.add(state.name)
 
     def local_fraction(self) -> float:
-        return healthy_fraction(self.pools.all_states(), self.clock())
+        return self.pools.healthy_fraction(self.clock())  # what GatewayState.local_fraction reads
 
     # ------------------------------------------------------------------ simulated inputs
 

@@ -104,11 +104,14 @@ class ReplicaQueue:
             wait_ss = erlang_c(self.slots, lam * svc) / (cap - lam) * (1.0 + 1.0 / SERVICE_SHAPE) / 2.0
         return min(arrival_per_s, cap) * svc + lam * wait_ss + backlog
 
-    def latency_at_level_s(self, in_flight: int) -> float:
+    def latency_at_level_s(self, in_flight: int, rng: random.Random | None = None) -> float:
         """Latency of a request sent when `in_flight` requests (itself included) are inside:
         its service, after the (in_flight - slots) ahead of it beyond the slots have left (one
-        per service time / slots), plus the fluid backlog's wait."""
+        per service time / slots), plus the fluid backlog's wait. With `rng`, the service time
+        is drawn from its distribution (one real request), else its mean."""
         svc = self.effective_service_s
+        if rng is not None:
+            svc = rng.gammavariate(SERVICE_SHAPE, svc / SERVICE_SHAPE)
         return svc * max(1.0, in_flight / self.slots) + self.backlog / self.capacity_per_s
 
     @property
