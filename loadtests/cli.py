@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--hours", type=float, default=24.0, help="simulated hours (default 24)")
     sim.add_argument("--start-utc", type=float, default=0.0, help="UTC hour the window starts at (default 0)")
     sim.add_argument("--seed", type=int, default=1, help="random seed (default 1): same seed, same run")
-    sim.add_argument("--samples-per-s", type=float, default=10.0,
-                     help="sampled requests per simulated second, each standing for many real ones (default 10; "
+    sim.add_argument("--samples-per-s", type=float, default=2.0,
+                     help="sampled requests per simulated second, each standing for many real ones (default 2; "
                           "at least one per metro and tick)")
     sim.add_argument("--routing-mode", choices=("local-first", "nearest-to-client"), default="local-first",
                      help="[routing] mode of the simulated gateways (default local-first)")

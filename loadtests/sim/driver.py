@@ -1,8 +1,9 @@
 """The event loop of a run: faults, health probes, ticks and sampled requests in time order,
 on one simulated clock that every product object reads.
 
-**Ticks.** Every tick (``fine_tick_s`` within ``fine_window_s`` after a fault, ``coarse_tick_s``
-otherwise) the loop
+**Ticks.** Every tick (``fine_tick_s`` within ``fine_window_s`` after a region-wide event: a
+region lost or restored, a partition or its end; ``mid_tick_s`` for the rest of a region's loss;
+``coarse_tick_s`` otherwise) the loop
 1. spreads each region's arrival rate over its replicas with *load picks*: ``picks_per_replica``
    x the eligible replicas calls of the product's P2C (``RegionPools.candidates`` +
    ``pick_p2c``), each carrying an equal slice of the rate and adding its share of in-flight to
@@ -57,16 +58,22 @@ from loadtests.sim.world import MODEL, World
 MS_PER_S = 1000.0
 FLOW_SMOOTHING_S = 5.0  # time constant of a region's arrival rate as measured by the samples
 SUMMARY_REFRESH_S = 5.0  # peers' summaries (healthy fraction, load) are re-read this often
-LEVEL_OBSERVATIONS = 4  # concurrency-limit learner samples per busy replica per tick
+LEVEL_OBSERVATIONS = 2  # concurrency-limit learner samples per busy replica per tick
 READY = {MODEL: {"1"}}
 REPLICA_PROBE_RTT_S = 0.001
 # Load picks per eligible replica and tick: enough that one pick carries a fraction of a small
 # replica's capacity, so P2C can steer load by it (one pick per replica overloads whatever small
 # replica it lands on).
-DEFAULT_PICKS_PER_REPLICA = 4.0
+DEFAULT_PICKS_PER_REPLICA = 2.0
 FILL_UTILIZATION = 0.95  # a replica takes slices up to this share of its capacity while others have room
+# A slice is at most this share of the picked replica's capacity: P2C decides per request, so a
+# replica's load grows in steps that are small next to what it can take (a slice of a big
+# region's rate would fill a small replica at once, whatever its cost said a moment later).
+SLICE_MAX_CAPACITY = 0.25
 P2C_REACTION_S = 1.0  # outstanding as P2C sees it: the in-flight a slice adds within this horizon
 INITIAL_SPREAD_S = 1.0  # first probes of a (re)started gateway are spread over this
+
+FINE_TICK_FAULTS = (F.REGION_DOWN, F.REGION_UP, F.PARTITION, F.HEAL)
 
 _EV_FAULT, _EV_RPROBE, _EV_GPROBE, _EV_DNSPROBE, _EV_TICK, _EV_REQUEST = range(6)
 
@@ -75,6 +82,7 @@ class Planet:
     def __init__(self, world: World, *, start_s: float, duration_s: float, faults: list[F.Fault], seed: int,
                  samples_per_s: float, warmup_s: float = 0.0, warmup_samples_per_s: float | None = None,
                  fine_tick_s: float = 1.0, coarse_tick_s: float = 10.0, fine_window_s: float = 300.0,
+                 mid_tick_s: float | None = None,
                  picks_per_replica: float = DEFAULT_PICKS_PER_REPLICA, workdir: str | None = None,
                  on_served: Callable[[requests.Request, requests.Served, str], None] | None = None,
                  on_tick: Callable[[float, float], None] | None = None) -> None:
@@ -91,13 +99,19 @@ class Planet:
         self.samples_per_s = samples_per_s
         self.warmup_samples_per_s = samples_per_s if warmup_samples_per_s is None else warmup_samples_per_s
         self.fine_tick_s = fine_tick_s
+        self.mid_tick_s = fine_tick_s if mid_tick_s is None else mid_tick_s
         self.coarse_tick_s = coarse_tick_s
         self.fine_window_s = fine_window_s
         self.picks_per_replica = picks_per_replica
         self.on_served = on_served
         self.on_tick = on_tick
         self.faults = sorted(faults, key=lambda f: f.t_s)
-        self._fine_starts = sorted(f.t_s for f in self.faults)
+        # fine ticks after the events that move whole regions' traffic
+        self._fine_starts = sorted(f.t_s for f in self.faults if f.kind in FINE_TICK_FAULTS)
+        # ... and all through a region's loss: where its clients go is the run's main figure
+        downs = [f for f in self.faults if f.kind == F.REGION_DOWN]
+        self._fine_spans = [(d.t_s, next((u.t_s for u in self.faults if u.kind == F.REGION_UP and u.target == d.target
+                                          and u.t_s > d.t_s), self.end_s)) for d in downs]
         self.network = network.Network()
         self.clock = lambda: self.now
         h, d = self.cfg.health, self.cfg.dns
@@ -401,21 +415,25 @@ class Planet:
         i = bisect.bisect_right(self._fine_starts, t) - 1
         if i >= 0 and t - self._fine_starts[i] < self.fine_window_s:
             return self.fine_tick_s
+        if any(a <= t < b for a, b in self._fine_spans):
+            return self.mid_tick_s
         nxt = self._fine_starts[i + 1] if i + 1 < len(self._fine_starts) else math.inf
         return max(self.fine_tick_s, min(self.coarse_tick_s, nxt - t))
 
     def _tick(self, t: float) -> None:
         dt = min(self.tick_length_s(t), self.end_s - t)
+        if t < self.start_s:
+            dt = min(dt, self.start_s - t)  # the warm-up ends on a tick: no tick straddles the start
         self._update_arrivals(dt)
         for region, gw in self.gateways.items():
             if self.alive[region]:
                 self._spread_load(gw, t, dt)
+        if t >= self._next_summary_s:  # the peers' load as last sampled, read before the guards decide
+            self._refresh_summaries(t)
+            self._next_summary_s = t + SUMMARY_REFRESH_S
         for region, gw in self.gateways.items():
             if self.alive[region]:
                 gw.sample_capacity(t)
-        if t >= self._next_summary_s:
-            self._refresh_summaries(t)
-            self._next_summary_s = t + SUMMARY_REFRESH_S
         if self.on_tick is not None:
             self.on_tick(t, dt)
         self._draw_requests(t, dt)
@@ -437,7 +455,8 @@ class Planet:
     def _spread_load(self, gw: SimGateway, t: float, dt: float) -> None:
         """Load picks (see the module doc), then every replica's queue advanced by `dt`.
 
-        A pick's slice never pushes a replica past ``FILL_UTILIZATION`` of its capacity while
+        A slice is at most ``SLICE_MAX_CAPACITY`` of the picked replica's capacity, and never
+        pushes a replica past ``FILL_UTILIZATION`` of its capacity while
         another eligible replica has room: per request, P2C sees a replica's queue grow within
         milliseconds and stops choosing it, which slices of a whole tick cannot show. Only when
         every eligible replica is full does load pile up (the region is overloaded)."""
@@ -463,7 +482,7 @@ class Planet:
             max_attempts = self.cfg.gateway.max_attempts
             detector = gw.pools.detector
             rng = gw.rng
-            for _ in range(k + len(cands)):
+            for _ in range(k + round(len(cands) / SLICE_MAX_CAPACITY)):
                 if left <= 0.0:
                     break
                 for _attempt in range(max_attempts):
@@ -472,16 +491,16 @@ class Planet:
                     q = queues[url]
                     if q.alive:
                         a = arrivals.get(url, 0.0)
-                        take = min(share, left)
+                        cap = q.capacity_per_s
+                        take = min(share, left, SLICE_MAX_CAPACITY * cap)
                         if len(full) < len(cands):
-                            room = FILL_UTILIZATION * q.capacity_per_s - a
+                            room = FILL_UTILIZATION * cap - a
                             if room < take:
                                 full.add(url)
                                 take = max(0.0, room)
                         a = arrivals[url] = a + take
                         left -= take
                         up.load.outstanding = q.in_flight_if(a, horizon_s)
-                        detector.record(up.state, Outcome.SUCCESS, up.pool.states, t)
                         break
                     full.add(url)
                     up.load.observe(requests.FAILURE_LATENCY_PENALTY_S, t)
@@ -494,12 +513,15 @@ class Planet:
                         arrivals[up.state.url] = arrivals.get(up.state.url, 0.0) + left / len(cands)
         tracker = gw.tracker
         gauss = self.rng.gauss
+        detector = gw.pools.detector
         for url, up in ups.items():
             q = queues[url]
             q.step(arrivals.get(url, 0.0), dt)
             in_flight = q.in_flight
             up.load.outstanding = in_flight
             if url in arrivals:
+                # the slices' answers, once per replica (successes only reset the failure streak)
+                detector.record(up.state, Outcome.SUCCESS, up.pool.states, t)
                 # what the concurrency-limit learner would see from the requests of this tick:
                 # in-flight levels around the mean (Poisson-like spread), each with the latency
                 # of one request at that level

@@ -7,8 +7,10 @@
 - one slow replica (service time x ``SLOW_FACTOR``) in the second-busiest region, for a while;
 - the busiest region (highest peak demand) lost whole (gateway and replicas) at its peak hour
   inside the window, restored ``REGION_LOSS_S`` later (a quarter of a short window);
-- a partition between the lost region's continent and the continent with the next-biggest
-  demand, cutting both ways, placed so it does not overlap the region loss.
+- a partition between two continents, cutting both ways, placed so it does not overlap the
+  region loss: the pair most clients cross between to reach their nearest region (clients
+  in one continent served in the other), else the lost region's continent and the one with the
+  next-biggest demand.
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ def peak_time_s(world: World, region: str, lo_s: float, hi_s: float) -> float:
     return best_t
 
 
+def crossing_pair(world: World) -> str | None:
+    """The two continents ("A|B", sorted) between which the most people cross to reach their
+    nearest region; None when every metro's nearest region is on its own continent."""
+    crossing: dict[tuple[str, str], float] = {}
+    for m in world.metros:
+        there = world.region(world.nearest[m.name]).continent
+        if there != m.continent:
+            key = tuple(sorted((m.continent, there)))
+            crossing[key] = crossing.get(key, 0.0) + m.population_m  # type: ignore[index]
+    if not crossing:
+        return None
+    a, b = max(crossing, key=lambda k: crossing[k])
+    return f"{a}|{b}"
+
+
 def plan_faults(world: World, start_s: float, duration_s: float, *, seed: int = 1) -> list[Fault]:
     rng = random.Random(seed + 7919)
     end_s = start_s + duration_s
@@ -91,9 +108,11 @@ def plan_faults(world: World, start_s: float, duration_s: float, *, seed: int = 
     faults.append(Fault(t_loss + loss_s, REGION_UP, lost, "restored"))
 
     # A partition between two continents, apart from the loss.
+    pair = crossing_pair(world)
     other = next((r for r in order if world.region(r).continent != lost_continent), None)
-    if other is not None:
+    if pair is None and other is not None:
         pair = f"{lost_continent}|{world.region(other).continent}"
+    if pair is not None:
         part_s = min(PARTITION_S, duration_s / 8.0)
         gap_s = duration_s / 16.0
         after = t_loss + loss_s + settle_s

@@ -5,10 +5,18 @@ figure is about real requests: shares, counts and weighted latency percentiles. 
 what the product's objects say about each region (utilization, expected queueing, spilling)
 and the flows of the requests, for the timeline and for the region-loss analysis.
 
-Steady state after an event: the served-region distribution of the lost region's home clients
-and the refused share, each averaged over ``STEADY_WINDOW_S``, stay within ``STEADY_SHARE_TOL``
-(L1 distance of the distributions / absolute refused share) of the values they settle to (the
-average over the last ``STEADY_REFERENCE_S`` before the next event) from that time on.
+Failover time after a region loss: until its home clients' failed share of every tick stays
+under ``FAILED_TOL`` (detection, GeoDNS, the clients' cached answers).
+
+Steady state after an event: where the lost region's home clients go (the share served by each
+region, refused, failed) and the refused share of all requests, each averaged over the
+``STEADY_WINDOW_S`` up to a time (so the answer includes up to one window), stay within
+``STEADY_SHARE_TOL`` (L1 distance) and ``STEADY_REFUSED_TOL`` (absolute) of the values they
+settle to: their average over ``STEADY_REFERENCE_S`` starting
+``STEADY_REFERENCE_AFTER_S`` after the event (or ending at the next event, if that comes
+sooner), so the slow diurnal drift of demand is not mistaken for the event's transient. The
+answer is the first time within tolerance after which at least ``STEADY_QUORUM`` of the windows
+are (sampled flows are noisy: one stray window must not push it to the end).
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ from loadtests.sim import requests as R
 from loadtests.sim import traffic
 
 S_PER_HOUR = 3600.0
-STEADY_WINDOW_S = 30.0
+STEADY_WINDOW_S = 60.0
+FAILED_TOL = 0.01  # failover is over when the home clients' failed share stays under this
 STEADY_REFERENCE_S = 300.0
-STEADY_SHARE_TOL = 0.1
-STEADY_REFUSED_TOL = 0.02
+STEADY_REFERENCE_AFTER_S = 600.0
+STEADY_QUORUM = 0.9
+STEADY_SHARE_TOL = 0.15
+STEADY_REFUSED_TOL = 0.03
 SATURATED_UTILIZATION = 1.0  # a region at or over its replicas' concurrency limits is saturated
 TIMELINE_BIN_S = 300.0  # the PNG's and sim.json's timeline resolution outside the loss window
 
@@ -85,6 +96,7 @@ class Metrics:
         self.loss_shed_at: dict[str, float] = defaultdict(float)
         self.partition_cross = 0.0
         self.partition_failed = 0.0
+        self.partition_cut_off = 0.0
         self.partition_total = 0.0
         self.healthy_nearest = [0.0, 0.0]  # ok weight served nearest / ok weight, outside any fault's effect
         # ticks
@@ -99,7 +111,7 @@ class Metrics:
         self.t_ok: list[float] = []
         self.t_lat: list[list[tuple[float, float]]] = []
         self._cur_served = np.zeros(len(self.regions))
-        self._cur_home = np.zeros(len(self.regions))
+        self._cur_home = np.zeros(len(self.regions) + 2)  # served by each region, refused, failed
         self._cur = [0.0, 0.0, 0.0, 0.0]  # refused, total, ok, ok in the nearest healthy region
         self.t_nearest: list[float] = []
         self._cur_lat: list[tuple[float, float]] = []
@@ -154,6 +166,8 @@ class Metrics:
             self.h_shed[req.priority][h] += w
             self.shed_by_priority[req.priority] += w
             self._cur[0] += w
+            if req.metro in self.home_of_lost:
+                self._cur_home[len(self.regions)] += w
             if in_loss:
                 self.loss_refused[req.priority] += w
                 self.loss_shed_at[s.region or s.entry] += w
@@ -164,11 +178,16 @@ class Metrics:
         else:
             key = "failed" if s.outcome == R.FAILED else "unreachable"
             (self.h_failed if s.outcome == R.FAILED else self.h_unreachable)[h] += w
+            if req.metro in self.home_of_lost:
+                self._cur_home[len(self.regions) + 1] += w
             self.failed_by_reason[_reason_class(key, s.reason)] += w
             if in_loss:
                 self.loss_failed += w
             if in_part:
                 self.partition_failed += w
+                if s.entry and self.partition and {planet.metro_continent[req.metro],
+                                                   planet.continent[s.entry]} == set(self.partition):
+                    self.partition_cut_off += w  # GeoDNS answered a region the client cannot reach
         # "no request routed to a dead region after detection"
         if s.known_down_tried:
             self._violation("peer_tried_after_withdrawn", w, f"{s.entry} -> {s.known_down_tried}")
@@ -226,7 +245,7 @@ class Metrics:
         self.t_nearest.append(self._cur[3])
         self.t_lat.append(self._cur_lat)
         self._cur_served = np.zeros(len(self.regions))
-        self._cur_home = np.zeros(len(self.regions))
+        self._cur_home = np.zeros(len(self.regions) + 2)
         self._cur = [0.0, 0.0, 0.0, 0.0]
         self._cur_lat = []
 
@@ -242,10 +261,11 @@ class Metrics:
 
     def steady_after_s(self, event_s: float, until_s: float, *, home: bool) -> float | None:
         """Seconds from `event_s` until the flows stay settled (module doc); None if they never do."""
-        idx = self._window(event_s, until_s)
+        ref_end = min(until_s, event_s + STEADY_REFERENCE_AFTER_S + STEADY_REFERENCE_S)
+        idx = self._window(event_s, ref_end)
         if not idx:
             return None
-        ref = self._window(max(event_s, until_s - STEADY_REFERENCE_S), until_s)
+        ref = self._window(max(event_s, ref_end - STEADY_REFERENCE_S), ref_end)
         served = np.array([self.t_home[i] if home else self.t_served[i] for i in idx])
         refused = np.array([self.t_refused[i] for i in idx])
         total = np.array([self.t_total[i] for i in idx])
@@ -260,15 +280,34 @@ class Metrics:
         ref_refused = refused[ri].sum() / max(total[ri].sum(), 1e-12)
         ok = []
         for t in times:
-            win = (times >= t - STEADY_WINDOW_S) & (times <= t)
+            win = (times > t - STEADY_WINDOW_S) & (times <= t)
             d = dist(served[win].sum(axis=0))
             rf = refused[win].sum() / max(total[win].sum(), 1e-12)
             ok.append(np.abs(d - ref_dist).sum() <= STEADY_SHARE_TOL and abs(rf - ref_refused) <= STEADY_REFUSED_TOL)
-        # the first time after which every window is within tolerance
-        last_bad = max((k for k, good in enumerate(ok) if not good), default=-1)
-        if last_bad == len(ok) - 1:
-            return None
-        return float(times[last_bad + 1] - event_s) if last_bad >= 0 else float(times[0] - event_s)
+        # the first time within tolerance after which (nearly) every window is: sampled flows
+        # are noisy, one stray window must not push the answer to the end
+        for k, good in enumerate(ok):
+            if good and sum(ok[k:]) >= STEADY_QUORUM * (len(ok) - k):
+                return float(times[k] - event_s)
+        return None
+
+    def failures_stop_after_s(self, event_s: float, until_s: float) -> float | None:
+        """Seconds from `event_s` until the lost region's home clients stop failing (their
+        failed or unreachable share of a tick stays under FAILED_TOL): detection, GeoDNS and the
+        clients' cached answers (TTL) all done."""
+        idx = self._window(event_s, until_s)
+        fail_col = len(self.regions) + 1
+        last_bad = None
+        for i in idx:
+            h = self.t_home[i]
+            total = h.sum()
+            if total > 0 and h[fail_col] / total > FAILED_TOL:
+                last_bad = i
+        if last_bad is None:
+            return 0.0
+        t, dt = self.t_rows[last_bad]
+        end = t + dt
+        return round(end - event_s, 1) if end < until_s else None
 
     def region_loss(self) -> dict:
         if not self.lost:
@@ -309,6 +348,7 @@ class Metrics:
                                           for p, _ in traffic.PRIORITY_MIX},
             "failed_requests": round(self.loss_failed),
             "requests_during": round(self.loss_total),
+            "failures_stop_after_loss_s": self.failures_stop_after_s(self.loss_s, self.restore_s),
             "steady_after_loss_s": self.steady_after_s(self.loss_s, self.restore_s, home=True),
             "steady_after_restore_s": self.steady_after_s(self.restore_s, after_restore_until, home=True),
         }
@@ -352,7 +392,8 @@ class Metrics:
                 "healed_at_s": round(self.partition_s[1] - self.start_s, 1),
                 "requests_during": round(self.partition_total),
                 "served_across_the_cut": round(self.partition_cross),
-                "failed_or_unreachable": round(self.partition_failed)}
+                "failed_or_unreachable": round(self.partition_failed),
+                "clients_cut_off_from_their_region": round(self.partition_cut_off)}
 
 
 def _offset(world, region: str) -> float:

@@ -95,10 +95,10 @@ class ReplicaQueue:
         changing the state): what a gateway would see as outstanding after sending that load."""
         if not self.alive:
             return 0.0
-        cap = self.capacity_per_s
+        svc = self.service_s * self.slowdown
+        cap = self.slots / svc
         backlog = min(cap * self.abandon_s, max(0.0, self.backlog + (arrival_per_s - cap) * dt_s))
         lam = min(arrival_per_s, RHO_STEADY_MAX * cap)
-        svc = self.effective_service_s
         wait_ss = 0.0
         if lam > 0.0:
             wait_ss = erlang_c(self.slots, lam * svc) / (cap - lam) * (1.0 + 1.0 / SERVICE_SHAPE) / 2.0

@@ -43,6 +43,11 @@ def _bins(m: Metrics, bin_s: float, lo: float, hi: float):
     return lo + np.arange(n) * bin_s, groups
 
 
+def _nanmax(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
 def write_png(m: Metrics, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     panels = 5 if m.lost else 4
@@ -98,7 +103,7 @@ def write_png(m: Metrics, path: Path) -> Path:
     top = sorted(peak, key=lambda r: -peak[r])[:TOP_REGIONS]
     for r in top:
         j = m.ri[r]
-        u = [np.nanmax([m.t_util[i][j] for i in g]) if g else math.nan for g in groups]
+        u = [_nanmax([m.t_util[i][j] for i in g]) for g in groups]
         ax.plot(x, u, lw=1, label=r)
     ax.axhline(1.0, color="black", lw=0.5, ls=":")
     ax.set_ylabel("utilization (max)")
@@ -106,19 +111,23 @@ def write_png(m: Metrics, path: Path) -> Path:
 
     if m.lost:
         ax = axes[4]
-        lo = m.loss_s - 300.0
-        hi = min(m.end_s, m.restore_s + 600.0)
+        lo = max(m.start_s, m.loss_s - 600.0)
+        hi = min(m.end_s, m.restore_s + 900.0)
         lstarts, lgroups = _bins(m, LOSS_BIN_S, lo, hi)
-        lx = (lstarts - m.start_s) / S_PER_HOUR
-        home = np.array([sum((m.t_home[i] for i in g), np.zeros(len(m.regions))) for g in lgroups])
+        keep = [k for k, g in enumerate(lgroups) if g]  # bins a tick started in (ticks are longer outside)
+        lx = (lstarts[keep] - m.start_s) / S_PER_HOUR
+        width = len(m.regions) + 2
+        home = np.array([sum((m.t_home[i] for i in lgroups[k]), np.zeros(width)) for k in keep]).reshape(-1, width)
         totals = home.sum(axis=1)
         shares = np.divide(home, totals[:, None], out=np.zeros_like(home), where=totals[:, None] > 0)
-        order = np.argsort(-shares.sum(axis=0))[:TOP_REGIONS]
-        ax.stackplot(lx, *(shares[:, j] for j in order), labels=[m.regions[j] for j in order])
+        names = [*m.regions, "refused (429)", "failed / unreachable"]
+        order = [j for j in np.argsort(-shares.sum(axis=0)) if shares[:, j].sum() > 0][:TOP_REGIONS + 2]
+        ax.stackplot(lx, *(shares[:, j] for j in order), labels=[names[j] for j in order], step="post")
         ax.set_ylim(0, 1.0)
         ax.set_ylabel("share")
-        ax.set_title(f"where {m.lost}'s home clients were served (10 s bins)", fontsize=9)
-        ax.legend(loc="lower left", fontsize=7, ncol=TOP_REGIONS)
+        ax.set_title(f"what happened to {m.lost}'s home clients' requests (lost {m.loss_s / S_PER_HOUR % 24:.1f}h "
+                     f"UTC, restored {m.restore_s / S_PER_HOUR % 24:.1f}h; 10 s bins)", fontsize=9)
+        ax.legend(loc="lower left", fontsize=7, ncol=4)
 
     for ax in axes:
         for f in m.faults:

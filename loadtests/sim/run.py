@@ -1,7 +1,8 @@
 """``geogate bench sim``: options -> world -> faults -> driver -> sim.json + sim.png.
 
-The decision-cost table (``cost``) runs first, on its own planets; then the day: a warm-up
-(not measured) and the window of ``hours`` from ``start_utc_h`` with the fault timeline.
+The world is built first (bad sizes fail at once); then the decision-cost table (``cost``), on
+its own planets; then the day: a warm-up (not measured) and the window of ``hours`` from
+``start_utc_h`` with the fault timeline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from loadtests.sim import faults as F
 from loadtests.sim.driver import Planet
 from loadtests.sim.metrics import TIMELINE_BIN_S, Metrics
 from loadtests.sim.report import write_png
-from loadtests.sim.world import build_world
+from loadtests.sim.world import DEFAULT_PEAK_UTILIZATION, build_world
 
 S_PER_HOUR = 3600.0
 HEALTHY_NEAREST_SHARE_MIN = 0.9  # the check on the share served in the nearest healthy region, when healthy
@@ -32,12 +33,14 @@ class SimOptions:
     hours: float = 24.0
     start_utc_h: float = 0.0
     seed: int = 1
-    samples_per_s: float = 10.0  # sampled requests per simulated second (at least one per metro and tick)
+    samples_per_s: float = 2.0  # sampled requests per simulated second (at least one per metro and tick)
     warmup_s: float = 300.0
-    fine_tick_s: float = 1.0
-    coarse_tick_s: float = 20.0
+    fine_tick_s: float = 3.0
+    mid_tick_s: float = 10.0
+    coarse_tick_s: float = 120.0
     fine_window_s: float = 300.0
     routing_mode: str = "local-first"
+    peak_utilization: float = DEFAULT_PEAK_UTILIZATION  # the busiest region's peak demand / capacity
     cost_sizes: tuple[int, ...] = C.DEFAULT_SIZES
     cost_decisions: int = C.DEFAULT_DECISIONS
     cost_modes: tuple[str, ...] = ("local-first", "nearest-to-client")
@@ -61,20 +64,20 @@ def run_sim(opts: SimOptions, out_dir: str | os.PathLike, *, progress=None) -> d
     say = progress or (lambda msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    say(f"building the world: {opts.regions} regions, ~{opts.replicas_per_region:g} replicas per region")
+    world = build_world(regions=opts.regions, replicas_per_region=opts.replicas_per_region, seed=opts.seed,
+                        mode=opts.routing_mode, peak_utilization=opts.peak_utilization)  # bad sizes fail here
     wall0 = time.perf_counter()
     cost = C.cost_table(opts.cost_sizes, decisions=opts.cost_decisions, modes=opts.cost_modes, seed=opts.seed,
                         progress=say) if opts.cost_sizes else {}
     cost_wall = time.perf_counter() - wall0
-
-    say(f"building the world: {opts.regions} regions, ~{opts.replicas_per_region:g} replicas per region")
-    world = build_world(regions=opts.regions, replicas_per_region=opts.replicas_per_region, seed=opts.seed,
-                        mode=opts.routing_mode)
     start_s = opts.start_utc_h * S_PER_HOUR
     duration_s = opts.hours * S_PER_HOUR
     faults = F.plan_faults(world, start_s, duration_s, seed=opts.seed) if opts.faults else []
     planet = Planet(world, start_s=start_s, duration_s=duration_s, faults=faults, seed=opts.seed,
                     samples_per_s=opts.samples_per_s, warmup_s=opts.warmup_s, fine_tick_s=opts.fine_tick_s,
-                    coarse_tick_s=opts.coarse_tick_s, fine_window_s=opts.fine_window_s, workdir=str(out))
+                    mid_tick_s=opts.mid_tick_s, coarse_tick_s=opts.coarse_tick_s, fine_window_s=opts.fine_window_s,
+                    workdir=str(out))
     metrics = Metrics(planet, start_s=start_s, duration_s=duration_s, faults=faults)
     planet.on_served = metrics.on_served
     planet.on_tick = _with_progress(metrics.on_tick, say, start_s, duration_s)
