@@ -95,6 +95,10 @@ def test_steady_state_and_fault_timeline(sim):
     assert 0 < loss["failures_stop_after_loss_s"] <= 60
     assert loss["steady_after_loss_s"] is not None and 0 <= loss["steady_after_loss_s"] < loss["duration_s"]
     assert loss["steady_after_restore_s"] is not None
+    slow = result["slow_replica"]
+    assert slow["share"]["during"] < slow["share"]["before"] / 2  # P2C steered away from the slow replica
+    assert slow["share"]["after"] > slow["share"]["during"]
+    assert result["replica_failures"]["count"] >= 2
     part = result["partition"]
     assert part["served_across_the_cut"] == 0  # after detection nothing crosses; before it, nothing got through
 

@@ -115,7 +115,12 @@ class Metrics:
         self._cur = [0.0, 0.0, 0.0, 0.0]  # refused, total, ok, ok in the nearest healthy region
         self.t_nearest: list[float] = []
         self._cur_lat: list[tuple[float, float]] = []
-        self.detect: dict[str, float] = {}
+        slow = next((f for f in faults if f.kind == F.REPLICA_SLOW), None)
+        normal = next((f for f in faults if f.kind == F.REPLICA_NORMAL), None)
+        self.slow_url = slow.target if slow else ""
+        self.slow_span = (slow.t_s, normal.t_s if normal else math.inf) if slow else (math.inf, math.inf)
+        self.slow_share = {"before": [0.0, 0.0], "during": [0.0, 0.0], "after": [0.0, 0.0]}  # [share x s, s]
+        self.retried = 0.0
 
     # ------------------------------------------------------------------ per request
 
@@ -159,6 +164,8 @@ class Metrics:
                     self.loss_served[s.region] += w
             if s.region != s.entry:
                 self.h_cross[h] += w
+            if s.attempts > 1:
+                self.retried += w
             if in_part and self.partition and {planet.continent[s.entry], planet.continent[s.region]} == \
                     set(self.partition):
                 self.partition_cross += w
@@ -231,6 +238,13 @@ class Metrics:
                 util.append(math.nan)
                 queue.append(math.nan)
                 spill.append(False)
+        if self.slow_url:
+            region = planet.replica_region[self.slow_url]
+            if planet.alive[region] and planet.arrival[region] > 0:
+                phase = "before" if t < self.slow_span[0] else "during" if t < self.slow_span[1] else "after"
+                acc = self.slow_share[phase]
+                acc[0] += planet.queues[self.slow_url].arrival_per_s / planet.arrival[region] * dt
+                acc[1] += dt
         self.t_rows.append((t, dt))
         self.t_util.append(util)
         self.t_queue.append(queue)
@@ -384,6 +398,20 @@ class Metrics:
         return {"decisions": len(a), "median_us": round(float(np.median(a)), 2),
                 "p90_us": round(float(np.percentile(a, 90)), 2), "p99_us": round(float(np.percentile(a, 99)), 2),
                 "mean_us": round(float(a.mean()), 2)}
+
+    def slow_replica(self) -> dict:
+        """The slow replica's share of its region's requests before, during and after (P2C
+        steers away from it by its latency), next to its share of the region's capacity."""
+        if not self.slow_url:
+            return {}
+        planet = self.planet
+        region = planet.replica_region[self.slow_url]
+        spec = next(s for s in planet.world.replicas[region] if s.url == self.slow_url)
+        cap_share = spec.capacity_per_s / planet.world.capacity_per_s(region)
+        return {"url": self.slow_url, "region": region, "replicas_in_region": len(planet.world.replicas[region]),
+                "capacity_share": round(cap_share, 4),
+                "slow_capacity_share": round(cap_share / F.SLOW_FACTOR, 4),
+                "share": {k: (round(v[0] / v[1], 4) if v[1] else None) for k, v in self.slow_share.items()}}
 
     def partition_figures(self) -> dict:
         if not self.partition:
