@@ -38,6 +38,7 @@ import logging
 import math
 import random
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -294,7 +295,7 @@ class Planet:
     # ------------------------------------------------------------------ gateway (region) probes
 
     def _probe_start(self, key: tuple[str, str], after_s: float) -> float:
-        phase = (hash(key) % 1000) / 1000.0 * self.region_interval_s
+        phase = (zlib.crc32("|".join(key).encode()) % 1000) / 1000.0 * self.region_interval_s  # stable across runs
         k = math.floor((after_s - phase) / self.region_interval_s) + 1
         return phase + k * self.region_interval_s
 
