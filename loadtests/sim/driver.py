@@ -58,7 +58,7 @@ from loadtests.sim.world import MODEL, World
 
 MS_PER_S = 1000.0
 FLOW_SMOOTHING_S = 5.0  # time constant of a region's arrival rate as measured by the samples
-SUMMARY_REFRESH_S = 5.0  # peers' summaries (healthy fraction, load) are re-read this often
+SUMMARY_REFRESH_S = 1.0  # peers' summaries (healthy fraction, load) are re-read this often (every tick, in practice)
 LEVEL_OBSERVATIONS = 2  # concurrency-limit learner samples per busy replica per tick
 READY = {MODEL: {"1"}}
 REPLICA_PROBE_RTT_S = 0.001

@@ -26,7 +26,7 @@ FIGURE_WIDTH_IN = 13
 PANEL_HEIGHT_IN = 2.3
 DPI = 100
 TOP_REGIONS = 6
-LOSS_BIN_S = 10.0
+LOSS_BIN_S = 30.0
 S_PER_HOUR = 3600.0
 FAULT_COLORS = {F.REGION_DOWN: "tab:red", F.REGION_UP: "tab:green", F.PARTITION: "tab:purple",
                 F.HEAL: "tab:purple", F.REPLICA_SLOW: "tab:orange", F.REPLICA_NORMAL: "tab:orange",
@@ -126,7 +126,7 @@ def write_png(m: Metrics, path: Path) -> Path:
         ax.set_ylim(0, 1.0)
         ax.set_ylabel("share")
         ax.set_title(f"what happened to {m.lost}'s home clients' requests (lost {m.loss_s / S_PER_HOUR % 24:.1f}h "
-                     f"UTC, restored {m.restore_s / S_PER_HOUR % 24:.1f}h; 10 s bins)", fontsize=9)
+                     f"UTC, restored {m.restore_s / S_PER_HOUR % 24:.1f}h; 30 s bins)", fontsize=9)
         ax.legend(loc="lower left", fontsize=7, ncol=4)
 
     for ax in axes:

@@ -36,7 +36,7 @@ class SimOptions:
     samples_per_s: float = 2.0  # sampled requests per simulated second (at least one per metro and tick)
     warmup_s: float = 300.0
     fine_tick_s: float = 3.0
-    mid_tick_s: float = 10.0
+    mid_tick_s: float = 3.0
     coarse_tick_s: float = 120.0
     fine_window_s: float = 300.0
     routing_mode: str = "local-first"
