@@ -23,6 +23,7 @@ Counters per class and outcome feed ``geogate_admission_decisions``.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -247,6 +248,15 @@ class OverloadGuard:
     take them), or the region is spilling its load-aware share (``LoadSpill.fraction``) of
     requests it would otherwise have admitted. A region with no routable replica at all is not
     "overloaded": health-based failover (the router) moves its traffic, and nothing is shed.
+
+    Where spilled requests go: every peer that would answer sooner (``LoadSpill.spill_targets``),
+    drawn by its spare in-flight capacity, and the load-aware share is capped at what those peers
+    have room for (their spare in-flight over this region's in-flight). Found by the planet
+    simulation (loadtests/sim): sending the whole spilled share to the single best-looking peer
+    let a big region (and several at once) bury a small idle peer, which then spilled in turn; the
+    loss of the busiest region at 80% peak load cascaded over twenty regions. Peers that do not
+    advertise ``concurrency_limit`` (older gateways) get the previous behaviour: the best one,
+    uncapped.
     """
 
     def __init__(self, controller: AdmissionController, tracker, spill, peers=None, *,
@@ -261,6 +271,9 @@ class OverloadGuard:
         self.no_capacity = False
         self._best = None  # load_spill.PeerLoad that would answer sooner, or None
         self._best_reason = "no peer region"
+        self._targets: tuple = ()  # peers spilled requests may go to (load_spill.PeerLoad)
+        self._cum_spare: list[float] = []  # their cumulative spare in-flight (weights of the draw)
+        self._cap = 1.0  # share of local requests the targets have room for
 
     @property
     def default_priority(self) -> str:
@@ -284,16 +297,33 @@ class OverloadGuard:
             self.spill.reason = "no peer region to spill to"
             return
         self.spill.update(self.queue_ms, now_s)
-        peer, why = self.spill.best_peer(list(self.peers_fn()))
+        peers = list(self.peers_fn())
+        peer, why = self.spill.best_peer(peers)
         self._best, self._best_reason = peer, why
+        targets = [p for p in self.spill.spill_targets(peers) if p.spare_in_flight > 0]
+        if peer is None or not targets or any(math.isinf(p.spare_in_flight) for p in targets):
+            self._targets, self._cum_spare, self._cap = ((peer,) if peer is not None else ()), [], 1.0
+            return
+        acc = 0.0
+        self._cum_spare = [acc := acc + p.spare_in_flight for p in targets]
+        self._targets = tuple(targets)
+        local_in_flight = self.utilization * load.get("concurrency_limit", 0)
+        self._cap = min(1.0, acc / local_in_flight) if local_in_flight > 0 else 1.0
+
+    def _target(self) -> str:
+        """A spill target, drawn by spare capacity (one random draw; only when spilling is possible)."""
+        targets = self._targets
+        if len(targets) == 1:
+            return targets[0].region
+        x = self.spill.rng.random() * self._cum_spare[-1]
+        return targets[min(len(targets) - 1, bisect.bisect_right(self._cum_spare, x))].region
 
     def check(self, priority: str, *, may_spill: bool = True) -> AdmissionDecision:
         """`may_spill`: False for requests that must be served here (they came from a peer)."""
-        best = self._best if may_spill else None
-        peer = best.region if best is not None else ""
+        peer = self._target() if may_spill and self._targets else ""
         d = self.controller.decide(priority, self.utilization, self.queue_ms, peer_available=bool(peer), peer=peer)
         if d.outcome == OUTCOME_ADMIT and peer and self.spill.spilling:
-            f = self.spill.fraction
+            f = min(self.spill.fraction, self._cap)
             if f >= 1.0 or (f > 0.0 and self.spill.rng.random() < f):
                 # under the class's bound, but the local queue is past the spill bound and a
                 # peer answers sooner: load-aware geo-routing sends this share there
@@ -305,6 +335,7 @@ class OverloadGuard:
 
     def spill_state(self) -> dict:
         return {"spilling": self.spill.spilling, "fraction": round(self.spill.fraction, 4),
+                "targets": [p.region for p in self._targets], "capped_at": round(self._cap, 4),
                 "reason": self.spill.reason, "peer": self._best.region if self._best is not None else "",
                 "peer_reason": self._best_reason, "local_expected_queue_ms": round(self.queue_ms, 3),
                 "utilization": round(self.utilization, 4), "no_local_capacity": self.no_capacity}

@@ -1,13 +1,18 @@
 """Capacity model of a region's replica pools, and the replica count each pool should have.
 
 Per replica, a **concurrency limit**: configured (``[capacity] replica_concurrency_limit``) or
-learned from where its latency knee is. Learning (Vegas / gradient style): keep the replica's
-minimum latency (a windowed minimum, so it can rise again after a model change) and an EWMA
-of latency per in-flight level. By Little's law a replica with c parallel slots answers
-n > c concurrent requests in about n/c times its base latency, so each level estimates
-``c ~ n * min_latency / latency(n)``; once some level's latency is past ``latency_knee_factor``
-x the minimum (the knee is seen), the limit is the largest such estimate. Before the knee is
-seen the limit is the highest level observed without slowing down (at least the initial limit).
+learned from where its latency knee is. Learning (Vegas / gradient style): keep an EWMA of
+latency per in-flight level, and the replica's base latency: the lowest of those averages
+among the levels seen in the last two ``MIN_LATENCY_WINDOW_S`` (so it can rise again after a
+model change; the windowed minimum of single samples until a level has enough of them). An
+average, not the fastest single sample: when service times vary (batching, input sizes, CV
+~0.3), the fastest sample is far below what an unqueued request takes and every level looked
+past the knee (a 16-slot replica at half load learned a limit of 4). By Little's law a
+replica with c parallel slots answers n > c concurrent requests in about n/c times its base
+latency, so each level estimates ``c ~ n * base_latency / latency(n)``; once some level's
+latency is past ``latency_knee_factor`` x the base (the knee is seen), the limit is the largest
+such estimate. Before the knee is seen the limit is the highest level observed without slowing
+down (at least the initial limit).
 
 Per pool: in-flight (the gateway's outstanding requests to the pool's replicas), the sum of
 the routable replicas' limits, **utilization** = in-flight / sum(limits), requests queued
@@ -54,7 +59,7 @@ from gateway.config import CapacitySection
 log = logging.getLogger("geogate.gateway.capacity")
 
 MS_PER_S = 1000.0
-MIN_LATENCY_WINDOW_S = 30.0  # the minimum latency is the minimum over this window (and the previous one)
+MIN_LATENCY_WINDOW_S = 30.0  # base latency: levels seen in this window and the previous one
 LEVEL_EWMA_ALPHA = 0.2  # weight of a new latency sample in its in-flight level's average
 LEVEL_MIN_SAMPLES = 5  # a level's average is trusted after this many samples
 SERVICE_EWMA_ALPHA = 0.1  # weight of a new sample in the unqueued service-time average
@@ -69,8 +74,8 @@ CAPACITY_PATH = "/geogate/v1/capacity"
 class ConcurrencyLimit:
     """One replica's concurrency limit, configured or learned from its latency knee."""
 
-    __slots__ = ("_last_limit", "_levels", "_min_cur_s", "_min_prev_s", "_window_start_s", "configured",
-                 "initial", "knee_factor", "max_limit", "service_s")
+    __slots__ = ("_last_limit", "_last_s", "_levels", "_min_cur_s", "_min_prev_s", "_window_start_s",
+                 "configured", "initial", "knee_factor", "max_limit", "service_s")
 
     def __init__(self, *, configured: int = 0, initial: int = 8, max_limit: int = 256,
                  knee_factor: float = 2.0) -> None:
@@ -78,7 +83,8 @@ class ConcurrencyLimit:
         self.initial = max(1, initial)
         self.max_limit = max(1, max_limit)
         self.knee_factor = knee_factor
-        self._levels: dict[int, list[float]] = {}  # in-flight level -> [ewma_s, samples]
+        self._levels: dict[int, list[float]] = {}  # in-flight level -> [ewma_s, samples, last seen s]
+        self._last_s = 0.0  # time of the latest observation
         self._min_cur_s = math.inf
         self._min_prev_s = math.inf
         self._window_start_s: float | None = None
@@ -97,13 +103,15 @@ class ConcurrencyLimit:
             self._min_prev_s, self._min_cur_s = self._min_cur_s, math.inf
             self._window_start_s = now_s
         self._min_cur_s = min(self._min_cur_s, latency_s)
+        self._last_s = now_s
         level = min(in_flight, MAX_TRACKED_LEVEL)
         entry = self._levels.get(level)
         if entry is None:
-            self._levels[level] = [latency_s, 1]
+            self._levels[level] = [latency_s, 1, now_s]
         else:
             entry[0] += LEVEL_EWMA_ALPHA * (latency_s - entry[0])
             entry[1] += 1
+            entry[2] = now_s
         if in_flight <= self._last_limit:
             self.service_s = latency_s if self.service_s == 0 else \
                 self.service_s + SERVICE_EWMA_ALPHA * (latency_s - self.service_s)
@@ -114,19 +122,30 @@ class ConcurrencyLimit:
         return 0.0 if m == math.inf else m
 
     @property
+    def base_latency_s(self) -> float:
+        """Latency without queueing: the lowest trusted level average of the last two windows
+        (the windowed minimum of single samples while no level is trusted yet)."""
+        since = self._last_s - 2 * MIN_LATENCY_WINDOW_S
+        base = math.inf
+        for ewma_s, n, seen_s in self._levels.values():
+            if n >= LEVEL_MIN_SAMPLES and seen_s >= since and ewma_s < base:
+                base = ewma_s
+        return self.min_latency_s if base == math.inf else base
+
+    @property
     def service_estimate_s(self) -> float:
         """Service time of an unqueued request: the EWMA at or under the limit, or (a replica
         that has only ever been seen over its limit) its minimum latency."""
         return self.service_s if self.service_s > 0 else self.min_latency_s
 
     def _learned(self) -> tuple[int, str]:
-        base_s = self.min_latency_s
+        base_s = self.base_latency_s
         if base_s <= 0:
             return self.initial, f"initial {self.initial} (no latency measured yet)"
         knee_level = 0
         estimate = 0.0
         best_ok = 0
-        for level, (ewma_s, n) in self._levels.items():
+        for level, (ewma_s, n, _) in self._levels.items():
             if n < LEVEL_MIN_SAMPLES:
                 continue
             if ewma_s > self.knee_factor * base_s:
@@ -136,11 +155,11 @@ class ConcurrencyLimit:
             estimate = max(estimate, level * base_s / ewma_s)
         if knee_level:
             limit = max(1, min(self.max_limit, round(estimate)))
-            return limit, (f"learned {limit}: latency passes {self.knee_factor:g}x the minimum "
+            return limit, (f"learned {limit}: latency passes {self.knee_factor:g}x the base "
                            f"{base_s * MS_PER_S:.1f} ms at in-flight {knee_level}")
         limit = max(self.initial, min(self.max_limit, best_ok))
         return limit, (f"learning: {limit} (no latency knee seen up to in-flight {best_ok}, "
-                       f"minimum {base_s * MS_PER_S:.1f} ms)")
+                       f"base {base_s * MS_PER_S:.1f} ms)")
 
     @property
     def limit(self) -> int:
@@ -267,6 +286,10 @@ class PoolCapacity:
         self.in_flight_ewma = 0.0
         self.desired = DesiredReplicas.from_section(sec)
         self.recommendation: Recommendation | None = None
+        # The pool's load as of the last sample: the recommendation, the gauges and the region
+        # load (peers, admission) all read it, so each replica's limit is learned once per
+        # sample, not once per reader (a 1,000-replica pool took 33 ms per sample, 13% of a core).
+        self._load: PoolLoad | None = None
 
     def limit_of(self, url: str) -> ConcurrencyLimit:
         lim = self.limits.get(url)
@@ -290,8 +313,14 @@ class PoolCapacity:
         self.samples.append((now_s, self.in_flight))
         while self.samples and self.samples[0][0] < now_s - self.sec.in_flight_window_s:
             self.samples.popleft()
+        self._load = None
 
-    def load(self) -> PoolLoad:
+    def load(self, *, explain: bool = False) -> PoolLoad:
+        """The pool's load as of the last sample (computed once per sample). `explain`: also
+        why each replica has its limit (``limits``; the snapshot's readers want it, the
+        sampler does not), computed afresh."""
+        if not explain and self._load is not None:
+            return self._load
         urls = self.routable
         lims = [self.limit_of(u) for u in urls]
         limit_total = sum(lim.limit for lim in lims)
@@ -302,10 +331,13 @@ class PoolCapacity:
             self.sec.replica_concurrency_limit or self.sec.initial_concurrency_limit)
         now_n = max(self.in_flight_ewma, 0.0)
         util = now_n / limit_total if limit_total else (math.inf if now_n > 0 else 0.0)
-        return PoolLoad(self.name, len(urls), self.in_flight, avg, limit_total, per, util,
+        load = PoolLoad(self.name, len(urls), self.in_flight, avg, limit_total, per, util,
                         max(0, self.in_flight - limit_total), service_s * MS_PER_S,
                         expected_queue_ms(now_n, limit_total, service_s),
-                        {u: lim.explain() for u, lim in zip(urls, lims, strict=True)})
+                        {u: lim.explain() for u, lim in zip(urls, lims, strict=True)} if explain else {})
+        if not explain:
+            self._load = load
+        return load
 
     def recommend(self, current: int, now_s: float) -> Recommendation:
         load = self.load()
@@ -376,7 +408,7 @@ class CapacityTracker:
         pools = {}
         for name, p in self.pools.items():
             rec = p.recommendation
-            pools[name] = {**p.load().as_dict(), "members": self.members.get(name, 0),
+            pools[name] = {**p.load(explain=True).as_dict(), "members": self.members.get(name, 0),
                            "desired_replicas": rec.desired if rec else None,
                            "want_replicas": rec.want if rec else None,
                            "reason": rec.reason if rec else "no sample yet"}

@@ -25,7 +25,6 @@ from gateway.router import Router
 from gateway.upstream_types import Reply
 from health.outcomes import Outcome
 from health.replica_state import ReplicaState
-from health.selection import healthy_fraction
 
 log = logging.getLogger("geogate.gateway")
 
@@ -141,7 +140,7 @@ class GatewayState:
         """Healthy fraction of this region's replicas (0 while draining: send everything away)."""
         if self.draining:
             return 0.0
-        return healthy_fraction(self.pools.all_states())
+        return self.pools.healthy_fraction(time.monotonic())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,21 +182,10 @@ class GatewayState:
     # ------------------------------------------------------------------ callbacks
 
     def _on_health_change(self, state: ReplicaState) -> None:
-        self.pools.invalidate()
+        # Eligibility recomputed; a replica back from the dead starts with a clean latency
+        # record and without its old ejection (RegionPools.replica_health_changed).
+        self.pools.replica_health_changed(state)
         self.metrics.health(state.pool, state.url, state.healthy)
-        if state.healthy:
-            # A replica that (re)joins starts with a clean latency record: penalties from
-            # before it died must not keep it idle for long after it is back.
-            for pool in self.pools.pools:
-                up = pool.upstream_of(state)
-                if up is not None:
-                    up.load.reset()
-            # Envoy's successful_active_health_check_uneject_host: a replica that was down and
-            # now passes its health checks again (restarted) is not kept out by an ejection
-            # its old failures earned.
-            if state.ejected_until_s:
-                state.ejected_until_s = 0.0
-                state.eject_reason = ""
         log.info("replica %s is now %s%s", state.url, "healthy" if state.healthy else "unhealthy",
                  "" if state.healthy else f" ({state.health_reason})")
 

@@ -1,9 +1,9 @@
 """Load-aware spill: send a request to a peer region when waiting here would take longer.
 
 Peers advertise their load in the region summary (``GET /geogate/v1/region``), in the
-``load`` object: ``utilization`` (in-flight / sum of replica concurrency limits) and
-``expected_queue_ms`` (expected queueing delay of a new request; -1 when the region has no
-capacity at all). ``peer_load_from_summary`` reads them.
+``load`` object: ``utilization`` (in-flight / sum of replica concurrency limits),
+``concurrency_limit`` (that sum) and ``expected_queue_ms`` (expected queueing delay of a new
+request; -1 when the region has no capacity at all). ``peer_load_from_summary`` reads them.
 
 The decision, per gateway (``LoadSpill.update`` on the sampling timer, ``LoadSpill.choose``
 per request)::
@@ -18,6 +18,9 @@ per request)::
     peer choice      the peer with the lowest rtt_ms + expected_queue_ms, only if that is below
                      the local expected queueing (while spilling: at least B) and the peer is
                      ready and under PEER_MAX_UTILIZATION (it has capacity); none: stay local
+    spill targets    every such peer, each with its spare in-flight (concurrency_limit x
+                     (PEER_MAX_UTILIZATION - utilization)): OverloadGuard spreads spilled requests
+                     over them by spare capacity and never spills more than they have room for
 
 Why the fraction ramps down instead of dropping to 0 when the local queue falls: the local
 queue is low *because* requests are being spilled. Dropping to 0 at once would bring the whole
@@ -51,10 +54,18 @@ class PeerLoad:
     utilization: float
     ready: bool = True
     age_s: float = 0.0
+    concurrency_limit: int = 0  # the peer's sum of replica limits; 0: not advertised (older gateway)
 
     @property
     def cost_ms(self) -> float:
         return self.rtt_ms + self.expected_queue_ms
+
+    @property
+    def spare_in_flight(self) -> float:
+        """Requests the peer could take in flight before its limits (inf: not advertised)."""
+        if self.concurrency_limit <= 0:
+            return math.inf
+        return max(0.0, (PEER_MAX_UTILIZATION - self.utilization) * self.concurrency_limit)
 
     def unusable(self) -> str:
         if not self.ready:
@@ -74,7 +85,8 @@ def peer_load_from_summary(summary: dict, rtt_ms: float, *, age_s: float = 0.0) 
     q_ms = math.inf if q is None or q < 0 else float(q)
     return PeerLoad(region=str(summary.get("region", "")), rtt_ms=float(rtt_ms), expected_queue_ms=q_ms,
                     utilization=float(load.get("utilization", 0.0) or 0.0),
-                    ready=bool(summary.get("ready", False)), age_s=age_s)
+                    ready=bool(summary.get("ready", False)), age_s=age_s,
+                    concurrency_limit=int(load.get("concurrency_limit", 0) or 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,26 +158,35 @@ class LoadSpill:
         """The usable peer with the lowest rtt + queueing below what waiting here costs. While
         spilling, waiting here counts as at least the spill bound: the local queue is short
         *because* of the spill, and the region is known to be past the bound without it."""
+        sooner, skipped, local = self._sooner(peers, local_queue_ms)
+        best = min(sooner, key=lambda p: p.cost_ms, default=None)
+        if best is None:
+            return None, "no peer region would answer sooner" + (f" ({'; '.join(skipped)})" if skipped else "")
+        return best, (f"region {best.region!r} answers sooner: rtt {best.rtt_ms:.0f} ms + queueing "
+                      f"{best.expected_queue_ms:.0f} ms < {local:.0f} ms here")
+
+    def spill_targets(self, peers: Sequence[PeerLoad], local_queue_ms: float | None = None) -> list[PeerLoad]:
+        """Every usable peer that would answer sooner than waiting here (``best_peer``'s
+        candidates): where spilled requests may go."""
+        return self._sooner(peers, local_queue_ms)[0]
+
+    def _sooner(self, peers: Sequence[PeerLoad],
+                local_queue_ms: float | None) -> tuple[list[PeerLoad], list[str], float]:
         local = self.local_queue_ms if local_queue_ms is None else local_queue_ms
         if self.spilling:
             local = max(local, self.enter_ms)
-        best: PeerLoad | None = None
+        sooner: list[PeerLoad] = []
         skipped: list[str] = []
         for p in peers:
             why = p.unusable()
             if why:
                 skipped.append(f"{p.region}: {why}")
-                continue
-            if p.cost_ms >= local:
+            elif p.cost_ms >= local:
                 skipped.append(f"{p.region}: rtt {p.rtt_ms:.0f} ms + queueing {p.expected_queue_ms:.0f} ms "
                                f"is not sooner than {local:.0f} ms here")
-                continue
-            if best is None or p.cost_ms < best.cost_ms:
-                best = p
-        if best is None:
-            return None, "no peer region would answer sooner" + (f" ({'; '.join(skipped)})" if skipped else "")
-        return best, (f"region {best.region!r} answers sooner: rtt {best.rtt_ms:.0f} ms + queueing "
-                      f"{best.expected_queue_ms:.0f} ms < {local:.0f} ms here")
+            else:
+                sooner.append(p)
+        return sooner, skipped, local
 
     def choose(self, peers: Sequence[PeerLoad]) -> SpillChoice:
         """Per request: the peer to send this one to, or None (local)."""

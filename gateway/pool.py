@@ -30,14 +30,18 @@ from gateway.upstream_http import HttpUpstream, make_session
 from health.active import ActiveHealthChecker
 from health.outlier import OutlierDetector
 from health.replica_state import ReplicaState
-from health.selection import eligible
+from health.selection import eligible, healthy_fraction
 
 log = logging.getLogger("geogate.gateway.pool")
 
 SRV_PREFIX = "dns+srv://"
 DRAIN_POLL_S = 0.2
-CANDIDATES_TTL_S = 0.05
+CANDIDATES_TTL_S = 0.05  # model_known answers are reused this long
+# Eligibility (candidates, healthy fraction) is cached until a health, ejection or membership
+# change invalidates it or the first ejection in the region expires; and never longer than this.
+CANDIDATES_MAX_AGE_S = 1.0
 CANDIDATES_CACHE_MAX = 1024
+HEALTHY_FRACTION_KEY = ("healthy fraction",)
 
 
 class PooledReplica(ReplicaState):
@@ -198,20 +202,40 @@ class RegionPools:
     def __init__(self, cfg: Config, region: RegionSection, *,
                  on_health_change: Callable[[ReplicaState], None] | None = None,
                  on_eject: Callable[[ReplicaState], None] | None = None,
-                 on_member_change: Callable[[Upstream, bool], None] | None = None) -> None:
+                 on_member_change: Callable[[Upstream, bool], None] | None = None,
+                 client_factory: Callable[[ReplicaState], Any] | None = None) -> None:
         self.cfg = cfg
+        # Makes each replica's client; None: HTTP session / gRPC channel (`make_client`). The
+        # simulation (loadtests.sim) passes its own: no sockets for a planet of replicas.
+        self._client_factory = client_factory
         self.region = region
         self.gw: GatewaySection = cfg.gateway
         self.panic_threshold = cfg.health.panic_threshold
-        self.checker = ActiveHealthChecker(cfg.health, on_change=on_health_change)
-        self.detector = OutlierDetector(cfg.health, on_eject=on_eject)
+        self.checker = ActiveHealthChecker(cfg.health, on_change=self._health_hook(on_health_change))
+        self.detector = OutlierDetector(cfg.health, on_eject=self._eject_hook(on_eject))
         self._on_member_change = on_member_change
         self.session: aiohttp.ClientSession | None = None
         self.pools = [ReplicaPool(p, region.name, self) for p in region.pools]
         self._cache: dict[tuple, tuple[float, Candidates]] = {}
         self.load_signals: LoadSignals | None = None  # while pools with metrics_scrape exist
 
+    def _health_hook(self, on_health_change):
+        """Every health flip drops cached eligibility, whoever else listens."""
+        def changed(state: ReplicaState):
+            self.invalidate()
+            return on_health_change(state) if on_health_change is not None else None
+        return changed
+
+    def _eject_hook(self, on_eject):
+        def ejected(state: ReplicaState) -> None:
+            self.invalidate()
+            if on_eject is not None:
+                on_eject(state)
+        return ejected
+
     def make_client(self, state: ReplicaState):
+        if self._client_factory is not None:
+            return self._client_factory(state)
         if state.scheme == "http":
             assert self.session is not None
             return HttpUpstream(state.address, self.session,
@@ -261,15 +285,32 @@ class RegionPools:
     def all_states(self) -> list[ReplicaState]:
         return [s for p in self.pools for s in p.states]
 
+    def replica_health_changed(self, state: ReplicaState) -> None:
+        """A replica's active health flipped (or its ready versions changed): eligibility is
+        recomputed; a replica that is healthy again starts with a clean latency record and,
+        like Envoy's successful_active_health_check_uneject_host, without the ejection its
+        old failures earned (it was restarted)."""
+        self.invalidate()
+        if not state.healthy:
+            return
+        for pool in self.pools:
+            up = pool.upstream_of(state)
+            if up is not None:
+                up.load.reset()
+        if state.ejected_until_s:
+            state.ejected_until_s = 0.0
+            state.eject_reason = ""
+
     def invalidate(self) -> None:
         """Forget cached eligibility (health, ejection or membership changed)."""
         self._cache.clear()
 
     def candidates(self, model: str, version: str | None, scheme: str, now_s: float) -> Candidates:
         """Eligible replicas over every pool of the region, those speaking the client's protocol
-        first (bytes pass through; the others need translation). Cached for CANDIDATES_TTL_S
-        and dropped on every health, ejection or membership change, so the hot path does not
-        walk the pool per request; ejections that simply expire are seen within the TTL."""
+        first (bytes pass through; the others need translation). Cached until a health,
+        ejection or membership change drops it, or the first ejection in the region expires
+        (the only change that comes by itself), at most CANDIDATES_MAX_AGE_S: the hot path
+        does not walk the pool per request, nor every few milliseconds."""
         key = (model, version, scheme)
         hit = self._cache.get(key)
         if hit is not None and now_s < hit[0]:
@@ -277,8 +318,26 @@ class RegionPools:
         cands = self._candidates(model, version, scheme, now_s)
         if len(self._cache) > CANDIDATES_CACHE_MAX:
             self._cache.clear()
-        self._cache[key] = (now_s + CANDIDATES_TTL_S, cands)
+        self._cache[key] = (self._valid_until(now_s), cands)
         return cands
+
+    def healthy_fraction(self, now_s: float) -> float:
+        """Routable replicas / replicas not draining over the region (``health.selection``),
+        cached like `candidates`."""
+        hit = self._cache.get(HEALTHY_FRACTION_KEY)
+        if hit is not None and now_s < hit[0]:
+            return hit[1]  # type: ignore[return-value]
+        fraction = healthy_fraction(self.all_states(), now_s)
+        self._cache[HEALTHY_FRACTION_KEY] = (self._valid_until(now_s), fraction)  # type: ignore[assignment]
+        return fraction
+
+    def _valid_until(self, now_s: float) -> float:
+        until = now_s + CANDIDATES_MAX_AGE_S
+        for pool in self.pools:
+            for st in pool.states:
+                if now_s < st.ejected_until_s < until:
+                    until = st.ejected_until_s
+        return until
 
     def _candidates(self, model: str, version: str | None, scheme: str, now_s: float) -> Candidates:
         same: list[Upstream] = []

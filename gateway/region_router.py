@@ -25,11 +25,23 @@ from gateway.config import Config
 from gateway.router import TARGET_LOCAL, TARGET_PEER, Target
 from geo.client_locator import ClientLocator, Location
 from geo.region_health import RegionHealthMonitor
-from geo.region_order import MODE_LOCAL_FIRST, MODE_NEAREST_TO_CLIENT, FailbackHold, order_regions, spill_shares
+from geo.region_order import (
+    MODE_NEAREST_TO_CLIENT,
+    FailbackHold,
+    client_distance_order,
+    order_regions,
+    spill_shares,
+)
 
-# Region order and shares are recomputed at most this often for local-first routing (they
-# depend only on health and RTT, which change on the probe cadence, not per request).
+# Health (healthy fractions through the failback hold, RTTs) is re-read at most this often, and
+# a plan (region order and shares) is reused for that long: they change on the probe cadence,
+# not per request.
 PLAN_CACHE_S = 0.05
+# nearest-to-client: plans kept per client location within one health snapshot, and region
+# orders by distance kept per client location across snapshots (they depend on the location
+# only); both are dropped whole when full. Client locations are city-granular (GeoIP records).
+CLIENT_PLANS_MAX = 4096
+CLIENT_ORDERS_MAX = 65536
 
 
 class RegionPlan:
@@ -70,8 +82,11 @@ class MultiRegionRouter:
         self._targets = {r.name: (Target(TARGET_LOCAL, r.name) if r.name == local_region
                                   else Target(TARGET_PEER, r.name, r.http))
                          for r in cfg.regions}
-        self._cached: RegionPlan | None = None
-        self._cached_at = -1.0
+        self._snapshot: tuple[dict[str, bool], dict[str, float], dict[str, float]] | None = None
+        self._snapshot_at = -1.0
+        self._cached: RegionPlan | None = None  # the plan without a client location, this snapshot
+        self._client_plans: dict[tuple, RegionPlan] = {}  # per client location, this snapshot
+        self._client_orders: dict[tuple, list[str]] = {}  # per client location, distance order (no ties)
 
     # ------------------------------------------------------------ state
 
@@ -84,20 +99,48 @@ class MultiRegionRouter:
                     fractions[name] = state.healthy_fraction()
         return fractions
 
-    def plan(self, client: Location | None = None) -> RegionPlan:
-        now = self._clock()
-        cacheable = self.mode == MODE_LOCAL_FIRST or client is None
-        if cacheable and self._cached is not None and now - self._cached_at < PLAN_CACHE_S:
-            return self._cached
+    def _health(self, now: float) -> tuple[dict[str, bool], dict[str, float], dict[str, float]]:
+        """(healthy after the failback hold, effective healthy fraction, RTT) per region, re-read
+        at most every PLAN_CACHE_S; a new snapshot drops the plans made from the old one."""
+        if self._snapshot is not None and now - self._snapshot_at < PLAN_CACHE_S:
+            return self._snapshot
         fractions = self.region_fractions()
         healthy = {name: self.hold.observe(name, h > 0.0, now) for name, h in fractions.items()}
         effective = {name: (h if healthy[name] else 0.0) for name, h in fractions.items()}
         rtt = self.peers.rtt_s() if self.peers is not None else {}
         rtt[self.local_region] = 0.0
-        ordered = order_regions(self.local_region, self.cfg.regions, client=client, rtt_s=rtt, mode=self.mode)
-        plan = RegionPlan(ordered, spill_shares(ordered, effective, self.factor), healthy)
-        if cacheable:
-            self._cached, self._cached_at = plan, now
+        self._snapshot, self._snapshot_at = (healthy, effective, rtt), now
+        self._cached = None
+        self._client_plans.clear()
+        return self._snapshot
+
+    def plan(self, client: Location | None = None) -> RegionPlan:
+        healthy, effective, rtt = self._health(self._clock())
+        if self.mode != MODE_NEAREST_TO_CLIENT or client is None:
+            if self._cached is None:
+                ordered = order_regions(self.local_region, self.cfg.regions, client=client, rtt_s=rtt,
+                                        mode=self.mode)
+                self._cached = RegionPlan(ordered, spill_shares(ordered, effective, self.factor), healthy)
+            return self._cached
+        # nearest-to-client: one plan per client location and snapshot; the sort by distance
+        # only once per location (order_regions again only where two regions tie on distance)
+        key = (client.region, client.lat, client.lon)
+        plan = self._client_plans.get(key)
+        if plan is None:
+            ordered = self._client_orders.get(key)
+            if ordered is None:
+                ordered, ties = client_distance_order(self.cfg.regions, client)
+                if ties:
+                    ordered = order_regions(self.local_region, self.cfg.regions, client=client, rtt_s=rtt,
+                                            mode=self.mode)
+                else:
+                    if len(self._client_orders) >= CLIENT_ORDERS_MAX:
+                        self._client_orders.clear()
+                    self._client_orders[key] = ordered
+            plan = RegionPlan(ordered, spill_shares(ordered, effective, self.factor), healthy)
+            if len(self._client_plans) >= CLIENT_PLANS_MAX:
+                self._client_plans.clear()
+            self._client_plans[key] = plan
         return plan
 
     # ------------------------------------------------------------ per request

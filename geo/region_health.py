@@ -98,7 +98,7 @@ class RegionHealthMonitor:
 
     def __init__(self, regions: Sequence[Any], *, interval_ms: int, timeout_ms: int, fall: int, rise: int,
                  fetch_summary: bool = True, on_change: Callable[[RegionHealth], None] | None = None,
-                 ssl_context: Any = None):
+                 ssl_context: Any = None, clock: Callable[[], float] = time.monotonic):
         if ssl_context is None:  # a gateway worker's [tls.peers] (gateway.tls), if it set one
             from gateway.tls import peer_tls
 
@@ -113,6 +113,7 @@ class RegionHealthMonitor:
         self.rise = rise
         self.fetch_summary = fetch_summary
         self.on_change = on_change
+        self._clock = clock  # stamps probe results (the simulation passes its own clock)
         self.states: dict[str, RegionHealth] = {
             r.name: RegionHealth(r.name, f"{scheme}://{r.http}") for r in regions}
         self._tasks: list[asyncio.Task[None]] = []
@@ -234,8 +235,17 @@ class RegionHealthMonitor:
             log.debug("region %s: summary unavailable: %s", state.name, _describe_error(exc, self.timeout_ms))
             return None
 
+    def record_probe(self, name: str, ok: bool, reason: str = "", rtt_s: float = 0.0,
+                     summary: dict[str, Any] | None = None) -> None:
+        """Account one probe of region `name` made by other means (loadtests.sim probes on a
+        simulated network): the summary it fetched, if any, then the rise/fall rule."""
+        state = self.states[name]
+        if ok and summary is not None:
+            state.summary = summary
+        self._record(state, ok, reason, rtt_s)
+
     def _record(self, state: RegionHealth, ok: bool, reason: str, rtt_s: float) -> None:
-        now = time.monotonic()
+        now = self._clock()
         state.probes += 1
         state.last_probe_s = now
         was = state.healthy

@@ -8,6 +8,7 @@ just recovered out of rotation until it has stayed healthy for a while (no flapp
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +61,16 @@ def order_regions(local: str, regions: Sequence[Any], *, client: Location | None
 
     ordered = sorted(others, key=local_key)
     return ([local] if home is not None else []) + [r.name for r in ordered]
+
+
+def client_distance_order(regions: Sequence[Any], client: Location) -> tuple[list[str], bool]:
+    """The part of ``nearest-to-client`` ordering that depends on the client's location alone:
+    region names by (not the client's CIDR-table region, great-circle distance), and whether two
+    regions tie on that key (only then does the measured RTT, the last key, change the order)."""
+    here = (client.lat, client.lon)
+    keyed = sorted(((r.name != client.region, great_circle_km(here, _location(r))), r.name) for r in regions)
+    ties = any(a[0] == b[0] for a, b in itertools.pairwise(keyed))
+    return [name for _, name in keyed], ties
 
 
 def spill_shares(ordered: Sequence[str], healthy_fraction: Mapping[str, float],

@@ -305,7 +305,14 @@ class ActiveHealthChecker:
     async def _apply(self, state: ReplicaState, result: ProbeResult) -> None:
         if state.url not in self._states:
             return  # removed while the probe was in flight
-        now = time.monotonic()
+        if self.record(state, result, time.monotonic()):
+            await self._notify(state)
+
+    def record(self, state: ReplicaState, result: ProbeResult, now_s: float) -> bool:
+        """Apply one probe's result at `now_s` (the rise/fall rule above); returns whether
+        `on_change` is due (health flipped or the ready versions changed). The probe loop calls
+        it; so does the planet-scale simulation (loadtests.sim), on its own clock."""
+        now = now_s
         state.last_probe_s = now
         was_healthy = state.healthy
         old_versions = (state.ready_versions_known, state.ready_versions)
@@ -339,8 +346,7 @@ class ActiveHealthChecker:
                 log.info("replica %s is healthy (pool %r)", state.url, state.pool)
             else:
                 log.warning("replica %s is unhealthy (pool %r): %s", state.url, state.pool, state.health_reason)
-        if flipped or old_versions != (state.ready_versions_known, state.ready_versions):
-            await self._notify(state)
+        return flipped or old_versions != (state.ready_versions_known, state.ready_versions)
 
     async def _notify(self, state: ReplicaState) -> None:
         if self._on_change is None:

@@ -7,9 +7,12 @@
     geogate bench scenario soak --duration 600 --out DIR
     geogate bench list
     geogate bench table loadtests/results        # figures of the runs, as a Markdown table
+    geogate bench sim [--regions N] [--replicas-per-region M] [--hours H] --out DIR   # planet, simulated
 
 Each run writes DIR/results.json and DIR/report.png and prints a summary. Traffic goes to
-127.0.0.1 only; every run stops by itself after --duration.
+127.0.0.1 only; every run stops by itself after --duration. `sim` starts no process and sends no
+traffic: the product's routing and health code runs in-process on a simulated clock
+(loadtests/sim) and writes DIR/sim.json and DIR/sim.png.
 """
 
 from __future__ import annotations
@@ -56,6 +59,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="seconds of load, for scenarios without a fixed timeline (soak)")
     _common(scen)
 
+    sim = sub.add_parser("sim", help="planet-scale simulation driven by the product's routing code",
+                         description="Simulate a day of a planet of regions and replicas: the product's routing, "
+                                     "health, spill, capacity and admission code decides every request on a "
+                                     "simulated clock (no sockets). Writes DIR/sim.json and DIR/sim.png.")
+    sim.add_argument("--regions", type=int, default=24, help="cloud regions at real cities, 2..30 (default 24)")
+    sim.add_argument("--replicas-per-region", type=float, default=42.0,
+                     help="replicas per region on average, placed by peak demand (default 42: ~1,000 in all)")
+    sim.add_argument("--hours", type=float, default=24.0, help="simulated hours (default 24)")
+    sim.add_argument("--start-utc", type=float, default=0.0, help="UTC hour the window starts at (default 0)")
+    sim.add_argument("--seed", type=int, default=1, help="random seed (default 1): same seed, same run")
+    sim.add_argument("--samples-per-s", type=float, default=2.0,
+                     help="sampled requests per simulated second, each standing for many real ones (default 2; "
+                          "at least one per metro and tick)")
+    sim.add_argument("--routing-mode", choices=("local-first", "nearest-to-client"), default="local-first",
+                     help="[routing] mode of the simulated gateways (default local-first)")
+    sim.add_argument("--cost-sizes", default="10,100,1000,10000",
+                     help='fleet sizes of the decision-cost table, comma-separated; "" skips it '
+                          '(default 10,100,1000,10000)')
+    sim.add_argument("--cost-decisions", type=int, default=40000,
+                     help="decisions measured per fleet size and routing mode (default 40000)")
+    sim.add_argument("--no-faults", action="store_true", help="a healthy day: no fault timeline")
+    sim.add_argument("--out", default=DEFAULT_OUT, help=f"output directory for sim.json and sim.png "
+                                                        f"(default {DEFAULT_OUT})")
+    sim.add_argument("--no-progress", action="store_true", help="no progress lines")
+
     sub.add_parser("list", help="list the scenarios")
     table = sub.add_parser("table", help="the figures table (Markdown) of scenario runs",
                            description="Print the figures of scenario runs (DIR/results.json or DIR/*/results.json).")
@@ -74,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_load(args)
     if cmd == "scenario":
         return _run_scenario(args)
+    if cmd == "sim":
+        return _run_sim(args)
     if cmd == "list":
         return _list()
     if cmd == "table":
@@ -81,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(build_table([Path(d) for d in args.dirs]))
         return 0
-    print("geogate bench: choose load, scenario, list or table (see --help)", file=sys.stderr)
+    print("geogate bench: choose load, scenario, sim, list or table (see --help)", file=sys.stderr)
     return 2
 
 
@@ -155,6 +185,33 @@ def _run_scenario(args: argparse.Namespace) -> int:
     print(f"scenario {outcome.name}: {'PASSED' if outcome.passed else 'FAILED'}")
     print(f"results: {outcome.results_path}\nreport:  {outcome.report_path}")
     return 0 if outcome.passed else 1
+
+
+def _run_sim(args: argparse.Namespace) -> int:
+    from loadtests.sim.run import SimOptions, run_sim
+    from loadtests.sim.summary import print_summary
+
+    try:
+        sizes = tuple(int(s) for s in args.cost_sizes.split(",") if s.strip())
+    except ValueError:
+        print(f"geogate bench sim: --cost-sizes must be integers separated by commas, got {args.cost_sizes!r}",
+              file=sys.stderr)
+        return 2
+    opts = SimOptions(regions=args.regions, replicas_per_region=args.replicas_per_region, hours=args.hours,
+                      start_utc_h=args.start_utc, seed=args.seed, samples_per_s=args.samples_per_s,
+                      routing_mode=args.routing_mode, cost_sizes=sizes, cost_decisions=args.cost_decisions,
+                      faults=not args.no_faults)
+    progress = None if args.no_progress else (lambda msg: print(f"[sim] {msg}", file=sys.stderr, flush=True))
+    try:
+        result = run_sim(opts, args.out, progress=progress)
+    except ValueError as exc:
+        print(f"geogate bench sim: {exc}", file=sys.stderr)
+        return 2
+    print_summary(result)
+    out = Path(args.out)
+    print(f"results: {out / 'sim.json'}\nreport:  {out / 'sim.png'}")
+    checks = {k: c for k, c in result["checks"].items() if k != "decision_cost_flat"}  # that one is a goal
+    return 0 if all(c["ok"] for c in checks.values()) else 1
 
 
 def check_label(c) -> str:

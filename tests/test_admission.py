@@ -261,3 +261,50 @@ def test_forwarder_admission_step():
     local, a, b = Target(TARGET_LOCAL, "eu-west"), Target(TARGET_PEER, "us-east"), Target(TARGET_PEER, "ap-south")
     assert spill_first((local, b, a), "us-east") == (a, local, b)
     assert spill_first((local, b), "us-east") == (local, b)
+
+
+# ---------------------------------------------------------------- spill targets (loadtests/sim)
+# Found by the planet simulation: the whole spilled share went to the single best-looking peer,
+# whatever its size; a big region (and several at once) buried a small idle peer, which spilled
+# in turn, and the loss of the busiest region at 80% peak load cascaded over twenty regions.
+
+
+def test_spilled_requests_spread_over_the_peers_by_spare_capacity():
+    from gateway.load_spill import PeerLoad
+
+    clock = [0.0]
+    big = PeerLoad("us-east", 30.0, 0.0, 0.5, concurrency_limit=400)  # 200 spare
+    small = PeerLoad("eu-central", 20.0, 0.0, 0.5, concurrency_limit=40)  # 20 spare, and closer
+    guard, tracker, url = _guard(clock, peers=[big, small])
+    _load(guard, tracker, clock, url, 6)
+    assert guard.spill.spilling and guard.spill_state()["targets"] == ["us-east", "eu-central"]
+    sent = [guard.check("standard").peer for _ in range(4000)]
+    assert set(sent) == {"us-east", "eu-central"}
+    assert abs(sent.count("eu-central") / 4000 - 20 / 220) < 0.02  # by room, not by who looks best
+    assert guard.spill_state()["peer"] == "eu-central"  # still named as the soonest
+
+
+def test_the_load_aware_share_is_capped_by_the_peers_room():
+    from gateway.load_spill import PeerLoad
+
+    clock = [0.0]
+    # local: 6 in flight; the only peer has room for 1 more (limit 2 at 50%)
+    guard, tracker, url = _guard(clock, peers=[PeerLoad("us-east", 30.0, 0.0, 0.5, concurrency_limit=2)],
+                                 standard_max_queue_ms=5000.0, standard_max_utilization=8.0)
+    _load(guard, tracker, clock, url, 6)
+    assert guard.spill.spilling and guard.spill.fraction == 1.0
+    assert math.isclose(guard.spill_state()["capped_at"], 1 / 6, rel_tol=0.05)
+    outcomes = [guard.check("standard").outcome for _ in range(3000)]
+    assert abs(outcomes.count("spilled") / 3000 - 1 / 6) < 0.03  # not all of it: the peer has room for 1
+
+
+def test_peers_without_an_advertised_limit_keep_the_best_peer_uncapped():
+    from gateway.load_spill import PeerLoad
+
+    clock = [0.0]
+    guard, tracker, url = _guard(clock, peers=[PeerLoad("us-east", 30.0, 0.0, 0.5),
+                                               PeerLoad("ap-south", 90.0, 0.0, 0.1)],
+                                 standard_max_queue_ms=5000.0, standard_max_utilization=8.0)
+    _load(guard, tracker, clock, url, 6)
+    assert guard.spill_state()["targets"] == ["us-east"] and guard.spill_state()["capped_at"] == 1.0
+    assert {guard.check("standard").peer for _ in range(200)} == {"us-east"}

@@ -156,3 +156,72 @@ def test_workers_scale_the_in_flight_each_worker_sees():
     load = t.pools["p"].load()
     assert load.in_flight == 6 and math.isclose(load.utilization, 1.5)
     assert t.snapshot()["pools"]["p"]["desired_replicas"] == 3  # ceil(6 / (0.7 * 4))
+
+
+def test_each_replica_limit_is_learned_once_per_sample(monkeypatch):
+    """Found by the planet simulation (loadtests/sim): the recommendation, the gauges and the
+    region load each recomputed every replica's learned limit and its explanation string, 33 ms
+    per sample for a 1,162-replica pool; now once per sample, explanations only for the snapshot."""
+    calls = [0]
+    learned = ConcurrencyLimit._learned
+
+    def counting(self):
+        calls[0] += 1
+        return learned(self)
+
+    monkeypatch.setattr(ConcurrencyLimit, "_learned", counting)
+    t = CapacityTracker(CapacitySection(), region="r", registry=CollectorRegistry())
+    urls = [f"grpc://127.0.0.1:{i}" for i in range(1, 41)]
+    for u in urls:
+        feed_replica(t.pool("p").limit_of(u), 4, 0.01, range(1, 13), n=6)
+    t.sample([("p", dict.fromkeys(urls, 3), urls, len(urls))], now_s=1.0)
+    t.region_load()
+    t.pool_loads()
+    assert calls[0] == len(urls)  # recommendation + gauges + region load: one learning pass
+    snap = t.snapshot()
+    assert snap["pools"]["p"]["limits"][urls[0]].startswith("learned 4")  # the snapshot still explains
+    assert snap["pools"]["p"]["concurrency_limit"] == 4 * len(urls)
+    t.sample([("p", dict.fromkeys(urls, 30), urls, len(urls))], now_s=1.25)
+    assert t.region_load()["utilization"] > 1.0  # a new sample is a new load
+
+
+def feed_noisy(lim: ConcurrencyLimit, slots: int, service_s: float, mean_level: float, *, n: int = 6000,
+               shape: float = 9.0, now_s: float = 0.0, seed: int = 1) -> float:
+    """Requests at in-flight levels around `mean_level`, service times gamma(shape) (cv^2 = 1/shape)."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(n):
+        now_s += 0.005
+        level = max(1, round(mean_level + math.sqrt(mean_level) * rng.gauss(0.0, 1.0)))
+        lim.observe(rng.gammavariate(shape, service_s / shape) * max(1.0, level / slots), level, now_s)
+    return now_s
+
+
+def test_varying_service_times_do_not_fake_a_knee():
+    """Found by the planet simulation (loadtests/sim): with service times varying by a third
+    (cv 0.33), the fastest single sample is ~5 ms for a 30 ms service, every level's average
+    was 'past 2x the minimum', and a 16-slot replica at half load learned a limit of 4
+    (utilization x4: sheddable traffic refused at a quarter of the real capacity)."""
+    lim = ConcurrencyLimit(initial=8)
+    feed_noisy(lim, 16, 0.030, 8.0)
+    assert lim.limit >= 14, lim.explain()  # the highest level seen, no knee: nothing slowed down
+    assert "no latency knee" in lim.explain()
+
+
+def test_the_knee_is_still_found_with_varying_service_times():
+    lim = ConcurrencyLimit(initial=2)
+    now = 0.0
+    for level in range(1, 13):
+        now = feed_noisy(lim, 4, 0.010, level, n=400, now_s=now, seed=level)
+    assert 3 <= lim.limit <= 5, lim.explain()
+    assert "latency passes 2x the base" in lim.explain()
+
+
+def test_the_base_latency_rises_again_after_the_replica_slows_down():
+    lim = ConcurrencyLimit(initial=8)
+    now = feed_noisy(lim, 16, 0.020, 8.0, n=4000)
+    fast = lim.base_latency_s
+    feed_noisy(lim, 16, 0.040, 8.0, n=20000, now_s=now, seed=2)  # a slower model: 100 s of it
+    assert lim.base_latency_s > 1.6 * fast
+    assert lim.limit >= 12, lim.explain()  # slower, not saturated: no knee

@@ -169,3 +169,14 @@ def test_failback_hold_apply_and_unknown_regions():
     assert hold.apply({"a": True, "b": False}) == {"a": True, "b": False}
     assert hold.apply({"a": True, "b": True}) == {"a": True, "b": False}  # was healthy once: held
     assert hold.apply({"a": True, "b": True}) == {"a": True, "b": True}  # b healthy since 2.1: held 0.6 s > 0.5 s
+
+
+def test_client_distance_order_matches_order_regions_and_reports_ties(regions):
+    from geo.region_order import client_distance_order
+
+    for client in (Location(48.86, 2.35), Location(35.68, 139.69), Location(47.6, -122.3, region="ap-south")):
+        ordered, ties = client_distance_order(regions, client)
+        assert not ties
+        assert ordered == order_regions("", regions, client=client, rtt_s={}, mode="nearest-to-client")
+    twins = parse_config(CONFIG + '[[regions]]\nname = "us-east-2"\nlocation = [38.9, -77.0]\n').regions
+    assert client_distance_order(twins, Location(40.0, -75.0))[1]  # two regions at one place tie

@@ -222,3 +222,18 @@ def test_while_spilling_a_peer_under_the_bound_stays_the_target():
     not_spilling = make(clock)
     not_spilling.update(0.0)
     assert not_spilling.best_peer([PeerLoad("us-east", 1.0, 0.0, 0.0)])[0] is None
+
+
+def test_peer_spare_capacity_from_the_summary_and_spill_targets():
+    p = peer_load_from_summary({"region": "us-east", "ready": True,
+                                "load": {"utilization": 0.25, "expected_queue_ms": 0.0, "concurrency_limit": 80}}, 40.0)
+    assert p.concurrency_limit == 80 and p.spare_in_flight == 60.0
+    assert math.isinf(PeerLoad("old", 1.0, 0.0, 0.2).spare_in_flight)  # an older gateway: not advertised
+    assert PeerLoad("full", 1.0, 0.0, 1.3, concurrency_limit=10).spare_in_flight == 0.0
+    clock = [0.0]
+    s = make(clock)
+    s.update(300.0)
+    peers = [p, PeerLoad("ap-south", 150.0, 0.0, 0.1), PeerLoad("busy", 1.0, 0.0, 1.2),
+             PeerLoad("far", 400.0, 0.0, 0.1)]
+    assert [t.region for t in s.spill_targets(peers)] == ["us-east", "ap-south"]  # ready, room, sooner
+    assert s.best_peer(peers)[0].region == "us-east"

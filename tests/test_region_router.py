@@ -5,6 +5,7 @@ from collections import Counter
 
 from gateway.config import parse_config
 from gateway.region_router import MultiRegionRouter
+from geo.client_locator import Location
 from geo.region_health import RegionHealth
 
 CONFIG = """
@@ -112,3 +113,71 @@ def test_nothing_healthy_still_tries_every_region():
     for s in peers.states.values():
         s.healthy = False
     assert sorted(t.region for t in router.targets("demo", None, 0)) == ["ap-south", "eu-west", "us-east"]
+
+
+# ---------------------------------------------------------------- nearest-to-client plans
+# Found by the planet simulation (loadtests/sim): in nearest-to-client mode every request used
+# to re-read every region's health (a walk over all local replicas) and sort every region by
+# distance; the plan is now made once per client location and health snapshot.
+
+
+def make_nearest(local_fraction):
+    clock = Clock()
+    calls = [0]
+
+    def fraction():
+        calls[0] += 1
+        return local_fraction[0]
+
+    cfg = parse_config(CONFIG.replace("[routing]", '[routing]\nmode = "nearest-to-client"'))
+    router = MultiRegionRouter(cfg, "eu-west", local_fraction=fraction, peers=Peers(), rng=random.Random(7),
+                               clock=clock)
+    return router, clock, calls, cfg
+
+
+CLIENTS = [Location(48.86, 2.35), Location(40.71, -74.01), Location(1.35, 103.82), Location(35.68, 139.69),
+           Location(-33.87, 151.21), Location(19.43, -99.13)]
+
+
+def test_nearest_to_client_reads_health_once_per_snapshot_not_per_request():
+    from gateway.region_router import PLAN_CACHE_S
+
+    router, clock, calls, _ = make_nearest([1.0])
+    for _ in range(50):
+        for c in CLIENTS:
+            router.targets("demo", None, 0, client=c)
+    assert calls[0] == 1  # 300 requests, one health read
+    clock.t += 2 * PLAN_CACHE_S
+    router.targets("demo", None, 0, client=CLIENTS[0])
+    assert calls[0] == 2
+
+
+def test_nearest_to_client_order_is_order_regions_and_health_changes_show():
+    from gateway.region_router import PLAN_CACHE_S
+    from geo.region_order import order_regions
+
+    local = [1.0]
+    router, clock, _, cfg = make_nearest(local)
+    rtt = {"eu-west": 0.0, "us-east": 0.010, "ap-south": 0.050}
+    for c in [*CLIENTS, Location(53.35, -6.26, region="ap-south", source="cidr")]:
+        expected = order_regions("eu-west", cfg.regions, client=c, rtt_s=rtt, mode="nearest-to-client")
+        assert router.plan(c).ordered == expected
+        assert [t.region for t in router.targets("demo", None, 0, client=c)] == expected
+    paris = CLIENTS[0]
+    assert first_regions_for(router, paris) == {"eu-west": 2000}
+    local[0] = 0.0  # every local replica down: seen at the next snapshot, for cached clients too
+    clock.t += 2 * PLAN_CACHE_S
+    assert first_regions_for(router, paris) == {"us-east": 2000}
+
+
+def test_nearest_to_client_ties_on_distance_still_break_by_rtt():
+    router, _, _, cfg = make_nearest([1.0])
+    here = Location(0.0, 0.0)
+    twins = parse_config(CONFIG.replace('location = [19.08, 72.88]', 'location = [38.9, -77.0]')).regions
+    router.cfg = type(cfg)(regions=twins, routing=cfg.routing)  # us-east and ap-south at one place
+    order = router.plan(here).ordered
+    assert order.index("us-east") < order.index("ap-south")  # 10 ms beats 50 ms measured
+
+
+def first_regions_for(router, client, n=2000):
+    return Counter(router.targets("demo", None, 0, client=client)[0].region for _ in range(n))
