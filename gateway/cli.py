@@ -13,14 +13,14 @@ import sys
 
 # name -> (module, one-line help). Order is the order `geogate --help` lists them.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("gateway.world", "run the embedded local world (what `make run` runs)"),
-    "gateway": ("gateway.main", "run a region's gateway (KServe v2 over HTTP and gRPC)"),
-    "replica": ("replicas.server", "run an ONNX Runtime replica serving a Triton-layout repository"),
-    "demo-model": ("replicas.demo_model", "write the bundled demo model into a model repository"),
-    "sync": ("replicas.sync_agent", "run a site's sync agent (object store -> model repository)"),
+    "up": ("gateway.world.cli", "run the embedded local world (what `make run` runs)"),
+    "gateway": ("gateway.server.main", "run a region's gateway (KServe v2 over HTTP and gRPC)"),
+    "replica": ("replicas.server.main", "run an ONNX Runtime replica serving a Triton-layout repository"),
+    "demo-model": ("replicas.demo.onnx_model", "write the bundled demo model into a model repository"),
+    "sync": ("replicas.sync.agent", "run a site's sync agent (object store -> model repository)"),
     "dns": ("geo.dns_server", "run the health-aware GeoDNS responder"),
-    "models": ("replicas.models_cli", "operate model versions: push, list, promote, canary, rollback"),
-    "status": ("gateway.status_cli", "regions, replicas, versions and health at a glance"),
+    "models": ("replicas.releases.models_cli", "operate model versions: push, list, promote, canary, rollback"),
+    "status": ("gateway.admin.status_cli", "regions, replicas, versions and health at a glance"),
     "bench": ("loadtests.cli", "load generator and benchmark scenarios"),
 }
 

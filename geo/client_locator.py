@@ -64,7 +64,7 @@ def _parse_ip(text: str) -> IPAddress | None:
 
 class ClientLocator:
     """Locates clients by address.  ``regions``: objects with ``name``, ``location`` and
-    ``client_cidrs`` (``gateway.config.RegionSection``)."""
+    ``client_cidrs`` (``core.config.RegionSection``)."""
 
     def __init__(self, regions: Sequence[Any], *, mmdb_path: str = "",
                  trusted_proxies: Iterable[str] = ()):

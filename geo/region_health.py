@@ -94,13 +94,13 @@ def _describe_error(exc: BaseException, timeout_ms: int) -> str:
 
 class RegionHealthMonitor:
     """Probes every region's gateway; ``regions``: objects with ``name`` and ``http``
-    (``gateway.config.RegionSection``).  ``on_change(state)`` runs when a region flips."""
+    (``core.config.RegionSection``).  ``on_change(state)`` runs when a region flips."""
 
     def __init__(self, regions: Sequence[Any], *, interval_ms: int, timeout_ms: int, fall: int, rise: int,
                  fetch_summary: bool = True, on_change: Callable[[RegionHealth], None] | None = None,
                  ssl_context: Any = None, clock: Callable[[], float] = time.monotonic):
-        if ssl_context is None:  # a gateway worker's [tls.peers] (gateway.tls), if it set one
-            from gateway.tls import peer_tls
+        if ssl_context is None:  # a gateway worker's [tls.peers] (core.tls), if it set one
+            from core.tls import peer_tls
 
             tls = peer_tls()
             ssl_context = tls.ssl_context if tls is not None else None
@@ -122,11 +122,11 @@ class RegionHealthMonitor:
 
     @classmethod
     def from_config(cls, cfg: Any, **kw: Any) -> RegionHealthMonitor:
-        """A monitor with the ``[dns]`` check settings of a ``gateway.config.Config``."""
+        """A monitor with the ``[dns]`` check settings of a ``core.config.Config``."""
         d = cfg.dns
         tls_peers = getattr(getattr(cfg, "tls", None), "peers", None)
         if tls_peers is not None and tls_peers.enabled and "ssl_context" not in kw:
-            from gateway.tls import client_tls_from_section
+            from core.tls import client_tls_from_section
 
             kw["ssl_context"] = client_tls_from_section(cfg, tls_peers, "peers").ssl_context
         return cls(cfg.regions, interval_ms=d.check_interval_ms, timeout_ms=d.check_timeout_ms,

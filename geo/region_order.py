@@ -32,7 +32,7 @@ def order_regions(local: str, regions: Sequence[Any], *, client: Location | None
                   rtt_s: Mapping[str, float], mode: str) -> list[str]:
     """Region names in the order to try them.
 
-    ``regions``: objects with ``name`` and ``location`` (``gateway.config.RegionSection``),
+    ``regions``: objects with ``name`` and ``location`` (``core.config.RegionSection``),
     in configured order.  ``rtt_s``: measured round trip (EWMA of health probes) per region.
 
     - ``local-first``: ``local``, then the others by measured RTT (unmeasured ones last), ties

@@ -42,7 +42,7 @@ import orjson
 from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2
 
-from gateway.config import HealthSection
+from core.config import HealthSection
 from health.replica_state import ReplicaState
 
 log = logging.getLogger("geogate.health.active")
@@ -91,7 +91,7 @@ class _HttpProber:
     """Readiness + repository index over one keep-alive aiohttp session."""
 
     def __init__(self, address: str):
-        from gateway.tls import replica_tls  # [tls.upstream]: replicas serve TLS
+        from core.tls import replica_tls  # [tls.upstream]: replicas serve TLS
 
         tls = replica_tls()
         self.base = tls.http_base(address) if tls is not None else f"http://{address}"
@@ -142,7 +142,7 @@ class _GrpcProber:
     """grpc.health.v1 Check + RepositoryIndex over one grpc.aio channel."""
 
     def __init__(self, address: str, interval_ms: int):
-        from gateway.tls import replica_tls  # [tls.upstream]: replicas serve TLS
+        from core.tls import replica_tls  # [tls.upstream]: replicas serve TLS
 
         max_backoff_ms = max(GRPC_RECONNECT_MIN_MS, interval_ms)
         tls = replica_tls()

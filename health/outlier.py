@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from gateway.config import HealthSection
+from core.config import HealthSection
 from health.outcomes import Outcome
 from health.replica_state import ReplicaState
 

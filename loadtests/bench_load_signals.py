@@ -1,4 +1,4 @@
-"""Benchmark: does queue-depth scoring (gateway.load_signals) beat outstanding requests alone?
+"""Benchmark: does queue-depth scoring (gateway.upstream.load_signals) beat outstanding requests alone?
 
     python -m loadtests.bench_load_signals [--quick] [--duration-s S] [--rounds N]
 
@@ -13,7 +13,7 @@ algorithm, over aiohttp keep-alive connections to the Tritons' HTTP ports) or th
 - ``outstanding``: score = this balancer's outstanding requests;
 - ``queue``:       score = outstanding + the replica's scraped queue depth (``LoadSignals``,
                    stale data ignored), as the Gateway API inference extension's picker does;
-- ``peak-ewma``:   the gateway's cost without load signals (``gateway.balancer.LoadStats.cost``:
+- ``peak-ewma``:   the gateway's cost without load signals (``gateway.routing.balancer.LoadStats.cost``:
                    peak-EWMA latency x (outstanding + 1));
 - ``peak-ewma+queue``: the same ``LoadStats.cost`` with the scraper's readings written into it
                    (``on_sample``), exactly as the gateway does with ``metrics_scrape = true``:
@@ -49,11 +49,11 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from gateway.balancer import LoadStats
-from gateway.load_signals import LoadSignals, ReplicaLoad, ScrapeTarget, metrics_url_for
+from gateway.routing.balancer import LoadStats
+from gateway.upstream.load_signals import LoadSignals, ReplicaLoad, ScrapeTarget, metrics_url_for
 from loadtests.procs import GatewayProc, Proc, RegionConfig, free_port, http_ok
-from replicas.demo_model import reference_outputs
-from replicas.demo_python_backend import write_python_backend_entry
+from replicas.demo.onnx_model import reference_outputs
+from replicas.demo.python_backend import write_python_backend_entry
 
 TRITON_WRAPPER = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "tritonserver-geogate"
 READY_TIMEOUT_S = 90.0
@@ -141,7 +141,7 @@ class _State:
 
 
 class _Upstream:
-    """The shape of ``gateway.pool.Upstream`` that the balancer's cost functions read."""
+    """The shape of ``gateway.upstream.pool.Upstream`` that the balancer's cost functions read."""
 
     def __init__(self, url: str) -> None:
         self.state = _State(url)
@@ -158,7 +158,7 @@ class Balancer:
         self.mode = mode
         self.rng = rng
         if mode == "peak-ewma+queue":
-            signals.on_sample = self._on_sample  # what gateway.pool.RegionPools does
+            signals.on_sample = self._on_sample  # what gateway.upstream.pool.RegionPools does
 
     def _on_sample(self, load: ReplicaLoad, valid_until_s: float) -> None:
         up = self.ups.get(load.url)

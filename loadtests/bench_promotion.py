@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.procs when run as a file
 
-from replicas.demo_model import write_repository_entry
-from replicas.models_cli import push_version
-from replicas.releases import Releases
-from replicas.site_status import read_all_sites
+from replicas.demo.onnx_model import write_repository_entry
+from replicas.releases.models_cli import push_version
+from replicas.releases.records import Releases
+from replicas.releases.site_status import read_all_sites
 from replicas.store import open_store
 from tests.procs import Proc, ReplicaProc, free_port, geogate, port_open
 
@@ -47,7 +47,7 @@ def serves(replica: ReplicaProc, version: int) -> bool:
     import numpy as np
     import tritonclient.http as thttp
 
-    from replicas.demo_model import reference_outputs
+    from replicas.demo.onnx_model import reference_outputs
 
     x = np.random.default_rng().standard_normal((2, 16)).astype(np.float32)
     client = thttp.InferenceServerClient(replica.http_url)

@@ -177,7 +177,7 @@ class InProcessLimit:
     def __init__(self, model_path: Path, intra_op_threads: int = 1):
         import onnxruntime as ort
 
-        from replicas.onnx_runner import choose_providers, session_options
+        from replicas.server.onnx_runner import choose_providers, session_options
 
         self._session = ort.InferenceSession(str(model_path), sess_options=session_options(intra_op_threads),
                                              providers=choose_providers(True))
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from replicas.demo_model import write_repository_entry
+    from replicas.demo.onnx_model import write_repository_entry
 
     console = Console(width=180)
     points: list[Point] = []

@@ -1,6 +1,6 @@
 """Traffic spike on one region of two, with the local autoscaler: does capacity follow the load?
 
-Starts the local autoscaler (`python -m gateway.autoscaler`: its own unbound, `geogate replica`
+Starts the local autoscaler (`python -m gateway.world.autoscaler`: its own unbound, `geogate replica`
 processes for both regions' pools) and two regions' gateways (`geogate gateway`: capacity
 tracking, priority classes and load-aware spill are on by default). Open-loop KServe v2 HTTP
 traffic goes to eu-west at a rate that ramps up to a spike and back down, and to us-east at a
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 
 from loadtests.procs import Proc, free_port, http_ok
-from replicas.demo_model import write_repository_entry
+from replicas.demo.onnx_model import write_repository_entry
 
 SPIKED = "eu-west"
 STEADY = "us-east"
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     status_file = work / "autoscaler.json"
     procs: list[Proc] = []
     try:
-        procs.append(Proc([sys.executable, "-m", "gateway.autoscaler", "--config", str(config), "--status-file",
+        procs.append(Proc([sys.executable, "-m", "gateway.world.autoscaler", "--config", str(config), "--status-file",
                            str(status_file), "--workdir", str(work / "as"),
                            "--replica-test-delay-ms", str(args.replica_delay_ms)], name="autoscaler", log_dir=out))
         for region in REGIONS:

@@ -4,9 +4,9 @@
 
 Needs the `onnxruntime-gpu` package (with its `[cuda,cudnn]` extras) in place of `onnxruntime`
 (never both in one environment: PLATFORM-NOTES). Writes the heavy demo model
-(`replicas.demo_model.write_repository_entry(dir, 1, size="heavy")`) twice: once with
+(`replicas.demo.onnx_model.write_repository_entry(dir, 1, size="heavy")`) twice: once with
 ``instance_group [{ kind: KIND_GPU }]`` (the replica asks ORT for CUDA first) and once with
-``KIND_CPU`` (the replica's way to force the CPU: `replicas.model_config.wants_gpu`). For each,
+``KIND_CPU`` (the replica's way to force the CPU: `replicas.server.model_config.wants_gpu`). For each,
 a `geogate replica` is started and measured over gRPC:
 
 - batch-1 latency: one single-row request at a time (p50 / p99);
@@ -41,7 +41,7 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from loadtests.procs import ReplicaProc
-from replicas.demo_model import SPECS, reference_outputs, write_repository_entry
+from replicas.demo.onnx_model import SPECS, reference_outputs, write_repository_entry
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

@@ -13,9 +13,9 @@ failed or a worker's count is not the number of calls it really cut off.
 This is how the CANCELLED calls of issue 17 were found and measured: grpc-core answers
 CANCELLED for a call that reached a server after ``grpc_server_shutdown_and_notify`` but
 before the client read the GOAWAY, and for calls queued in core that the Python server had
-not asked for yet (grpc/grpc#41785). gateway/worker_drain.py says what the worker does about
+not asked for yet (grpc/grpc#41785). gateway/server/drain.py says what the worker does about
 it; ``--max-connection-age-ms 0`` turns that off (the worker cannot move its gRPC clients
-before its server stops) and shows the CANCELLED calls again. `tests/test_hardening_admin.py`
+before its server stops) and shows the CANCELLED calls again. `tests/e2e/test_hardening_admin.py`
 runs the same load, smaller.
 """
 
@@ -165,7 +165,7 @@ class World:
 
 
 def start_world(workdir: Path, *, workers: int, gateway_extra: dict | None = None) -> World:
-    from replicas.demo_model import write_repository_entry
+    from replicas.demo.onnx_model import write_repository_entry
 
     repo = workdir / "repo"
     write_repository_entry(repo, 1)

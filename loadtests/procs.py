@@ -310,7 +310,7 @@ def infer_region(http_address: str, model: str = "demo", timeout_s: float = 5.0)
 
 def infer_headers(http_address: str, model: str = "demo", timeout_s: float = 5.0) -> dict[str, str]:
     """One JSON inference through a gateway: its `geogate-*` answer headers ({} on failure)."""
-    from replicas.demo_model import SPECS
+    from replicas.demo.onnx_model import SPECS
 
     width = next(s.layer_widths[0] for s in SPECS.values() if s.model_name == model)
     body = {"inputs": [{"name": "INPUT0", "shape": [1, width], "datatype": "FP32", "data": [0.5] * width}]}

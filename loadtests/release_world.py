@@ -67,7 +67,7 @@ class ReleaseWorld:
     def start(self, *, gateways: list[str]) -> None:
         """Sites up and serving v1 (installed by their sync agents), the `gateways` started, v2
         pushed (not promoted)."""
-        from replicas.demo_model import write_repository_entry
+        from replicas.demo.onnx_model import write_repository_entry
 
         ctx = self.ctx
         self.source = ctx.work_dir / "source"
@@ -95,8 +95,8 @@ class ReleaseWorld:
         ctx.start_gateways(self.regions, config=self.config, start=gateways, env=self.env)
 
     async def _push_and_promote(self, steps: list[tuple[str, bool]]) -> None:
-        from replicas.models_cli import push_version
-        from replicas.releases import Releases
+        from replicas.releases.models_cli import push_version
+        from replicas.releases.records import Releases
         from replicas.store import open_store
 
         st = self.store_section

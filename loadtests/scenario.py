@@ -118,7 +118,7 @@ class ScenarioContext:
 
     def demo_repository(self, name: str = "models", versions: tuple[int, ...] = (1,), size: str = "tiny") -> Path:
         """A model repository with the demo model's `versions`."""
-        from replicas.demo_model import write_repository_entry
+        from replicas.demo.onnx_model import write_repository_entry
 
         repo = self.work_dir / name
         repo.mkdir(parents=True, exist_ok=True)

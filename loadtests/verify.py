@@ -4,7 +4,7 @@ served it computes.
 The load generator sends a small fixed set of inputs (request i carries input i % N). For each
 version seen in a response (the `geogate-model-version` header / gRPC initial metadata, else
 the body's `model_version`), the expected outputs of all N inputs are computed once with
-`replicas.demo_model.reference_outputs` and cached, so checking a response is one `allclose`.
+`replicas.demo.onnx_model.reference_outputs` and cached, so checking a response is one `allclose`.
 A wrong answer is a failure, never a success with a footnote.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from replicas.demo_model import INPUT_NAME, OUTPUT_NAME, SPECS, reference_outputs
+from replicas.demo.onnx_model import INPUT_NAME, OUTPUT_NAME, SPECS, reference_outputs
 
 INPUT_SET_SIZE = 8  # distinct inputs cycled through; enough to catch a mixed-up answer
 INPUT_SEED = 20240611

@@ -27,7 +27,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from gateway.srv_registry import unbound_config_text
+from gateway.world.srv_registry import unbound_config_text
 from tests.procs import Proc, free_port
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from replicas.demo_model import write_repository_entry
+from replicas.demo.onnx_model import write_repository_entry
 from tests.procs import GEOGATE, Proc, ReplicaProc, free_port, http_ok
 
 FAST_HEALTH = """

@@ -3,7 +3,7 @@
     python -m tests.status_page_harness --config world.toml --data data.json --serve eu-west,us-east
 
 For each region named in ``--serve`` it listens on that region's ``admin`` address (from the
-config) with ``GET /geogate/v1/region`` plus ``gateway.status_page.add_status_routes``, the
+config) with ``GET /geogate/v1/region`` plus ``gateway.admin.status_page.add_status_routes``, the
 summary source reading ``--data`` afresh whenever the file changes, so a test rewrites the
 file (atomically: write + rename) to change what the regions report. Regions in the config
 but not in ``--serve`` have no listener: they are the unreachable ones.
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.config import Config, load_config
-from gateway.status_page import add_status_routes
+from core.config import Config, load_config
+from gateway.admin.status_page import add_status_routes
 from tests.procs import Proc, free_port, http_ok
 
 
@@ -57,7 +57,7 @@ class DataFile:
 
 
 class FileSummarySource:
-    """``gateway.status_page.SummarySource`` fed from the data file."""
+    """``gateway.admin.status_page.SummarySource`` fed from the data file."""
 
     def __init__(self, region: str, config: Config, data: DataFile):
         self.region = region

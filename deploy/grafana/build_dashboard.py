@@ -3,7 +3,7 @@
     python deploy/grafana/build_dashboard.py          # rewrite the JSON beside this file
     python deploy/grafana/build_dashboard.py --check  # exit 1 if the JSON is out of date
 
-Edit the panels here, not in the JSON: tests/test_deploy_observability.py checks that the JSON
+Edit the panels here, not in the JSON: tests/e2e/test_deploy_observability.py checks that the JSON
 is this script's output, that every PromQL expression parses, and that every metric it names
 exists in geogate's code.
 """

@@ -6,7 +6,7 @@
 
 Uses a standalone `kustomize` (v5) when one is on PATH, else `kubectl kustomize` (kubectl
 bundles kustomize; v1.27+ bundles kustomize v5). Nothing here talks to a cluster. The tests
-(tests/test_deploy_manifests.py) render through this module and validate every document
+(tests/e2e/test_deploy_manifests.py) render through this module and validate every document
 against the Kubernetes JSON schemas.
 """
 

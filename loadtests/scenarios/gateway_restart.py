@@ -1,7 +1,7 @@
 """gateway-restart: a rolling restart of a region's gateway workers under load.
 
 One `geogate gateway --workers 2` (workers share the ports with SO_REUSEPORT); SIGUSR2 to its
-supervisor (gateway/worker_supervisor.py) replaces the workers one at a time: a replacement
+supervisor (gateway/server/workers.py) replaces the workers one at a time: a replacement
 starts, and only once it serves does the old worker drain (readiness false, keep-alive
 connections answered with Connection: close, in-flight requests finish, exit 0). Done twice
 during the run.

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import dns.rdatatype
 
-from gateway.balancer import pick_p2c
+from gateway.routing.balancer import pick_p2c
 from geo.client_locator import ClientLocator, Location
 from geo.dns_server import GeoDnsResponder
 from geo.mmdb_build import build_city_db

@@ -1,18 +1,18 @@
 """One region's gateway, composed from the product's own objects on the simulated clock.
 
-What ``gateway.gateway_state.GatewayState`` wires for a live gateway, minus sockets, metrics
+What ``gateway.server.composition.GatewayState`` wires for a live gateway, minus sockets, metrics
 and logs:
 
-    pools      gateway.pool.RegionPools (replica states, P2C load stats, eligibility cache,
+    pools      gateway.upstream.pool.RegionPools (replica states, P2C load stats, eligibility cache,
                outlier detector, active-health rise/fall through ActiveHealthChecker.record);
                clients are None: the simulation answers for the replicas
     peers      geo.region_health.RegionHealthMonitor over the other regions' gateways (rise/fall,
                RTT EWMA, their summaries: healthy fraction and advertised load)
-    router     gateway.region_router.MultiRegionRouter (region order, spill shares, failback hold)
-    capacity   gateway.capacity.CapacityTracker + gateway.admission.AdmissionController +
-               gateway.load_spill.LoadSpill inside gateway.admission.OverloadGuard (what
-               gateway.capacity.CapacityControl builds), sampled by gateway.capacity.sample_gateway
-    budget     gateway.retry_budget.RetryBudget
+    router     gateway.routing.region_router.MultiRegionRouter (region order, spill shares, failback hold)
+    capacity   gateway.routing.capacity.CapacityTracker + gateway.routing.admission.AdmissionController +
+               gateway.routing.load_spill.LoadSpill inside gateway.routing.admission.OverloadGuard (what
+               gateway.routing.capacity.CapacityControl builds), sampled by gateway.routing.capacity.sample_gateway
+    budget     gateway.routing.retry_budget.RetryBudget
 
 Every object gets the simulation's clock (``now_s`` arguments, or ``clock=``) and a seeded
 random generator, so a run is reproducible.
@@ -23,13 +23,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from gateway.admission import AdmissionController, OverloadGuard
-from gateway.capacity import CapacityTracker, sample_gateway
-from gateway.config import Config
-from gateway.load_spill import LoadSpill, peer_loads
-from gateway.pool import RegionPools, Upstream
-from gateway.region_router import MultiRegionRouter
-from gateway.retry_budget import RetryBudget
+from core.config import Config
+from gateway.routing.admission import AdmissionController, OverloadGuard
+from gateway.routing.capacity import CapacityTracker, sample_gateway
+from gateway.routing.load_spill import LoadSpill, peer_loads
+from gateway.routing.region_router import MultiRegionRouter
+from gateway.routing.retry_budget import RetryBudget
+from gateway.upstream.pool import RegionPools, Upstream
 from geo.region_health import RegionHealthMonitor
 from health.active import ProbeResult
 from health.replica_state import ReplicaState

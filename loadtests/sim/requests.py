@@ -1,13 +1,13 @@
 """One sampled request through a region's gateway: the control flow of
-``gateway.forwarder.Forwarder.forward`` with the simulation answering for replicas and peers.
+``gateway.routing.forwarder.Forwarder.forward`` with the simulation answering for replicas and peers.
 
 The forwarder itself is async and talks to sockets, so its loop is followed here step by step;
 every decision in it is a call into the product:
 
     admission      OverloadGuard.classify + check (shed / spill / admit), once per request
     region order   MultiRegionRouter.targets (local-first, or the client's location), and
-                   gateway.forwarder.spill_first when admission spills to a peer
-    replica pick   RegionPools.candidates + gateway.balancer.pick_p2c, never a replica already
+                   gateway.routing.forwarder.spill_first when admission spills to a peer
+    replica pick   RegionPools.candidates + gateway.routing.balancer.pick_p2c, never a replica already
                    tried for this request
     outcome        LoadStats.observe, OutlierDetector.record, CapacityTracker.observe (success)
     retries        Outcome.retryable, [gateway] max_attempts, RetryBudget.record_request /
@@ -24,10 +24,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from gateway.admission import OUTCOME_SHED
-from gateway.balancer import pick_p2c
-from gateway.forwarder import FAILURE_LATENCY_PENALTY_S, spill_first
-from gateway.router import TARGET_PEER
+from gateway.routing.admission import OUTCOME_SHED
+from gateway.routing.balancer import pick_p2c
+from gateway.routing.forwarder import FAILURE_LATENCY_PENALTY_S, spill_first
+from gateway.routing.targets import TARGET_PEER
 from geo.client_locator import Location
 from health.outcomes import Outcome
 from loadtests.sim.gateway import SimGateway

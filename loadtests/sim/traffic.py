@@ -19,7 +19,7 @@ DIURNAL_BY_HOUR: tuple[float, ...] = (
 HOURS_PER_DAY = 24
 S_PER_HOUR = 3600.0
 
-# Share of requests per priority class (gateway.admission classes).
+# Share of requests per priority class (gateway.routing.admission classes).
 PRIORITY_MIX: tuple[tuple[str, float], ...] = (("critical", 0.10), ("standard", 0.60), ("sheddable", 0.30))
 
 

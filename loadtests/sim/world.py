@@ -22,7 +22,7 @@ import random
 import zoneinfo
 from dataclasses import dataclass, field
 
-from gateway.config import Config, parse_config
+from core.config import Config, parse_config
 from geo.distance import great_circle_km
 from loadtests.sim import traffic
 

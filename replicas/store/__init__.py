@@ -28,7 +28,7 @@ def open_store(url: str, store_section: Any = None, *, base_dir: str = ".", crea
                endpoint_url: str = "", region: str = "") -> ObjectStore:
     """The store at ``url`` (``file://DIR`` or ``s3://bucket/prefix``). Opening touches nothing.
 
-    ``store_section`` (gateway.config.StoreSection, optional) supplies S3 endpoint, region,
+    ``store_section`` (core.config.StoreSection, optional) supplies S3 endpoint, region,
     timeouts, retries and the names of the environment variables holding credentials;
     ``endpoint_url`` / ``region`` override it (``geogate models --s3-endpoint``). A relative
     ``file://`` path is relative to ``base_dir`` (the config file's directory). ``create``:

@@ -59,7 +59,7 @@ from replicas.store.base import (
 PART_BYTES = 8 * 1024 * 1024  # S3's minimum part is 5 MiB (except the last)
 MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
-# Defaults of [store] connect_timeout_s / read_timeout_s / max_attempts (gateway.config).
+# Defaults of [store] connect_timeout_s / read_timeout_s / max_attempts (core.config).
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0  # between bytes of an answer, not for a whole transfer
 MAX_ATTEMPTS = 3

@@ -1,0 +1,1 @@
+"""`geogate replica`: the ONNX Runtime replica server (KServe v2 over HTTP and gRPC)."""

@@ -1,0 +1,1 @@
+"""`geogate sync`: one site's sync agent (object store -> site model repository -> replicas)."""
