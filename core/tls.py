@@ -319,26 +319,16 @@ def client_tls_from_section(cfg: Config, section: ClientTlsSection, what: str) -
         raise TlsConfigError(f"[tls.{what}]: {exc}") from None
 
 
-# The worker's outgoing TLS, set once at startup (gateway.server.main) before any client is made. The
-# replica clients (data path, health checks) and the peer clients (forwarding, region health)
-# read it here instead of having it passed through every constructor on the way.
-_links: dict[str, ClientTls | None] = {"upstream": None, "peers": None}
+@dataclass(frozen=True, slots=True)
+class LinkTls:
+    """A gateway worker's outgoing TLS, built once from the config and handed to the parts that
+    open links (replica pools and their health checks; peer links and region health)."""
+
+    upstream: ClientTls | None = None  # to replicas ([tls.upstream]); None: plaintext
+    peers: ClientTls | None = None  # to peer gateways ([tls.peers]); None: plaintext
 
 
-def configure_links(*, upstream: ClientTls | None, peers: ClientTls | None) -> None:
-    _links["upstream"], _links["peers"] = upstream, peers
-
-
-def configure_links_from_config(cfg: Config) -> None:
-    configure_links(upstream=client_tls_from_section(cfg, cfg.tls.upstream, "upstream"),
-                    peers=client_tls_from_section(cfg, cfg.tls.peers, "peers"))
-
-
-def replica_tls() -> ClientTls | None:
-    """TLS for connections to replicas (None: plaintext)."""
-    return _links["upstream"]
-
-
-def peer_tls() -> ClientTls | None:
-    """TLS for connections to peer gateways (None: plaintext)."""
-    return _links["peers"]
+def link_tls_from_config(cfg: Config) -> LinkTls:
+    """``[tls.upstream]`` and ``[tls.peers]``; TlsConfigError when a file is unusable."""
+    return LinkTls(upstream=client_tls_from_section(cfg, cfg.tls.upstream, "upstream"),
+                   peers=client_tls_from_section(cfg, cfg.tls.peers, "peers"))

@@ -99,11 +99,6 @@ class RegionHealthMonitor:
     def __init__(self, regions: Sequence[Any], *, interval_ms: int, timeout_ms: int, fall: int, rise: int,
                  fetch_summary: bool = True, on_change: Callable[[RegionHealth], None] | None = None,
                  ssl_context: Any = None, clock: Callable[[], float] = time.monotonic):
-        if ssl_context is None:  # a gateway worker's [tls.peers] (core.tls), if it set one
-            from core.tls import peer_tls
-
-            tls = peer_tls()
-            ssl_context = tls.ssl_context if tls is not None else None
         # Set: the gateways' client-facing listeners serve TLS ([tls]); probe them over https.
         self._ssl = ssl_context if ssl_context is not None else True
         scheme = "https" if ssl_context is not None else "http"

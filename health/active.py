@@ -43,6 +43,7 @@ from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2
 
 from core.config import HealthSection
+from core.tls import ClientTls
 from health.replica_state import ReplicaState
 
 log = logging.getLogger("geogate.health.active")
@@ -90,10 +91,7 @@ class ProbeFailed(Exception):
 class _HttpProber:
     """Readiness + repository index over one keep-alive aiohttp session."""
 
-    def __init__(self, address: str):
-        from core.tls import replica_tls  # [tls.upstream]: replicas serve TLS
-
-        tls = replica_tls()
+    def __init__(self, address: str, tls: ClientTls | None):
         self.base = tls.http_base(address) if tls is not None else f"http://{address}"
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=HTTP_CONNECTIONS_PER_REPLICA,
@@ -141,11 +139,8 @@ class _HttpProber:
 class _GrpcProber:
     """grpc.health.v1 Check + RepositoryIndex over one grpc.aio channel."""
 
-    def __init__(self, address: str, interval_ms: int):
-        from core.tls import replica_tls  # [tls.upstream]: replicas serve TLS
-
+    def __init__(self, address: str, interval_ms: int, tls: ClientTls | None):
         max_backoff_ms = max(GRPC_RECONNECT_MIN_MS, interval_ms)
-        tls = replica_tls()
         channel = tls.grpc_channel if tls is not None else grpc.aio.insecure_channel
         self.channel = channel(address, options=[
             ("grpc.initial_reconnect_backoff_ms", GRPC_RECONNECT_MIN_MS),
@@ -207,8 +202,9 @@ class _GrpcProber:
 
 
 class ActiveHealthChecker:
-    def __init__(self, settings: HealthSection, *, on_change: OnChange | None = None):
+    def __init__(self, settings: HealthSection, *, tls: ClientTls | None = None, on_change: OnChange | None = None):
         self.settings = settings
+        self.tls = tls  # [tls.upstream]: replicas serve TLS; None: plaintext
         self._on_change = on_change
         self._states: dict[str, ReplicaState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -263,8 +259,8 @@ class ActiveHealthChecker:
 
     async def _run(self, state: ReplicaState) -> None:
         prober: _HttpProber | _GrpcProber
-        prober = _HttpProber(state.address) if state.scheme == "http" else _GrpcProber(
-            state.address, self.settings.interval_ms)
+        prober = _HttpProber(state.address, self.tls) if state.scheme == "http" else _GrpcProber(
+            state.address, self.settings.interval_ms, self.tls)
         try:
             # Spread first probes a little so replicas added together don't probe in lockstep.
             await asyncio.sleep(random.uniform(0.0, JITTER_FRACTION) * self.interval_s)

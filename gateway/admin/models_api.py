@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core.config import Config
 from core.names import model_name_problem, version_problem
 from gateway.front.auth import AdminCredentials
 from replicas.releases.manifest import list_stored_versions
@@ -260,16 +261,15 @@ def add_model_admin_routes(app: web.Application, store: ObjectStore, *, token: s
     app.router.add_get(f"{PREFIX}/status", guarded(status))
 
 
-def mount(admin_app: web.Application, gw: Any) -> None:
-    """Mount the routes on a running gateway's admin listener (``gateway.server.main._mount_extras``
-    style): the config's store (a missing local store directory is not created: routes answer
-    503 until it exists) and the config's admin token (``[admin] token`` / ``token_env``)."""
+def mount(admin_app: web.Application, cfg: Config, *, credentials: AdminCredentials | None = None) -> None:
+    """Mount the routes on a gateway's admin listener (the composition root does): the config's
+    store (a missing local store directory is not created: routes answer 503 until it exists)
+    and the admin credentials (None: made from the config here, e.g. on a test's bare app)."""
     from replicas.store import open_store
 
-    cfg = gw.cfg
-    creds: AdminCredentials | None = getattr(gw, "admin_credentials", None)
+    creds = credentials
     watcher = None
-    if creds is None:  # not built by gateway.server.main (tests mounting on a bare app)
+    if creds is None:  # not built by the composition root (tests mounting on a bare app)
         from gateway.front.auth import admin_credentials_from_config
 
         # A broken operators file fails the mount: the routes then do not exist rather than

@@ -14,7 +14,7 @@ def region_load(gw) -> dict:
     replicas' concurrency limits), ``expected_queue_ms`` (-1: no capacity here) and whether
     this region is spilling its own load to peers right now."""
     load = gw.load.summary()
-    control = getattr(gw, "capacity_control", None)
+    control = gw.capacity_control
     if control is not None:
         load.update(control.tracker.region_load())
         spill = control.guard.spill
@@ -24,7 +24,7 @@ def region_load(gw) -> dict:
 
 
 def region_summary(gw) -> dict:
-    """The JSON-able region summary of a ``GatewayState``."""
+    """The JSON-able region summary of a ``gateway.server.region_state.RegionState``."""
     now = time.monotonic()
     ready, reason = gw.readiness()
     pools = []

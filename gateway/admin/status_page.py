@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 import orjson
@@ -48,6 +48,9 @@ from aiohttp import web
 
 from core.config import Config, RegionSection
 from gateway.front.auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials
+
+if TYPE_CHECKING:
+    from gateway.server.region_state import RegionState
 
 log = logging.getLogger("geogate.status_page")
 
@@ -387,9 +390,9 @@ def resolver_model_status(resolver: Any) -> dict | None:
 
 
 class GatewaySummarySource:
-    """The SummarySource of a running gateway (gateway.server.composition.GatewayState)."""
+    """The SummarySource of a running gateway (gateway.server.region_state.RegionState)."""
 
-    def __init__(self, gw: Any):
+    def __init__(self, gw: RegionState):
         self.gw = gw
         self.region = gw.region.name
         self.config = gw.cfg
@@ -398,7 +401,7 @@ class GatewaySummarySource:
     @property
     def events(self) -> list[dict]:
         # Events the gateway records itself (if it keeps any), plus those seen in state changes.
-        own = list(getattr(self.gw, "events", None) or [])
+        own = list(self.gw.events)
         return sorted([*own, *self.changes.events], key=lambda e: e.get("time", 0.0))
 
     async def region_summary(self) -> dict:
@@ -406,7 +409,7 @@ class GatewaySummarySource:
 
         summary = region_summary(self.gw)
         # Requests outstanding per replica, when the summary doesn't carry them already.
-        for pool_json, pool in zip(summary.get("pools") or [], getattr(self.gw.pools, "pools", []), strict=False):
+        for pool_json, pool in zip(summary.get("pools") or [], self.gw.pools.pools, strict=False):
             by_url = {s.url: pool.upstream_of(s) for s in pool.states}
             for rep in pool_json.get("replicas") or []:
                 up = by_url.get(rep.get("url"))
@@ -427,11 +430,11 @@ class GatewaySummarySource:
             await asyncio.sleep(EVENT_SAMPLE_INTERVAL_S)
 
 
-def mount(app: web.Application, gw: Any) -> None:
-    """Hook called by gateway.server.main on the admin app: the status page for this gateway, and a
+def mount(app: web.Application, gw: RegionState, *, credentials: AdminCredentials | None) -> None:
+    """Called by the composition root on the admin app: the status page for this gateway, and a
     background sampler that turns state changes into events."""
     source = GatewaySummarySource(gw)
-    add_status_routes(app, summary_source=source, credentials=getattr(gw, "admin_credentials", None),
+    add_status_routes(app, summary_source=source, credentials=credentials,
                       secure_cookie=gw.cfg.tls.admin)
     task: asyncio.Task | None = None
 

@@ -1,26 +1,20 @@
-"""Client-facing KServe v2 over HTTP (aiohttp on uvloop), and the admin listener's app.
+"""Client-facing KServe v2 over HTTP (aiohttp on uvloop): translates between HTTP and the one
+inference pipeline (gateway.front.pipeline), nothing more.
 
-Inference (the hot path): the URL gives model and version; the body is read once, its JSON
-header parsed and checked (gateway.front.request_checks), the version resolved, and the body bytes
-forwarded untouched (gateway.routing.forwarder). Everything else (health, server/model metadata,
-config, ready, statistics) is answered from the pool's state or proxied to a replica that has
-the model (gateway.upstream.catalog). The model repository extension is not exposed.
+Inference (the hot path): the URL gives model and version; ``HttpInferRequest`` reads the body
+once (bounded in size and time) and checks its JSON header against the model's inputs; the
+pipeline does the rest and the ``InferAnswer`` becomes the response: the replica's body as
+received on success (Inference-Header-Content-Length and Content-Encoding kept), a replica's own
+JSON 4xx unchanged, otherwise ``{"error": ...}`` with geogate-* headers and Retry-After.
+Everything else (health, server/model metadata, config, ready, statistics) is answered through
+``ModelQueries``; the model repository and other extensions are not exposed.
 
-Security (all off unless configured, see README "Security"):
-- API keys (gateway.front.auth, ``[auth] keys_file``): every request but health (``/v2/health/*``)
-  and the region summary (``/geogate/v1/region``, read by peers and GeoDNS) needs a key;
-  401 / 403 / 429 with ``{"error": ...}`` and Retry-After. The key's priority class goes to the
-  admission control with the call (``InferCall.key_priority``).
-- Limits: ``[gateway] max_body_bytes`` (also after gzip/deflate decoding: 413),
-  ``max_concurrent_requests`` per worker (503 + Retry-After before anything else is done),
-  ``[limits]`` header bytes (431), tensor elements (400), model/version names (400), and slow
-  clients: a ``SlowClientGuard`` around each connection answers 408 and closes when a request
-  head does not arrive within ``request_head_timeout_ms``; a body not read within
-  ``request_body_timeout_ms`` is 408 too.
-- Admin listener (``admin_app``; and the ``[gateway] metrics`` listener): with ``[admin]``
-  credentials configured, ``admin_guard`` wants them on every route but ADMIN_OPEN_PATHS
-  (``[admin] open_metrics`` adds /metrics); the region summary without them is
-  ``public_region_summary`` (no replica URLs, routing or peers), on both listeners.
+Security (all off unless configured, see README "Security"): API keys (``[auth] keys_file``)
+on every request but health and the region summary (401 / 403 / 429 with ``{"error": ...}``);
+limits: ``[gateway] max_body_bytes`` (413, also after gzip/deflate decoding),
+``max_concurrent_requests`` per worker (503 + Retry-After), ``[limits]`` header bytes (431),
+tensor elements (400), names (400), slow clients (gateway.front.slow_clients: 408 when a head
+does not arrive within ``request_head_timeout_ms``, a body within ``request_body_timeout_ms``).
 """
 
 from __future__ import annotations
@@ -28,41 +22,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import HttpVersion11, web
 
+from core.config import Config
 from core.names import cached_model_ref_problem as model_ref_problem
-from gateway.admin.guard import admin_guard, admin_json_errors, admin_request_check, public_region_summary
-from gateway.admin.region_summary import region_summary
 from gateway.front import deadline as dl
-from gateway.front.access_log import REQUEST_ID_HEADER, request_id_from
-from gateway.front.auth import AdminCredentials, AuthDecision, Authenticator
-from gateway.front.request_checks import ClientErrorLog, RequestError, ValidatedHeaders, check_coding, parse_hops
+from gateway.front.auth import AuthDecision, Authenticator
+from gateway.front.pipeline import (
+    NOT_ON_GATEWAY,
+    SERVER_EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    InferAnswer,
+    InferencePipeline,
+    ModelDocument,
+    ModelQueries,
+)
+from gateway.front.request_checks import RequestError, ValidatedHeaders, check_coding
 from gateway.front.slow_clients import GuardedSockSite, GuardLimits, ListenerLog, sweep_slow_clients
-from gateway.routing.targets import HOPS_HEADER
-from gateway.upstream.types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, InferCall
+from gateway.upstream.catalog import ModelSpecs
+from gateway.upstream.types import PROTOCOL_HTTP, InferCall
+
+if TYPE_CHECKING:
+    from gateway.server.region_state import RegionState
 
 log = logging.getLogger("geogate.gateway.http")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
-SERVER_NAME = "geogate"
-SERVER_VERSION = "0.1.0"
-SERVER_EXTENSIONS = ["binary_tensor_data"]
-NOT_ON_GATEWAY = ("the {what} is not available on the geogate gateway; use the replicas' own API "
-                  "(or `geogate models ...` for model versions)")
-
-
-def json_response(body: object, status: int = 200, headers: dict | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type=JSON, headers=headers)
-
-
-PRIORITY_HEADER = "geogate-priority"
 # Paths that never need an API key: load balancers, peers and GeoDNS read them.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region"})
-SHED_RETRY_AFTER_S = 1  # an overloaded worker tells clients to come back this soon
 LINGERING_MAX_S = 2.0  # aiohttp's default (10 s) would let a slow sender hold a refused connection
 # Paths of the client API with their methods: any other method on them is 405, not 404.
 KNOWN_PATHS = (
@@ -73,6 +66,10 @@ KNOWN_PATHS = (
 )
 
 
+def json_response(body: object, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type=JSON, headers=headers)
+
+
 def error_response(message: str, status: int, headers: dict | None = None) -> web.Response:
     return json_response({"error": message}, status, headers)
 
@@ -80,6 +77,14 @@ def error_response(message: str, status: int, headers: dict | None = None) -> we
 def refusal_response(decision: AuthDecision, headers: dict | None = None) -> web.Response:
     """401 / 403 / 429 for a refused API key, with WWW-Authenticate / Retry-After."""
     return error_response(decision.message, decision.http_status, {**(headers or {}), **decision.http_headers()})
+
+
+def document_response(doc: ModelDocument) -> web.Response:
+    if doc.status == 200:
+        return json_response(doc.body) if doc.body is not None else web.Response(status=200)
+    if doc.body is not None:  # a replica's own answer
+        return json_response(doc.body, doc.status)
+    return error_response(doc.message, doc.status)
 
 
 def model_of_path(path: str) -> tuple[str | None, str | None]:
@@ -93,31 +98,126 @@ def model_of_path(path: str) -> tuple[str | None, str | None]:
     return parts[0], version
 
 
-class HttpFront:
-    def __init__(self, gw) -> None:
-        self.gw = gw
-        self.region = gw.region.name
-        self.default_timeout_ms = gw.cfg.gateway.default_timeout_ms
-        self.max_body_bytes = gw.cfg.gateway.max_body_bytes
-        limits = gw.cfg.limits
-        self.limits = limits
-        self.validated = ValidatedHeaders(max_elements=limits.max_tensor_elements,
+class HttpLimits:
+    """What an HTTP inference request is held to (``[gateway]`` and ``[limits]``)."""
+
+    __slots__ = ("body_timeout_ms", "body_timeout_s", "max_body_bytes", "validated")
+
+    def __init__(self, cfg: Config) -> None:
+        self.max_body_bytes = cfg.gateway.max_body_bytes
+        self.body_timeout_ms = cfg.limits.request_body_timeout_ms
+        self.body_timeout_s = self.body_timeout_ms / 1000.0
+        self.validated = ValidatedHeaders(max_elements=cfg.limits.max_tensor_elements,
                                           max_decoded_bytes=self.max_body_bytes)
-        self.max_in_flight = gw.cfg.gateway.max_concurrent_requests
-        self.body_timeout_s = limits.request_body_timeout_ms / 1000.0
-        # None: no client authentication ([auth] keys_file not set)
-        self.auth: Authenticator | None = getattr(gw, "auth", None)
-        self.open_metadata = gw.cfg.auth.open_metadata
+
+
+class HttpInferRequest:
+    """An HTTP inference request as the pipeline sees it (gateway.front.pipeline.InferRequest)."""
+
+    __slots__ = ("body", "header", "headers", "limits", "model", "request", "requested")
+    protocol = PROTOCOL_HTTP
+
+    def __init__(self, request: web.BaseRequest, model: str, requested: str | None, limits: HttpLimits) -> None:
+        self.request = request
+        self.headers = request.headers
+        self.model = model
+        self.requested = requested
+        self.limits = limits
+        self.body = b""
+        self.header: dict | None = None
+
+    def target(self) -> tuple[str, str | None]:
+        return self.model, self.requested
+
+    async def read_body(self) -> None:
+        request, max_bytes = self.request, self.limits.max_body_bytes
+        cl = request.content_length
+        if cl is not None and cl > max_bytes:
+            raise RequestError(f"request body of {cl} bytes is larger than the gateway's limit of {max_bytes} bytes",
+                               413)
+        try:
+            if request.content.is_eof():  # the usual case: the whole body came with the head
+                self.body = await request.read()
+            else:  # still arriving: bound how long a (slow) sender may take
+                async with asyncio.timeout(self.limits.body_timeout_s):
+                    self.body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestError(f"request body is larger than the gateway's limit of {max_bytes} bytes", 413) from None
+        except TimeoutError:
+            raise RequestError(f"request body not received within {self.limits.body_timeout_ms} ms "
+                               "([limits] request_body_timeout_ms)", 408) from None
+
+    def check(self, model: str, specs: ModelSpecs | None) -> None:
+        headers = self.headers
+        # Forwarded to replicas as received: plain ASCII only (HTTP/1.1 sends latin-1).
+        check_coding("Content-Encoding", headers.get("Content-Encoding"))
+        check_coding("Accept-Encoding", headers.get("Accept-Encoding"))
+        self.header = self.limits.validated.check(model, self.body, headers.get(HEADER_LENGTH),
+                                                  headers.get("Content-Encoding"), specs)
+
+    def deadline(self, now_s: float, default_timeout_ms: int) -> dl.Deadline:
+        params = self.header.get("parameters") if self.header else None  # a JSON object or None (checked)
+        return dl.http_deadline(now_s, self.headers.get(dl.TIMEOUT_HEADER),
+                                params.get(dl.TIMEOUT_PARAMETER) if params else None, default_timeout_ms)
+
+    def call(self, model: str, requested: str | None, version: str | None, request_id: str, deadline: dl.Deadline,
+             hops: int, started_s: float) -> InferCall:
+        headers = self.headers
+        return InferCall(PROTOCOL_HTTP, model, requested, version, request_id, deadline.at_s, hops=hops,
+                         client_deadline=deadline.client, started_s=started_s, body=self.body, header=self.header,
+                         header_len=headers.get(HEADER_LENGTH), content_encoding=headers.get("Content-Encoding"),
+                         accept_encoding=headers.get("Accept-Encoding"))
+
+    def client_ip(self) -> str:
+        return self.request.remote or ""
+
+
+def http_answer(answer: InferAnswer) -> web.Response:
+    """The pipeline's answer as an HTTP response."""
+    headers = dict(answer.meta)
+    reply = answer.reply
+    if reply is not None:
+        if reply.http_status == 200:
+            if reply.header_len is not None:
+                headers[HEADER_LENGTH] = reply.header_len
+            if reply.content_encoding:
+                headers["Content-Encoding"] = reply.content_encoding
+            headers["Content-Type"] = reply.content_type or JSON
+            return web.Response(body=reply.body, headers=headers)
+        if reply.body and 400 <= reply.http_status < 500 and reply.content_type and \
+                reply.content_type.startswith(JSON):
+            # A replica's own 4xx passes through unchanged.
+            headers["Content-Type"] = reply.content_type
+            return web.Response(body=reply.body, status=reply.http_status, headers=headers)
+    if answer.refusal is not None:
+        headers.update(answer.refusal.http_headers())
+    if answer.retry_after_s:
+        headers["Retry-After"] = str(answer.retry_after_s)
+    if answer.close:
+        headers["Connection"] = "close"
+    resp = error_response(answer.message, answer.status, headers)
+    if answer.close:
+        resp.force_close()
+    return resp
+
+
+class HttpFront:
+    def __init__(self, cfg: Config, *, pipeline: InferencePipeline, queries: ModelQueries, state: RegionState,
+                 auth: Authenticator | None, region_summary: Callable[[], dict]) -> None:
+        self.pipeline = pipeline
+        self.queries = queries
+        self.state = state  # readiness, draining
+        self.auth = auth  # None: no client authentication ([auth] keys_file not set)
+        self.region_summary = region_summary  # the client listener's view (public with admin credentials)
+        self.open_metadata = cfg.auth.open_metadata
+        self.max_body_bytes = cfg.gateway.max_body_bytes
+        limits = self.limits = cfg.limits
+        self.infer_limits = HttpLimits(cfg)
         self.guard_limits = GuardLimits(limits.request_head_timeout_ms / 1000.0, limits.max_header_bytes)
         self.guards: dict = {}  # transport -> SlowClientGuard, for the client listener's connections
         self.listener_log = ListenerLog(logging.getLogger("geogate.gateway.http.listener"))
-        self.crash_log = ClientErrorLog(log)  # rate limit for tracebacks of unexpected errors
 
-
-        # None or not .configured: the admin listener is open (no [admin] credentials)
-        self.admin_credentials: AdminCredentials | None = getattr(gw, "admin_credentials", None)
-
-    # ------------------------------------------------------------------ apps
+    # ------------------------------------------------------------------ app
 
     def client_app(self) -> web.Application:
         # auto_decompress off: a gzip'd body is forwarded as received (Content-Encoding kept).
@@ -130,7 +230,8 @@ class HttpFront:
                                             "keepalive_timeout": lim.idle_timeout_ms / 1000.0,
                                             # after an early answer (408, 413, 401...) the rest of the
                                             # body is read and dropped for at most this long
-                                            "lingering_time": min(LINGERING_MAX_S, self.body_timeout_s)})
+                                            "lingering_time": min(LINGERING_MAX_S,
+                                                                  self.infer_limits.body_timeout_s)})
         r = app.router
         r.add_post("/v2/models/{model}/infer", self.infer)
         r.add_post("/v2/models/{model}/versions/{version}/infer", self.infer)
@@ -156,35 +257,13 @@ class HttpFront:
         r.add_route("*", "/{tail:.*}", self.no_route)
         return app
 
-    def admin_app(self) -> web.Application:
-        """/metrics, /geogate/v1/region and /v2/health/ready; others mount the admin API and
-        /ui on this Application (add routes before the listener starts). With admin
-        credentials configured, every route but ADMIN_OPEN_PATHS needs them (``admin_guard``)."""
-        app = web.Application(middlewares=self._admin_middlewares())
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/geogate/v1/region", self.region_json)
-        app.router.add_get("/v2/health/ready", self.ready)
-        app.router.add_get("/v2/health/live", self.live)
-        app["geogate"] = self.gw
-        return app
+    def client_site(self, runner: web.BaseRunner, sock, ssl_context=None) -> web.BaseSite:
+        """The client listener's site: connections guarded against slow clients."""
+        return GuardedSockSite(runner, sock, limits=self.guard_limits, guards=self.guards, ssl_context=ssl_context)
 
-    def metrics_app(self) -> web.Application:
-        """The ``[gateway] metrics`` listener: /metrics under the same rule as on the admin listener."""
-        app = web.Application(middlewares=self._admin_middlewares())
-        app.router.add_get("/metrics", self.metrics)
-        return app
-
-    def _admin_middlewares(self) -> list:
-        creds = self.admin_credentials
-        if creds is None or not creds.configured:
-            return [admin_json_errors]
-        return [admin_json_errors, admin_guard(creds, open_metrics=self.gw.cfg.admin.open_metrics)]
-
-    def region_detail_allowed(self, request: web.BaseRequest) -> bool:
-        """May this request see the region summary's topology (replica URLs, routing, peers)?
-        Yes without admin credentials configured; otherwise only with them."""
-        creds = self.admin_credentials
-        return creds is None or not creds.configured or admin_request_check(creds, request).ok
+    def sweep_task(self) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(sweep_slow_clients(self.guards, self.guard_limits),
+                                                      name="slow-client-sweep")
 
     # ------------------------------------------------------------------ inference
 
@@ -194,9 +273,7 @@ class HttpFront:
         (Profiling: route resolution and the app's handler chain were a visible share of a
         proxied request; the infer URL is simple enough to split by hand.)"""
         app_handle = runner.server.request_handler  # the Application's own _handle
-        guards = self.guards
-
-        gw = self.gw
+        guards, state, pipeline, limits = self.guards, self.state, self.pipeline, self.infer_limits
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             guard = guards.get(request.transport)
@@ -206,7 +283,7 @@ class HttpFront:
                 if request.method == "POST" and (target := _split_infer_path(request.path)) is not None:
                     if "Expect" in request.headers:  # curl / perf_analyzer wait for this
                         await _continue(request)
-                    resp = await self._infer(request, target[0], target[1])
+                    resp = http_answer(await pipeline.infer(HttpInferRequest(request, target[0], target[1], limits)))
                 elif self.auth is None or request.path in OPEN_PATHS or \
                         (self.open_metadata and request.path.startswith("/v2")):
                     resp = await app_handle(request)
@@ -215,7 +292,7 @@ class HttpFront:
             finally:
                 if guard is not None:
                     guard.request_done()
-            if gw.draining:
+            if state.draining:
                 # Draining: answer, then close the keep-alive connection (Connection: close),
                 # so the client's next request opens a new one to a worker that stays; closing
                 # idle connections instead would race with requests already on their way.
@@ -238,151 +315,10 @@ class HttpFront:
         finally:
             decision.release()
 
-    def client_site(self, runner: web.BaseRunner, sock, ssl_context=None) -> web.BaseSite:
-        """The client listener's site: connections guarded against slow clients."""
-        return GuardedSockSite(runner, sock, limits=self.guard_limits, guards=self.guards, ssl_context=ssl_context)
-
-    def sweep_task(self) -> asyncio.Task:
-        return asyncio.get_running_loop().create_task(sweep_slow_clients(self.guards, self.guard_limits),
-                                                      name="slow-client-sweep")
-
     async def infer(self, request: web.Request) -> web.Response:
         mi = request.match_info
-        return await self._infer(request, mi["model"], mi.get("version"))
-
-    async def _infer(self, request: web.BaseRequest, model: str, requested: str | None) -> web.Response:
-        t0 = time.monotonic()
-        gw = self.gw
-        headers = request.headers
-        rid = request_id_from(headers.get(REQUEST_ID_HEADER))
-        resp_headers = {"geogate-region": self.region, REQUEST_ID_HEADER: rid}
-        decision: AuthDecision | None = None
-        # Returned in `finally` on every path (errors and cancellation included).
-        gw.load.in_flight += 1
-        gw.metrics.in_flight_add(PROTOCOL_HTTP, 1)
-        try:
-            if gw.load.in_flight > self.max_in_flight:
-                resp_headers["Retry-After"] = str(SHED_RETRY_AFTER_S)
-                return self._reject(rid, model, requested, f"gateway worker overloaded: more than "
-                                    f"{self.max_in_flight} requests in flight ([gateway] max_concurrent_requests); "
-                                    f"retry after {SHED_RETRY_AFTER_S} s", 503, resp_headers, t0)
-            bad_name = model_ref_problem(model, requested)  # before any lookup by that name
-            if bad_name:
-                return self._reject(rid, model, requested, bad_name, 400, resp_headers, t0)
-            if self.auth is not None:
-                decision = self.auth.authorize_headers(headers, model)
-                if not decision.allowed:
-                    resp_headers.update(decision.http_headers())
-                    return self._reject(rid, model, requested, decision.message, decision.http_status,
-                                        resp_headers, t0)
-            try:
-                hops = parse_hops(headers.get(HOPS_HEADER))
-            except RequestError as exc:
-                return self._reject(rid, model, requested, str(exc), 400, resp_headers, t0)
-            unknown = gw.unknown_model(model, requested, hops)
-            if unknown is not None:
-                return self._reject(rid, model, requested, unknown.message, 404, resp_headers, t0)
-            cl = request.content_length
-            if cl is not None and cl > self.max_body_bytes:
-                return self._reject(rid, model, requested, f"request body of {cl} bytes is larger than "
-                                    f"the gateway's limit of {self.max_body_bytes} bytes", 413, resp_headers, t0)
-            try:
-                if request.content.is_eof():  # the usual case: the whole body came with the head
-                    body = await request.read()
-                else:  # still arriving: bound how long a (slow) sender may take
-                    async with asyncio.timeout(self.body_timeout_s):
-                        body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                return self._reject(rid, model, requested, f"request body is larger than the gateway's "
-                                    f"limit of {self.max_body_bytes} bytes", 413, resp_headers, t0)
-            except TimeoutError:
-                resp_headers["Connection"] = "close"
-                resp = self._reject(rid, model, requested, f"request body not received within "
-                                    f"{self.limits.request_body_timeout_ms} ms ([limits] request_body_timeout_ms)",
-                                    408, resp_headers, t0)
-                resp.force_close()
-                return resp
-            hl = headers.get(HEADER_LENGTH)
-            enc = headers.get("Content-Encoding")
-            accept_enc = headers.get("Accept-Encoding")
-            version = gw.resolve_version(model, requested)
-            try:
-                # Forwarded to replicas as received: plain ASCII only (HTTP/1.1 sends latin-1).
-                check_coding("Content-Encoding", enc)
-                check_coding("Accept-Encoding", accept_enc)
-                specs = gw.catalog.fresh_specs(model, version) or await gw.catalog.specs(model, version)
-                header = self.validated.check(model, body, hl, enc, specs)
-                params = header.get("parameters")  # a JSON object or None (checked)
-                deadline = dl.http_deadline(t0, headers.get(dl.TIMEOUT_HEADER),
-                                            params.get(dl.TIMEOUT_PARAMETER) if params else None,
-                                            self.default_timeout_ms)
-            except (RequestError, dl.DeadlineError) as exc:
-                status = getattr(exc, "status", 400)
-                return self._reject(rid, model, version, str(exc), status, resp_headers, t0)
-            call = InferCall(PROTOCOL_HTTP, model, requested, version, rid, deadline.at_s,
-                             hops=hops, client_deadline=deadline.client, started_s=t0, body=body, header=header,
-                             header_len=hl, content_encoding=enc, accept_encoding=accept_enc)
-            call.priority = headers.get(PRIORITY_HEADER, "")
-            if decision is not None:
-                call.key_priority = decision.priority
-            if gw.locate_clients:
-                call.client_ip = request.remote or ""
-                call.forwarded_for = headers.get("X-Forwarded-For")
-            result = await gw.forwarder.forward(call)
-            reply = result.reply
-            up = result.upstream
-            # Served by a peer region: its gateway said where and by which replica.
-            replica = up.state.url if up is not None else reply.replica
-            if reply.region:
-                resp_headers["geogate-region"] = reply.region
-            resp_headers["geogate-attempts"] = str(result.attempts)
-            resp_headers["geogate-replica"] = replica
-            resp_headers["geogate-model-version"] = reply.model_version or (version or "")
-            now = time.monotonic()
-            if reply.outcome not in NO_VERDICT:  # a client's short deadline is no latency sample
-                gw.load.record(now - t0, now)
-            gw.metrics.request(model, reply.model_version or version or "", replica, PROTOCOL_HTTP,
-                               OUTCOME_NAME[reply.outcome], now - t0)
-            if gw.access_log.enabled:
-                gw.access_log.log(request_id=rid, protocol=PROTOCOL_HTTP, model=model,
-                                  version=reply.model_version or version or "", status=reply.http_status,
-                                  replica=replica, attempts=result.attempts, duration_s=now - t0,
-                                  outcome=OUTCOME_NAME[reply.outcome], error=reply.message)
-            if reply.http_status == 200:
-                if reply.header_len is not None:
-                    resp_headers[HEADER_LENGTH] = reply.header_len
-                if reply.content_encoding:
-                    resp_headers["Content-Encoding"] = reply.content_encoding
-                resp_headers["Content-Type"] = reply.content_type or JSON
-                return web.Response(body=reply.body, headers=resp_headers)
-            if reply.body and 400 <= reply.http_status < 500 and reply.content_type and \
-                    reply.content_type.startswith(JSON):
-                # A replica's own 4xx passes through unchanged.
-                resp_headers["Content-Type"] = reply.content_type
-                return web.Response(body=reply.body, status=reply.http_status, headers=resp_headers)
-            if reply.retry_after_s:
-                resp_headers["Retry-After"] = str(reply.retry_after_s)
-            return error_response(reply.message, reply.http_status, resp_headers)
-        except Exception as exc:  # a gateway bug: a JSON 500 (not aiohttp's text), the traceback rate-limited
-            if self.crash_log.allow():
-                log.exception("inference request %s for model %r failed inside the gateway", rid, model)
-            return self._reject(rid, model, requested, f"internal gateway error: {type(exc).__name__}", 500,
-                                resp_headers, t0)
-        finally:
-            if decision is not None:
-                decision.release()
-            gw.load.in_flight -= 1
-            gw.metrics.in_flight_add(PROTOCOL_HTTP, -1)
-
-    def _reject(self, rid: str, model: str, version: str | None, message: str, status: int,
-                resp_headers: dict, t0: float) -> web.Response:
-        gw = self.gw
-        gw.metrics.reject(PROTOCOL_HTTP, str(status))
-        gw.access_log.log(request_id=rid, protocol=PROTOCOL_HTTP, model=model, version=version or "",
-                          status=status, replica="", attempts=0, duration_s=time.monotonic() - t0,
-                          outcome="rejected", error=message)
-        resp_headers["geogate-attempts"] = "0"
-        return error_response(message, status, resp_headers)
+        return http_answer(await self.pipeline.infer(
+            HttpInferRequest(request, mi["model"], mi.get("version"), self.infer_limits)))
 
     # ------------------------------------------------------------------ everything else
 
@@ -390,7 +326,7 @@ class HttpFront:
         return web.Response(status=200)
 
     async def ready(self, request: web.Request) -> web.Response:
-        ok, reason = self.gw.readiness()
+        ok, reason = self.state.readiness()
         if ok:
             return web.Response(status=200)
         return error_response(reason, 503)
@@ -398,71 +334,30 @@ class HttpFront:
     async def server_metadata(self, request: web.Request) -> web.Response:
         return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": SERVER_EXTENSIONS})
 
-    def _model_args(self, request: web.Request) -> tuple[str, str | None]:
-        return request.match_info["model"], request.match_info.get("version")
-
-    def _model_refusal(self, model: str, version: str | None) -> web.Response | None:
-        """400 for a malformed model name or version, 404 for an unknown model; None when it may go on."""
-        bad_name = model_ref_problem(model, version)
-        if bad_name:
-            return error_response(bad_name, 400)
-        unknown = self.gw.unknown_model(model, version)
-        if unknown is not None:
-            return error_response(unknown.message, 404)
-        return None
-
-    async def _proxied(self, request: web.Request, fetch) -> web.Response:
-        model, version = self._model_args(request)
-        refused = self._model_refusal(model, version)
-        if refused is not None:
-            return refused
-        status, body = await fetch(model, version)
-        if status == 0:
-            cands = self.gw.pools.candidates(model, version, "http", time.monotonic())
-            return error_response(f"no replica can serve model '{model}': "
-                                  f"{cands.reason or 'no replica answered'}", 503)
-        return json_response(body, status)
+    async def _document(self, request: web.Request, fetch) -> web.Response:
+        mi = request.match_info
+        return document_response(await self.queries.document(fetch, mi["model"], mi.get("version"), PROTOCOL_HTTP))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        return await self._proxied(request, self.gw.catalog.metadata)
+        return await self._document(request, self.queries.catalog.metadata)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        return await self._proxied(request, self.gw.catalog.config)
+        return await self._document(request, self.queries.catalog.config)
 
     async def stats(self, request: web.Request) -> web.Response:
         if "model" not in request.match_info:
             return error_response("statistics for all models are not aggregated by the gateway; "
                                   "ask for one model: /v2/models/{model}/stats", 400)
-        return await self._proxied(request, self.gw.catalog.statistics)
+        return await self._document(request, self.queries.catalog.statistics)
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        model, version = self._model_args(request)
-        refused = self._model_refusal(model, version)
-        if refused is not None:
-            return refused
-        if self.gw.catalog.ready(model, version):
-            return web.Response(status=200)
-        cands = self.gw.pools.candidates(model, version, "http", time.monotonic())
-        return error_response(f"model '{model}' is not ready: {cands.reason}", 400)
-
-    async def region_json(self, request: web.Request) -> web.Response:
-        """The admin listener's: complete with admin credentials (or none configured)."""
-        summary = region_summary(self.gw)
-        if not self.region_detail_allowed(request):
-            summary = public_region_summary(summary)
-        return json_response(summary)
+        mi = request.match_info
+        return document_response(self.queries.ready(mi["model"], mi.get("version"), PROTOCOL_HTTP))
 
     async def public_region_json(self, request: web.Request) -> web.Response:
-        """The client listener's: never takes admin credentials (they stay off a public listener),
-        so with admin credentials configured it is always the public summary."""
-        summary = region_summary(self.gw)
-        creds = self.admin_credentials
-        return json_response(public_region_summary(summary) if creds is not None and creds.configured else summary)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        # In a thread: with --workers N it reads every worker's metric files.
-        body, ctype = await asyncio.to_thread(self.gw.metrics.exposition)
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        """Never takes admin credentials (they stay off a public listener), so with admin
+        credentials configured it is always the public summary."""
+        return json_response(self.region_summary())
 
     async def no_route(self, request: web.Request) -> web.Response:
         path = request.path

@@ -34,7 +34,7 @@ Where the gateway feeds it (see ``CapacityTracker``): the forwarder calls ``obse
 every successful attempt (the attempt's latency and the replica's in-flight count when it was
 sent) and the gateway state runs ``sample_gateway`` + ``OverloadGuard.refresh`` on a timer
 (every ``sample_interval_ms``: every pool's outstanding counters and routable replicas).
-``mount(admin_app, gw)`` (an ``ADMIN_MOUNTS`` entry of gateway.server.main) serves
+``gateway.admin.capacity_api.mount`` (called by the composition root) serves
 ``GET /geogate/v1/capacity`` on the admin listener.
 
 Utilization and expected queueing use a short moving average of in-flight (``IN_FLIGHT_EWMA_ALPHA``
@@ -549,31 +549,3 @@ class CapacityControl:
         snap["admission"] = self.controller.counters()
         snap["spill"] = self.guard.spill_state()
         return snap
-
-
-def add_capacity_routes(app, capacity_source: Callable[[], dict]) -> None:
-    """``GET /geogate/v1/capacity`` on an aiohttp app: JSON from ``capacity_source()``."""
-    import orjson
-    from aiohttp import web
-
-    async def capacity(request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(capacity_source()), content_type="application/json")
-
-    app.router.add_get(CAPACITY_PATH, capacity)
-
-
-def mount(admin_app, gw) -> None:
-    """The ``ADMIN_MOUNTS`` contract of gateway.server.main: serve ``GET /geogate/v1/capacity`` from
-    the gateway state's ``capacity_control`` (``[capacity] enabled = false``: a 404 that says so)."""
-    control: CapacityControl | None = getattr(gw, "capacity_control", None)
-    if control is not None:
-        add_capacity_routes(admin_app, control.document)
-        return
-    import orjson
-    from aiohttp import web
-
-    async def disabled(request: web.Request) -> web.Response:
-        return web.Response(status=404, content_type="application/json",
-                            body=orjson.dumps({"error": "capacity tracking is off ([capacity] enabled = false)"}))
-
-    admin_app.router.add_get(CAPACITY_PATH, disabled)

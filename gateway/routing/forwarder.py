@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -43,11 +44,13 @@ from gateway.routing.balancer import pick_p2c
 from gateway.routing.load_window import LoadWindow
 from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.targets import TARGET_PEER, Target
-from gateway.server.metrics import GatewayMetrics
 from gateway.upstream.peer_links import PeerLinks
 from gateway.upstream.pool import RegionPools, Upstream
 from gateway.upstream.types import FAILURES, NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, RETRYABLE, InferCall, Reply
 from health.outcomes import Outcome
+
+if TYPE_CHECKING:  # the metrics live with the composition root (gateway.server), a layer above
+    from gateway.server.metrics import GatewayMetrics
 
 MS_PER_S = 1000.0
 FAILURE_LATENCY_PENALTY_S = 0.25  # a failed attempt counts as at least this slow for the EWMA

@@ -1,276 +1,110 @@
-"""One gateway worker's shared state: pools, forwarder, catalog, metrics, logs, readiness.
+"""The composition root: every part of one gateway worker, built from the config with its
+collaborators passed in explicitly (no hub object read with getattr, no module globals).
 
-Both fronts (HTTP, gRPC) and the admin listener hold one ``GatewayState``; ``main`` owns its
-lifecycle (start -> serve -> drain -> close).
+    config -> TLS (listeners; links to replicas and peers) -> API keys, admin credentials
+           -> metrics, access log, version resolver -> RegionState (pools, health, region
+              order, capacity, forwarder) -> InferencePipeline + ModelQueries
+           -> HttpFront, GrpcFront -> admin listener (region summary, admin API, status page,
+              capacity)
+
+``build_worker`` raises StartupError when a file the config names (keys, certificates,
+operators) cannot be used: a gateway must not start without the security it was told to have.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import time
 from dataclasses import dataclass
 
-import grpc
+from aiohttp import web
 
 from core.config import Config, RegionSection
+from core.tls import LinkTls, ServerTls, TlsConfigError, link_tls_from_config, server_tls_from_config
+from gateway.admin import capacity_api, models_api, status_page
+from gateway.admin.listener import AdminListener
+from gateway.admin.region_summary import region_summary
 from gateway.front.access_log import AccessLog
-from gateway.routing.forwarder import Forwarder
-from gateway.routing.load_window import LoadWindow
-from gateway.routing.targets import Router
+from gateway.front.auth import AdminCredentials, Authenticator, KeysFileError, admin_credentials_from_config
+from gateway.front.grpc_adapter import GrpcFront
+from gateway.front.http_adapter import HttpFront
+from gateway.front.pipeline import InferencePipeline, ModelQueries, PipelineSettings
 from gateway.server.metrics import GatewayMetrics
-from gateway.upstream.catalog import ModelCatalog
-from gateway.upstream.peer_links import PeerLinks
-from gateway.upstream.pool import RegionPools
-from gateway.upstream.types import Reply
-from health.outcomes import Outcome
-from health.replica_state import ReplicaState
+from gateway.server.region_state import RegionState
+from replicas.releases.resolver import VersionResolver, resolver_for_gateway
 
 log = logging.getLogger("geogate.gateway")
 
-REASON_DRAINING = "draining: the gateway is shutting down"
-READY_CACHE_S = 0.05  # how long "is this version ready here" is reused across requests
-MAX_EVENTS = 200  # recent events this worker remembers (status page, geogate status)
-# A burst of requests served by another region is one "failover" event, not one per request.
-CROSS_REGION_EVENT_QUIET_S = 10.0
+
+class StartupError(Exception):
+    """A security file (keys, certificates) the config names cannot be used."""
 
 
 @dataclass(slots=True)
-class Resolution:
-    version: str | None
-    reason: str = ""
+class Worker:
+    """What one worker process serves with; ``gateway.server.main`` runs it."""
+
+    cfg: Config
+    region: RegionSection
+    state: RegionState
+    pipeline: InferencePipeline
+    http_front: HttpFront
+    grpc_front: GrpcFront
+    admin: AdminListener
+    server_tls: ServerTls | None
+    auth: Authenticator | None
+    admin_credentials: AdminCredentials
 
 
-class PassThroughResolver:
-    """Used until/unless the store's version resolver is available: the requested version, or
-    None (the replica's default)."""
-
-    def resolve(self, model: str, requested: str | None, site: str, ready_here=None) -> Resolution:
-        return Resolution(requested, "explicit version" if requested else "no release record")
-
-
-def make_resolver(cfg: Config, region: RegionSection):
-    """The store helper's resolver (replicas.releases.resolver) when present, else pass-through."""
-    try:
-        from gateway import version_resolver  # type: ignore[attr-defined]
-    except ImportError:
-        return PassThroughResolver(), None
-    factory = getattr(version_resolver, "resolver_for_gateway", None) or \
-        getattr(version_resolver, "VersionResolver", None)
-    if factory is None:
-        return PassThroughResolver(), None
-    try:
-        made = factory(cfg, region.name) if factory.__name__ == "resolver_for_gateway" else factory(cfg)
-    except Exception as exc:  # a store problem must not stop the data path
-        log.warning("version resolver unavailable (%s); forwarding requested versions as-is", exc)
-        return PassThroughResolver(), None
-    return made, made
-
-
-class GatewayState:
-    def __init__(self, cfg: Config, region: RegionSection, *, worker: int = 0, workers: int = 1) -> None:
-        self.cfg = cfg
-        self.region = region
-        self.worker = worker
-        # Worker processes sharing the ports: each sees about 1/workers of the region's load.
-        self.workers = max(1, workers)
-        self.metrics = GatewayMetrics(region.name)
-        self.load = LoadWindow()
-        self.access_log = AccessLog.from_config(cfg.gateway, base_dir=cfg.base_dir, worker=worker, workers=workers)
-        self.pools = RegionPools(cfg, region, on_health_change=self._on_health_change,
-                                 on_eject=self._on_eject, on_member_change=self._on_member)
-        self.events: collections.deque[dict] = collections.deque(maxlen=MAX_EVENTS)
-        self.region_monitor = None
-        self.peers: PeerLinks | None = None
-        self.locator = None
-        self.router = self._make_router()
-        # The fronts read the client's address only when routing depends on it.
-        self.locate_clients = len(cfg.regions) > 1 and cfg.routing.mode == "nearest-to-client"
-        # A model this region has never heard of may still be served by a peer region.
-        self.multi_region = len(cfg.regions) > 1
-        self.catalog = ModelCatalog(self.pools)
-        self.capacity_control = self._make_capacity()
-        self.capacity = self.capacity_control.tracker if self.capacity_control else None
-        self.overload = self.capacity_control.guard if self.capacity_control else None
-        self.forwarder = Forwarder(self.pools, cfg.gateway, self.metrics, self.router, self.load, self.peers,
-                                   capacity=self.capacity, overload=self.overload)
-        self.forwarder.on_cross_region = self._on_cross_region
-        self._last_cross_event: dict[str, float] = {}
-        self._ready_cache: dict[tuple[str, str], tuple[float, bool]] = {}
-        self.resolver, self._resolver_lifecycle = make_resolver(cfg, region)
-        self.draining = False
-        self.started_s = time.monotonic()
-
-    def _make_router(self):
-        """One region: the local pools only. Several: peers are health-checked (readiness and
-        region summary, RTT EWMA) and requests fail over / spill to them (region_router)."""
-        if len(self.cfg.regions) <= 1:
-            return Router(self.region.name)
-        from gateway.routing.region_router import MultiRegionRouter
-        from geo.client_locator import ClientLocator
-        from geo.region_health import RegionHealthMonitor
-
-        d = self.cfg.dns
-        peers = [r for r in self.cfg.regions if r.name != self.region.name]
-        self.region_monitor = RegionHealthMonitor(peers, interval_ms=d.check_interval_ms,
-                                                  timeout_ms=d.check_timeout_ms, fall=d.fall, rise=d.rise,
-                                                  on_change=self._on_peer_change)
-        self.peers = PeerLinks(self.cfg, self.region.name)
-        routing = self.cfg.routing
-        mmdb = self.cfg.resolve_path(routing.geoip_database) if routing.geoip_database else ""
-        self.locator = ClientLocator(self.cfg.regions, mmdb_path=mmdb, trusted_proxies=routing.trusted_proxies)
-        return MultiRegionRouter(self.cfg, self.region.name, local_fraction=self.local_fraction,
-                                 peers=self.region_monitor, locator=self.locator)
-
-    def _make_capacity(self):
-        """Capacity tracking, admission and load-aware spill (gateway.routing.capacity), unless
-        ``[capacity] enabled = false``. Peers' advertised load comes from the region monitor's
-        summaries."""
-        if not self.cfg.capacity.enabled:
-            return None
-        from gateway.routing.capacity import CapacityControl
-        from gateway.routing.load_spill import peer_loads
-
-        monitor = self.region_monitor
-        peers = (lambda: peer_loads(monitor, self.region.name)) if monitor is not None else None
-        return CapacityControl(self.cfg.capacity, region=self.region.name, registry=self.metrics.registry,
-                               peers=peers, has_peers=monitor is not None, workers=self.workers)
-
-    def local_fraction(self) -> float:
-        """Healthy fraction of this region's replicas (0 while draining: send everything away)."""
-        if self.draining:
-            return 0.0
-        return self.pools.healthy_fraction(time.monotonic())
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def start(self) -> None:
-        self.access_log.start()
-        await self.pools.start()
-        if self.peers is not None:
-            self.peers.start()
-        if self.region_monitor is not None:
-            await self.region_monitor.start()
-        if self.capacity_control is not None:
-            self.capacity_control.start(self)
-        start = getattr(self._resolver_lifecycle, "start", None)
-        if start is not None:
-            try:
-                await start()
-            except Exception as exc:
-                log.warning("version resolver failed to start (%s); forwarding requested versions", exc)
-                self.resolver = PassThroughResolver()
-
-    async def close(self) -> None:
-        if self.capacity_control is not None:
-            await self.capacity_control.close()
-        close = getattr(self._resolver_lifecycle, "close", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception:
-                log.exception("version resolver close failed")
-        if self.region_monitor is not None:
-            await self.region_monitor.close()
-        if self.peers is not None:
-            await self.peers.close()
-        if self.locator is not None:
-            self.locator.close()
-        await self.pools.close()
-        await self.access_log.close()
-
-    # ------------------------------------------------------------------ callbacks
-
-    def _on_health_change(self, state: ReplicaState) -> None:
-        # Eligibility recomputed; a replica back from the dead starts with a clean latency
-        # record and without its old ejection (RegionPools.replica_health_changed).
-        self.pools.replica_health_changed(state)
-        self.metrics.health(state.pool, state.url, state.healthy)
-        log.info("replica %s is now %s%s", state.url, "healthy" if state.healthy else "unhealthy",
-                 "" if state.healthy else f" ({state.health_reason})")
-
-    def _on_eject(self, state: ReplicaState) -> None:
-        self.pools.invalidate()
-        self.metrics.ejected(state.url)
-        log.warning("replica %s ejected: %s", state.url, state.eject_reason)
-
-    def _on_peer_change(self, state) -> None:
-        self.metrics.peer_health(state.name, state.healthy)
-        if self.peers is not None:
-            self.peers.mark(state.name, state.healthy, state.reason)
-        verb = "healthy" if state.healthy else f"unhealthy ({state.reason})"
-        self.event("region", f"peer region {state.name} is {verb}")
-        log.info("peer region %s is now %s", state.name, verb)
-
-    def _on_cross_region(self, to_region: str, reply: Reply, why: str) -> None:
-        now = time.monotonic()
-        if now - self._last_cross_event.get(to_region, -1e9) < CROSS_REGION_EVENT_QUIET_S:
-            return
-        self._last_cross_event[to_region] = now
-        why = why or "local replicas failed or the spill rule sent it"
-        self.event("failover", f"requests from {self.region.name} served by {to_region} ({why})")
-        log.warning("sending requests to region %s: %s", to_region, why)
-
-    def event(self, kind: str, message: str) -> None:
-        self.events.append({"time": time.time(), "kind": kind, "message": message, "region": self.region.name})
-
-    def _on_member(self, up, added: bool) -> None:
-        self.metrics.health(up.state.pool, up.state.url, up.state.healthy if added else False)
-
-    # ------------------------------------------------------------------ answers
-
-    def readiness(self) -> tuple[bool, str]:
-        """(can this region serve?, why not)."""
-        if self.draining:
-            return False, REASON_DRAINING
-        now = time.monotonic()
-        states = self.pools.all_states()
-        if any(s.routable(now)[0] for s in states):
-            return True, ""
-        if not states:
-            return False, f"region {self.region.name!r} has no replicas"
-        reasons = []
-        for pool in self.pools.pools:
-            counts: dict[str, int] = {}
-            for s in pool.states:
-                d = s.unroutable_detail(now) or "unknown"
-                counts[d] = counts.get(d, 0) + 1
-            detail = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-            reasons.append(f"pool {pool.name!r}: {len(pool.states)} replicas, none routable ({detail})")
-        return False, f"no routable replica in region {self.region.name!r}: " + "; ".join(reasons)
-
-    def resolve_version(self, model: str, requested: str | None) -> str | None:
-        try:
-            # _ready_here: the sites may say a new stable is ready before this gateway's own
-            # health checks (they poll) have seen it on a routable replica.
-            return self.resolver.resolve(model, requested, self.region.name, self._ready_here).version
-        except Exception as exc:
-            log.warning("version resolver failed for %r (%s); using the requested version", model, exc)
-            return requested
-
-    def _ready_here(self, model: str, version: str) -> bool:
-        """Is `version` READY on a routable local replica? Cached briefly: asked per request."""
-        now = time.monotonic()
-        key = (model, version)
-        hit = self._ready_cache.get(key)
-        if hit is not None and now < hit[0]:
-            return hit[1]
-        ready = any(st.routable(now)[0] and version in st.ready_versions.get(model, ())
-                    for st in self.pools.all_states())
-        self._ready_cache[key] = (now + READY_CACHE_S, ready)
-        return ready
-
-    def unknown_model(self, model: str, version: str | None, hops: int = 0) -> Reply | None:
-        """A 404 / NOT_FOUND reply when no replica has the model (version), else None. With
-        peers, only for requests that cannot go to another region (hops >= 1): the local
-        replicas may simply be down, and a peer then answers (or says 404 itself)."""
-        if self.multi_region and hops == 0:
-            return None
-        known = self.pools.model_known(model, version)
-        if known is False:
-            if version is None or self.pools.model_known(model, None) is False:
-                msg = f"Request for unknown model: '{model}' is not found"
-            else:
-                msg = f"Request for unknown model: '{model}' version {version} is not found"
-            return Reply(Outcome.CLIENT_ERROR, 404, grpc.StatusCode.NOT_FOUND, message=msg)
+def make_authenticator(cfg: Config) -> Authenticator | None:
+    """The client listeners' Authenticator (None: [auth] keys_file not set, no authentication)."""
+    if not cfg.auth.keys_file:
         return None
+    # check_on_request False: the keys file is re-read by a background task (file IO off the loop)
+    return Authenticator(cfg.resolve_path(cfg.auth.keys_file), reload_interval_s=cfg.auth.reload_interval_ms / 1000.0,
+                         check_on_request=False)
+
+
+def make_resolver(cfg: Config, region: RegionSection) -> VersionResolver:
+    """Model versions from the store's release records. A store that cannot even be opened (a
+    bad URL scheme is a config error caught earlier; this is e.g. missing credentials) must not
+    stop the data path: requested versions (or the replicas' default) are used, and said."""
+    try:
+        return resolver_for_gateway(cfg, region.name)
+    except Exception as exc:
+        log.warning("version resolver unavailable (%s); forwarding requested versions as-is", exc)
+        return VersionResolver(None, cutover=cfg.routing.cutover, site=region.name)
+
+
+def build_worker(cfg: Config, region: RegionSection, *, worker: int = 0, workers: int = 1) -> Worker:
+    try:
+        server_tls = server_tls_from_config(cfg)
+        links: LinkTls = link_tls_from_config(cfg)
+        auth = make_authenticator(cfg)
+        admin_credentials = admin_credentials_from_config(cfg)
+    except (TlsConfigError, KeysFileError) as exc:
+        raise StartupError(str(exc)) from None
+    metrics = GatewayMetrics(region.name)
+    access_log = AccessLog.from_config(cfg.gateway, base_dir=cfg.base_dir, worker=worker, workers=workers)
+    state = RegionState(cfg, region, metrics=metrics, access_log=access_log, resolver=make_resolver(cfg, region),
+                        links=links, worker=worker, workers=workers)
+    pipeline = InferencePipeline(PipelineSettings.from_config(cfg, region.name), auth=auth, models=state,
+                                 catalog=state.catalog, forwarder=state.forwarder, metrics=metrics, load=state.load,
+                                 access_log=access_log)
+    queries = ModelQueries(models=state, catalog=state.catalog, pools=state.pools)
+    admin = AdminListener(readiness=state.readiness, region_summary=lambda: region_summary(state),
+                          exposition=metrics.exposition, credentials=admin_credentials,
+                          open_metrics=cfg.admin.open_metrics)
+    http_front = HttpFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth,
+                           region_summary=admin.public_summary)
+    grpc_front = GrpcFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth)
+    return Worker(cfg, region, state, pipeline, http_front, grpc_front, admin, server_tls, auth, admin_credentials)
+
+
+def build_admin_app(w: Worker) -> web.Application:
+    """The admin listener: health, region summary and /metrics, the model-version admin API, the
+    status page and the capacity view."""
+    app = w.admin.app()
+    models_api.mount(app, w.cfg, credentials=w.admin_credentials)
+    status_page.mount(app, w.state, credentials=w.admin_credentials)
+    capacity_api.mount(app, w.state.capacity_control)
+    return app

@@ -29,14 +29,10 @@ import logging
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING
 
-from core.config import Config, ConfigError, load_config
+from core.config import ConfigError, load_config
 from gateway.server.drain import HTTP_CLEANUP_GRACE_S, WorkerDrain, install_signals
 from gateway.server.workers import WORKER_ENV, announce_ready
-
-if TYPE_CHECKING:
-    from gateway.front.auth import Authenticator
 
 log = logging.getLogger("geogate.gateway")
 
@@ -92,44 +88,14 @@ def _bound_socket(address: str, reuse_port: bool) -> socket.socket:
 # ---------------------------------------------------------------------------- one worker
 
 
-def make_authenticator(cfg: Config) -> Authenticator | None:
-    """The client listeners' Authenticator (None: [auth] keys_file not set, no authentication)."""
-    if not cfg.auth.keys_file:
-        return None
-    from gateway.front.auth import Authenticator
-
-    # check_on_request False: the keys file is re-read by a background task (file IO off the loop)
-    return Authenticator(cfg.resolve_path(cfg.auth.keys_file), reload_interval_s=cfg.auth.reload_interval_ms / 1000.0,
-                         check_on_request=False)
-
-
-class StartupError(Exception):
-    """A security file (keys, certificates) the config names cannot be used."""
-
-
 async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
     reuse_port = workers > 1
     from aiohttp import web
 
-    from core.tls import TlsConfigError, configure_links_from_config, server_tls_from_config
-    from gateway.front.auth import KeysFileError, admin_credentials_from_config
-    from gateway.front.grpc_adapter import GrpcFront
-    from gateway.front.http_adapter import HttpFront
-    from gateway.server.composition import GatewayState
+    from gateway.server.composition import build_admin_app, build_worker
 
-    try:
-        # Before GatewayState: the replica and peer clients it makes read the links' TLS.
-        configure_links_from_config(cfg)
-        server_tls = server_tls_from_config(cfg)
-        auth = make_authenticator(cfg)
-        admin_credentials = admin_credentials_from_config(cfg)
-    except (TlsConfigError, KeysFileError) as exc:
-        raise StartupError(str(exc)) from None
-    gw = GatewayState(cfg, region, worker=worker, workers=workers)
-    gw.auth = auth
-    gw.admin_credentials = admin_credentials  # the admin listener's (gateway.front.http_adapter.admin_guard)
-    http_front = HttpFront(gw)
-    grpc_front = GrpcFront(gw)
+    w = build_worker(cfg, region, worker=worker, workers=workers)  # StartupError: a bad security file
+    state, http_front, grpc_front, auth, server_tls = w.state, w.http_front, w.grpc_front, w.auth, w.server_tls
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     how = install_signals(loop, stop)  # SIGTERM/SIGINT: stop; SIGUSR1: handover
@@ -139,18 +105,15 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
         background.append(loop.create_task(auth.watch(), name="keys-file-watch"))
     if server_tls is not None:
         background.append(loop.create_task(server_tls.watch(), name="tls-files-watch"))
-    if admin_credentials.operators is not None:
-        background.append(loop.create_task(admin_credentials.operators.watch(), name="operators-file-watch"))
+    if w.admin_credentials.operators is not None:
+        background.append(loop.create_task(w.admin_credentials.operators.watch(), name="operators-file-watch"))
 
     # startup
-    await gw.start()
+    await state.start()
     # shutdown_timeout: the drain (gateway.server.drain) waits for requests itself first
     client_runner = web.AppRunner(http_front.client_app(), access_log=None, handle_signals=False,
                                   shutdown_timeout=HTTP_CLEANUP_GRACE_S)
-    admin_app = http_front.admin_app()
-    gw.admin_app = admin_app  # others mount routes on it (admin API, /ui)
-    _mount_extras(admin_app, gw)
-    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+    admin_runner = web.AppRunner(build_admin_app(w), access_log=None, handle_signals=False)
     runners = [client_runner, admin_runner]
     await client_runner.setup()
     http_front.install_fast_path(client_runner)
@@ -160,7 +123,7 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
              web.SockSite(admin_runner, _bound_socket(region.admin, reuse_port),
                           ssl_context=ssl_context if cfg.tls.admin else None)]
     if cfg.gateway.metrics:
-        metrics_runner = web.AppRunner(http_front.metrics_app(), access_log=None, handle_signals=False)
+        metrics_runner = web.AppRunner(w.admin.metrics_app(), access_log=None, handle_signals=False)
         await metrics_runner.setup()
         runners.append(metrics_runner)
         sites.append(web.SockSite(metrics_runner, _bound_socket(cfg.gateway.metrics, reuse_port)))
@@ -176,7 +139,7 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
              f"; TLS{' (client certificates required)' if server_tls.mutual else ''}" if server_tls else "",
              f"; API keys from {auth.keys_file} ({len(auth.key_names)} keys)" if auth else "")
 
-    drain = WorkerDrain(gw, grpc_front, grpc_server, http_site=sites[0], runners=runners,
+    drain = WorkerDrain(state, grpc_front, grpc_server, http_site=sites[0], runners=runners,
                         grpc_port=_host_port(region.grpc)[1], drain_timeout_s=cfg.gateway.drain_timeout_ms / 1000.0,
                         max_connection_age_s=cfg.gateway.grpc_max_connection_age_ms / 1000.0)
 
@@ -188,29 +151,9 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    await gw.close()
+    await state.close()
     log.info(report.describe(worker))
     return 0
-
-
-# Modules that add routes to the admin listener: each exposes mount(admin_app, gateway_state).
-ADMIN_MOUNTS = ("gateway.admin.models_api", "gateway.admin.status_page", "gateway.routing.capacity")
-
-
-def _mount_extras(admin_app, gw) -> None:
-    """Admin API and status page, when those modules are present (owned by other parts)."""
-    for module_name, func in ((m, "mount") for m in ADMIN_MOUNTS):
-        try:
-            module = __import__(module_name, fromlist=[func])
-        except ImportError:
-            continue
-        mount = getattr(module, func, None)
-        if mount is None:
-            continue
-        try:
-            mount(admin_app, gw)
-        except Exception:
-            log.exception("mounting %s on the admin listener failed", module_name)
 
 
 def _run_worker(cfg, region, worker: int, workers: int) -> int:
@@ -235,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         from gateway.server.workers import supervise
 
         return supervise(args.config, args.region, args.workers)
+    from gateway.server.composition import StartupError
+
     worker = int(worker_env or 0)
     try:
         return _run_worker(cfg, region, worker, args.workers)

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from core.tls import ClientTls, replica_tls
+from core.tls import ClientTls
 from gateway.upstream import translate
 from gateway.upstream.proto_peek import ProtoError, peek_response_version, with_model_version
 from gateway.upstream.types import InferCall, Reply, grpc_to_http
@@ -59,16 +59,12 @@ def _shape_ints(d: dict) -> dict:
     return d
 
 
-# GrpcUpstream's `tls` default: the worker's [tls.upstream] settings (core.tls.replica_tls).
-FOR_REPLICAS = object()
-
-
 class GrpcUpstream:
     scheme = "grpc"
 
-    def __init__(self, address: str, *, tls: ClientTls | object | None = FOR_REPLICAS) -> None:
+    def __init__(self, address: str, *, tls: ClientTls | None = None) -> None:
         self.address = address
-        self.tls: ClientTls | None = replica_tls() if tls is FOR_REPLICAS else tls  # type: ignore[assignment]
+        self.tls = tls  # [tls.upstream] (replicas) or [tls.peers] (peer gateways); None: plaintext
         self.channel = (self.tls.grpc_channel(address, CHANNEL_OPTIONS) if self.tls is not None
                         else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
         self._infer = self.channel.unary_unary(MODEL_INFER, request_serializer=_identity,

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from google.protobuf.message import DecodeError
 
-from core.tls import ClientTls, replica_tls
+from core.tls import ClientTls
 from gateway.upstream import translate
 from gateway.upstream.http1_client import ConnectionPool, UpstreamConnectError
 from gateway.upstream.proto_peek import ProtoError, peek_response_version
@@ -91,17 +91,13 @@ def _unsendable(exc: UnicodeEncodeError) -> Reply:
                  message=f"a request header value cannot be sent on HTTP/1.1 (not latin-1): {exc.object[:40]!r}")
 
 
-# HttpUpstream's `tls` default: the worker's [tls.upstream] settings (core.tls.replica_tls).
-FOR_REPLICAS = object()
-
-
 class HttpUpstream:
     scheme = "http"
 
     def __init__(self, address: str, session: aiohttp.ClientSession, *, connections: int,
-                 tls: ClientTls | object | None = FOR_REPLICAS) -> None:
+                 tls: ClientTls | None = None) -> None:
         self.address = address
-        self.tls: ClientTls | None = replica_tls() if tls is FOR_REPLICAS else tls  # type: ignore[assignment]
+        self.tls = tls  # [tls.upstream] (replicas) or [tls.peers] (peer gateways); None: plaintext
         self.base = self.tls.http_base(address) if self.tls is not None else f"http://{address}"
         self._ssl = self.tls.ssl_context if self.tls is not None else True  # aiohttp's default
         self.session = session  # metadata, config, statistics

@@ -24,7 +24,7 @@ import os
 import aiohttp
 import grpc
 
-from core.tls import ClientTls, peer_tls
+from core.tls import ClientTls
 from gateway.front.deadline import TIMEOUT_HEADER
 from gateway.routing.targets import HOPS_HEADER, TARGET_PEER, Target
 from gateway.upstream.grpc_upstream import GrpcUpstream, classify_rpc_error
@@ -144,8 +144,9 @@ class PeerLink:
 class PeerLinks:
     """Every peer of one gateway, by region name."""
 
-    def __init__(self, cfg, local_region: str) -> None:
+    def __init__(self, cfg, local_region: str, *, tls: ClientTls | None = None) -> None:
         self._cfg = cfg
+        self._tls = tls  # [tls.peers]
         self.local_region = local_region
         self.links: dict[str, PeerLink] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -157,7 +158,7 @@ class PeerLinks:
         api_key = os.environ.get(auth.peer_key_env, "") if auth is not None and auth.peer_key_env else ""
         for r in self._cfg.regions:
             if r.name != self.local_region:
-                self.links[r.name] = PeerLink(r.name, r.http, r.grpc, self._session, conns, peer_tls(),
+                self.links[r.name] = PeerLink(r.name, r.http, r.grpc, self._session, conns, self._tls,
                                               api_key)
 
     def mark(self, region: str, healthy: bool, reason: str = "") -> None:

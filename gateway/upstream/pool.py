@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from core.config import Config, GatewaySection, PoolSection, RegionSection
+from core.tls import ClientTls
 from gateway.routing.balancer import LoadStats
 from gateway.upstream.grpc_upstream import GrpcUpstream
 from gateway.upstream.http_upstream import HttpUpstream, make_session
@@ -203,15 +204,17 @@ class RegionPools:
                  on_health_change: Callable[[ReplicaState], None] | None = None,
                  on_eject: Callable[[ReplicaState], None] | None = None,
                  on_member_change: Callable[[Upstream, bool], None] | None = None,
-                 client_factory: Callable[[ReplicaState], Any] | None = None) -> None:
+                 client_factory: Callable[[ReplicaState], Any] | None = None,
+                 tls: ClientTls | None = None) -> None:
         self.cfg = cfg
+        self.tls = tls  # [tls.upstream]: replicas serve TLS (data path and health checks); None: plaintext
         # Makes each replica's client; None: HTTP session / gRPC channel (`make_client`). The
         # simulation (loadtests.sim) passes its own: no sockets for a planet of replicas.
         self._client_factory = client_factory
         self.region = region
         self.gw: GatewaySection = cfg.gateway
         self.panic_threshold = cfg.health.panic_threshold
-        self.checker = ActiveHealthChecker(cfg.health, on_change=self._health_hook(on_health_change))
+        self.checker = ActiveHealthChecker(cfg.health, tls=tls, on_change=self._health_hook(on_health_change))
         self.detector = OutlierDetector(cfg.health, on_eject=self._eject_hook(on_eject))
         self._on_member_change = on_member_change
         self.session: aiohttp.ClientSession | None = None
@@ -239,8 +242,8 @@ class RegionPools:
         if state.scheme == "http":
             assert self.session is not None
             return HttpUpstream(state.address, self.session,
-                                connections=self.gw.upstream_connections_per_replica)
-        return GrpcUpstream(state.address)
+                                connections=self.gw.upstream_connections_per_replica, tls=self.tls)
+        return GrpcUpstream(state.address, tls=self.tls)
 
     def on_member_change(self, up: Upstream, added: bool) -> None:
         self.invalidate()

@@ -53,7 +53,8 @@ import aiohttp
 import orjson
 
 from core.config import Config, ConfigError, load_config
-from gateway.routing.capacity import CAPACITY_PATH, add_capacity_routes
+from gateway.admin.capacity_api import add_capacity_routes
+from gateway.routing.capacity import CAPACITY_PATH
 from gateway.world.srv_registry import UnboundRegistry, die_with_parent
 
 __all__ = ["AutoscaledPool", "LocalAutoscaler", "add_capacity_routes", "autoscaled_pools", "autoscaler_command",

@@ -38,8 +38,11 @@ from hypothesis import strategies as st
 
 from core.config import DnsSection, parse_config
 from geo.client_locator import ClientLocator
+from geo.dns_listeners import TcpServer as _TcpServer
+from geo.dns_listeners import UdpProtocol as _UdpProtocol
+from geo.dns_listeners import truncated_reply as _truncated_reply
 from geo.dns_rate_limit import ALLOW, DROP, SLIP, ResponseRateLimiter
-from geo.dns_server import GeoDnsResponder, _TcpServer, _truncated_reply, _UdpProtocol
+from geo.dns_server import GeoDnsResponder
 from geo.region_health import RegionHealthMonitor
 from tests.geo_standin import REGIONS, StandinGateway, dig, start_dns, wait_dns, write_config
 from tests.procs import free_port

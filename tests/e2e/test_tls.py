@@ -359,7 +359,7 @@ def test_tls_from_the_config(pki, tmp_path):
     """[tls], [tls.upstream], [tls.peers]: relative paths are relative to the config file; a bad
     file names the section; inconsistent keys are config errors naming the key."""
     from core.config import ConfigError, parse_config
-    from core.tls import ClientTls, client_tls_from_section, configure_links, replica_tls, server_tls_from_config
+    from core.tls import ClientTls, client_tls_from_section, link_tls_from_config, server_tls_from_config
 
     assert os.path.dirname(pki["server_cert"]) == str(tmp_path)  # the files are there: relative names work
     cfg = parse_config("""
@@ -386,11 +386,11 @@ ca_file = "missing.crt"
         client_tls_from_section(cfg, cfg.tls.peers, "peers")
     assert server_tls_from_config(parse_config("")) is None
     assert client_tls_from_section(cfg, parse_config("").tls.upstream, "upstream") is None
-    configure_links(upstream=up, peers=None)
-    try:
-        assert replica_tls() is up
-    finally:
-        configure_links(upstream=None, peers=None)
+    with pytest.raises(TlsConfigError, match=r"\[tls\.peers\]"):
+        link_tls_from_config(cfg)  # a worker does not start on a bad [tls.peers]
+    links = link_tls_from_config(parse_config(
+        '[tls.upstream]\nenabled = true\nca_file = "ca1.crt"\n', base_dir=str(tmp_path)))
+    assert isinstance(links.upstream, ClientTls) and not links.upstream.mutual and links.peers is None
     for text, key in (('[tls]\ncert_file = "a"\n', "tls.key_file"),
                       ('[tls]\nclient_ca_file = "a"\n', "tls.client_ca_file"),
                       ('[tls]\nadmin = true\n', "tls.admin"),

@@ -110,15 +110,13 @@ async def test_status(api):
 
 
 async def test_mount_on_a_gateway_admin_app(tmp_path):
-    from types import SimpleNamespace
-
     from core.config import parse_config
     from gateway.admin.models_api import mount
 
     cfg = parse_config('[store]\nurl = "file://store"\n[admin]\ntoken = "tok"\n[[regions]]\nname = "eu"\n',
                        base_dir=str(tmp_path))
     app = web.Application()
-    mount(app, SimpleNamespace(cfg=cfg))
+    mount(app, cfg)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
