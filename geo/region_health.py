@@ -119,8 +119,8 @@ class RegionHealthMonitor:
     def from_config(cls, cfg: Any, **kw: Any) -> RegionHealthMonitor:
         """A monitor with the ``[dns]`` check settings of a ``core.config.Config``."""
         d = cfg.dns
-        tls_peers = getattr(getattr(cfg, "tls", None), "peers", None)
-        if tls_peers is not None and tls_peers.enabled and "ssl_context" not in kw:
+        tls_peers = cfg.tls.peers
+        if tls_peers.enabled and "ssl_context" not in kw:
             from core.tls import client_tls_from_section
 
             kw["ssl_context"] = client_tls_from_section(cfg, tls_peers, "peers").ssl_context

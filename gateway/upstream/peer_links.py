@@ -154,8 +154,8 @@ class PeerLinks:
     def start(self) -> None:
         conns = self._cfg.gateway.upstream_connections_per_replica
         self._session = make_session(conns)
-        auth = getattr(self._cfg, "auth", None)
-        api_key = os.environ.get(auth.peer_key_env, "") if auth is not None and auth.peer_key_env else ""
+        key_env = self._cfg.auth.peer_key_env
+        api_key = os.environ.get(key_env, "") if key_env else ""
         for r in self._cfg.regions:
             if r.name != self.local_region:
                 self.links[r.name] = PeerLink(r.name, r.http, r.grpc, self._session, conns, self._tls,

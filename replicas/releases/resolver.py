@@ -73,8 +73,8 @@ class VersionResolver:
     def from_config(cls, cfg, store: ObjectStore, *, site: str = "", owns_store: bool = False) -> VersionResolver:
         """Built from the deployment config (``[routing] cutover``, ``[sync]`` timings)."""
         return cls(store, cutover=cfg.routing.cutover,
-                   poll_interval_s=getattr(cfg.sync, "resolver_poll_interval_ms", 1000) / 1000,
-                   stale_after_s=getattr(cfg.sync, "site_stale_after_ms", 15000) / 1000,
+                   poll_interval_s=cfg.sync.resolver_poll_interval_ms / 1000,
+                   stale_after_s=cfg.sync.site_stale_after_ms / 1000,
                    site=site, owns_store=owns_store)
 
     # ------------------------------------------------------------ polling
