@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from typing import NamedTuple
 
 TIMEOUT_HEADER = "geogate-timeout-ms"
@@ -107,7 +106,3 @@ def grpc_deadline(now_s: float, time_remaining_s: float | None, timeout_paramete
     if us > 0:
         return _bounded(now_s, us / US_PER_S, default_timeout_ms)
     return _default(now_s, default_timeout_ms)
-
-
-def remaining_s(deadline_s: float) -> float:
-    return deadline_s - time.monotonic()

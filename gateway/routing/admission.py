@@ -116,9 +116,6 @@ class AdmissionDecision:
     def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
         return (("retry-after", str(self.retry_after_s)),) if self.outcome == OUTCOME_SHED else ()
 
-    def error_body(self) -> dict:
-        return {"error": self.reason}
-
 
 ADMIT = {p: AdmissionDecision(p, OUTCOME_ADMIT) for p in PRIORITIES}
 

@@ -21,7 +21,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -374,7 +373,3 @@ class FileStore(ObjectStore):
         except asyncio.CancelledError:
             cancelled.set()  # the worker thread stops at its next chunk instead of copying on
             raise
-
-    def remove_everything(self) -> None:
-        """Tests only: wipe the store directory."""
-        shutil.rmtree(self.root, ignore_errors=True)
