@@ -387,14 +387,15 @@ class CapacitySection:
     scale_up_window_s: float = _v(_non_negative, default=3.0)
     scale_down_window_s: float = _v(_non_negative, default=60.0)  # HPA's stabilization window
     sample_interval_ms: int = _v(_positive, default=250)
-    # Admission (priority classes): a class is refused above its utilization (in-flight over
-    # the replicas' concurrency limits) or expected-queueing bound. Queueing is the main signal;
-    # the utilization bound also works while service times are still unknown.
+    # Admission (priority classes; gateway.routing.admission): sheddable is refused above its
+    # utilization (in-flight over the replicas' concurrency limits) OR expected-queueing bound;
+    # standard only above both (README "Overload" says why); critical never.
     default_priority: str = _v(_one_of("critical", "standard", "sheddable"), default="standard")
     sheddable_max_utilization: float = _v(_positive, default=1.0)
     sheddable_max_queue_ms: float = _v(_non_negative, default=50.0)
-    # Standard traffic is refused only in deep overload: a transient stall (a replica loading
-    # a model, a GC pause) must not cost standard requests that would have waited a moment.
+    # Standard traffic is refused only in deep overload: past the knee is queueing, and a
+    # transient stall (a replica loading a model, a GC pause) must not cost standard requests
+    # that would have waited a moment.
     standard_max_utilization: float = _v(_positive, default=8.0)
     standard_max_queue_ms: float = _v(_non_negative, default=5000.0)
     # Load-aware spill to a peer region: enter above spill_queue_ms of expected local queueing,

@@ -12,9 +12,18 @@ expected queueing delay) and whether a peer region could take the request
 
     sheddable  over sheddable_max_utilization or sheddable_max_queue_ms  -> refused (429)
     standard   over standard_max_utilization or standard_max_queue_ms    -> spill if a peer has
+                                                                            capacity, else queued
+               over standard_max_utilization AND standard_max_queue_ms   -> spill if a peer has
                                                                             capacity, else refused
     critical   never refused: over the standard bound it spills when a peer has capacity,
                otherwise it waits in the local queue
+
+Why standard needs both: a concurrency limit learned from the latency knee of a small model is
+small (1-2 per replica), so 32 concurrent clients are "2000% utilization" while the replica,
+batching, answers each of them in a few milliseconds. Being past the knee is not overload;
+requests expected to wait longer than the latency objective (standard_max_queue_ms, 5 s) at
+replicas that are past their limits are. The expected wait is Little's law over the pool's
+in-flight (scaled by the number of gateway workers, so N workers decide as one would).
 
 Refusals are HTTP 429 / gRPC RESOURCE_EXHAUSTED with ``Retry-After`` (seconds until the local
 queue is expected to be back under the bound, at least 1) and an operator-readable reason.
@@ -135,6 +144,15 @@ class Bound:
             return f"utilization {u} is over {self.max_utilization:.0%} of the replicas' concurrency limits"
         return ""
 
+    def deep(self, utilization: float, queue_ms: float) -> str:
+        """Empty unless BOTH bounds are exceeded, else what is over them."""
+        if queue_ms <= self.max_queue_ms or utilization <= self.max_utilization:
+            return ""
+        q = "unbounded (no capacity)" if math.isinf(queue_ms) else f"{queue_ms:.0f} ms"
+        u = "no capacity" if math.isinf(utilization) else f"{utilization:.0%}"
+        return (f"expected queueing {q} is over {self.max_queue_ms:g} ms at utilization {u} "
+                f"(over {self.max_utilization:.0%} of the replicas' concurrency limits)")
+
 
 def retry_after_s(queue_ms: float, bound_ms: float) -> int:
     """Seconds until the queue should have drained below the bound (at least 1)."""
@@ -183,9 +201,12 @@ class AdmissionController:
         if priority == CRITICAL:
             return AdmissionDecision(CRITICAL, OUTCOME_ADMIT,
                                      f"{where} overloaded ({over}) and no peer has capacity: critical request queued")
+        deep = self.bounds[STANDARD].deep(utilization, queue_ms)
+        if not deep:  # past one bound only: the replicas still answer within the objective
+            return AdmissionDecision(STANDARD, OUTCOME_ADMIT, f"{where} busy ({over}): standard request queued")
         return AdmissionDecision(STANDARD, OUTCOME_SHED,
                                  f"overloaded: standard request refused in {where} and no peer region has "
-                                 f"capacity: {over}",
+                                 f"capacity: {deep}",
                                  retry_after_s(queue_ms, self.bounds[STANDARD].max_queue_ms))
 
     def counters(self) -> dict[str, dict[str, int]]:
