@@ -64,6 +64,8 @@ class InferRequestPeek:
     raw_input_starts: list[int] = field(default_factory=list)  # offsets in the message (BYTES checks)
     # Request-level parameters with int values (e.g. Triton's "timeout" in microseconds).
     int_parameters: dict[str, int] = field(default_factory=dict)
+    # ... with bool or string values (sequence_start / sequence_end, a string sequence_id).
+    other_parameters: dict[str, bool | str] = field(default_factory=dict)
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -173,10 +175,13 @@ def _peek_tensor(buf: memoryview, pos: int, end: int) -> TensorHeader:
     return t
 
 
-def _peek_parameter_entry(buf: memoryview, pos: int, end: int, out: dict[str, int]) -> None:
-    """One map<string, InferParameter> entry: key = 1, value = 2; keep int64/uint64 values."""
+def _peek_parameter_entry(buf: memoryview, pos: int, end: int, out: dict[str, int],
+                          others: dict[str, bool | str]) -> None:
+    """One map<string, InferParameter> entry: key = 1, value = 2. int64/uint64 values go to
+    `out`, bool and string values (sequence_start, a string sequence_id) to `others`."""
     key_name = ""
     value: int | None = None
+    other: bool | str | None = None
     while pos < end:
         key, pos = _varint(buf, pos, end)
         fno, wire = key >> 3, key & 7
@@ -192,7 +197,13 @@ def _peek_parameter_entry(buf: memoryview, pos: int, end: int, out: dict[str, in
                 f2, w2 = k2 >> 3, k2 & 7
                 if f2 in (2, 5) and w2 == WIRE_VARINT:
                     v, p = _varint(buf, p, e)
-                    value = _signed64(v) if f2 == 2 else v
+                    value, other = (_signed64(v) if f2 == 2 else v), None
+                elif f2 == 1 and w2 == WIRE_VARINT:
+                    v, p = _varint(buf, p, e)
+                    value, other = None, bool(v)
+                elif f2 == 3 and w2 == WIRE_LEN:
+                    s2, p = _len_field(buf, p, e)
+                    value, other = None, _str(buf, s2, p)
                 else:
                     p = _skip(buf, p, e, w2, f2)
             pos = e
@@ -200,6 +211,10 @@ def _peek_parameter_entry(buf: memoryview, pos: int, end: int, out: dict[str, in
             pos = _skip(buf, pos, end, wire, fno)
     if key_name and value is not None:
         out[key_name] = value
+        others.pop(key_name, None)
+    elif key_name and other is not None:
+        others[key_name] = other
+        out.pop(key_name, None)
 
 
 def peek_infer_request(raw: bytes | memoryview) -> InferRequestPeek:
@@ -226,7 +241,7 @@ def peek_infer_request(raw: bytes | memoryview) -> InferRequestPeek:
             elif fno == F_ID:
                 peek.id = _str(buf, s, e)
             else:
-                _peek_parameter_entry(buf, s, e, peek.int_parameters)
+                _peek_parameter_entry(buf, s, e, peek.int_parameters, peek.other_parameters)
             pos = e
         else:
             pos = _skip(buf, pos, end, wire, fno)

@@ -422,6 +422,14 @@ def grpc_request(draw):
         req.parameters["priority"].uint64_param = draw(st.integers(0, 2**64 - 1))
     if draw(st.booleans()):
         req.parameters["tag"].string_param = draw(st.text(max_size=5))
+    if draw(st.booleans()):
+        req.parameters["sequence_start"].bool_param = draw(st.booleans())
+    if draw(st.booleans()):
+        seq = req.parameters["sequence_id"]
+        if draw(st.booleans()):
+            seq.string_param = draw(st.text(max_size=8))
+        else:
+            seq.uint64_param = draw(st.integers(0, 2**64 - 1))
     return req
 
 
@@ -505,6 +513,9 @@ def test_peek_round_trip(req, version):
                      for k, v in req.parameters.items()
                      if v.WhichOneof("parameter_choice") in ("int64_param", "uint64_param")}
     assert peek.int_parameters == expected_ints
+    expected_others = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in req.parameters.items()
+                       if v.WhichOneof("parameter_choice") in ("bool_param", "string_param")}
+    assert peek.other_parameters == expected_others
     # Appending model_version never changes anything else.
     rewritten = with_model_version(wire, version)
     again = service_pb2.ModelInferRequest.FromString(rewritten)
