@@ -49,6 +49,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from core.kserve import REPLICA_HEADER
 from gateway.routing.balancer import LoadStats
 from gateway.upstream.load_signals import LoadSignals, ReplicaLoad, ScrapeTarget, metrics_url_for
 from loadtests.procs import GatewayProc, Proc, RegionConfig, free_port, http_ok
@@ -66,7 +67,6 @@ WARMUP_S = 1.0
 GATEWAY_MODES = ("gateway", "gateway+queue")
 MODES = ("outstanding", "queue", "peak-ewma", "peak-ewma+queue", *GATEWAY_MODES)
 GATEWAY_READY_TIMEOUT_S = 60.0
-REPLICA_HEADER = "geogate-replica"
 GATEWAY_HEALTH = {"interval_ms": 300, "timeout_ms": 250, "rise": 1, "fall": 2}
 SCENARIOS = ("hidden-load", "slow-replica")
 X = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(1, 16)

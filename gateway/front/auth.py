@@ -63,6 +63,7 @@ from typing import Any
 
 import grpc
 
+from core.kserve import API_KEY_HEADER, AUTHORIZATION_HEADER, http_to_grpc
 from gateway.front.rate_limit import RETRY_AFTER_MIN_S, ConcurrencyLimiter, TokenBucket, format_wait, retry_after_header
 
 log = logging.getLogger("geogate.auth")
@@ -81,11 +82,6 @@ RELOAD_CHECK_INTERVAL_S = 1.0
 MAX_TOKEN_CHARS = 256  # longer "keys" are refused before any work
 ANONYMOUS_NAME = "anonymous"
 
-AUTHORIZATION_HEADER = "authorization"
-API_KEY_HEADER = "x-api-key"
-
-STATUS_GRPC = {200: grpc.StatusCode.OK, 401: grpc.StatusCode.UNAUTHENTICATED,
-               403: grpc.StatusCode.PERMISSION_DENIED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class KeysFileError(ValueError):
@@ -133,7 +129,7 @@ ALLOWED_OPEN = AuthDecision(True, key_name="", message="authentication is off")
 
 
 def _deny(status: int, message: str, key_name: str = "", retry_after_s: float = 0.0) -> AuthDecision:
-    return AuthDecision(False, key_name=key_name, http_status=status, grpc_code=STATUS_GRPC[status],
+    return AuthDecision(False, key_name=key_name, http_status=status, grpc_code=http_to_grpc(status),
                         message=message, retry_after_s=retry_after_s)
 
 

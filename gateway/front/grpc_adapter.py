@@ -26,9 +26,10 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from core.kserve import HOPS_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, http_to_grpc
 from core.names import cached_model_ref_problem as model_ref_problem
 from gateway.front import deadline as dl
-from gateway.front.access_log import REQUEST_ID_HEADER, request_id_from
+from gateway.front.access_log import request_id_from
 from gateway.front.auth import AuthDecision, Authenticator, grpc_abort
 from gateway.front.http_adapter import (
     NOT_ON_GATEWAY,
@@ -38,9 +39,8 @@ from gateway.front.http_adapter import (
     SHED_RETRY_AFTER_S,
 )
 from gateway.front.request_checks import ClientErrorLog, RequestError, check_grpc, parse_hops
-from gateway.routing.targets import HOPS_HEADER
 from gateway.upstream.proto_peek import ProtoError, peek_infer_request
-from gateway.upstream.types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_GRPC, InferCall, http_to_grpc
+from gateway.upstream.types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_GRPC, InferCall
 
 log = logging.getLogger("geogate.gateway.grpc")
 
@@ -59,7 +59,6 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-PRIORITY_HEADER = "geogate-priority"
 
 
 def grpc_peer_ip(peer: str | None) -> str:

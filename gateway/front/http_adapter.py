@@ -33,20 +33,19 @@ import time
 import orjson
 from aiohttp import HttpVersion11, web
 
+from core.kserve import HEADER_LENGTH, HOPS_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER
 from core.names import cached_model_ref_problem as model_ref_problem
 from gateway.admin.guard import admin_guard, admin_json_errors, admin_request_check, public_region_summary
 from gateway.admin.region_summary import region_summary
 from gateway.front import deadline as dl
-from gateway.front.access_log import REQUEST_ID_HEADER, request_id_from
+from gateway.front.access_log import request_id_from
 from gateway.front.auth import AdminCredentials, AuthDecision, Authenticator
 from gateway.front.request_checks import ClientErrorLog, RequestError, ValidatedHeaders, check_coding, parse_hops
 from gateway.front.slow_clients import GuardedSockSite, GuardLimits, ListenerLog, sweep_slow_clients
-from gateway.routing.targets import HOPS_HEADER
 from gateway.upstream.types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, InferCall
 
 log = logging.getLogger("geogate.gateway.http")
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
 SERVER_NAME = "geogate"
 SERVER_VERSION = "0.1.0"
@@ -59,7 +58,6 @@ def json_response(body: object, status: int = 200, headers: dict | None = None) 
     return web.Response(body=orjson.dumps(body), status=status, content_type=JSON, headers=headers)
 
 
-PRIORITY_HEADER = "geogate-priority"
 # Paths that never need an API key: load balancers, peers and GeoDNS read them.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region"})
 SHED_RETRY_AFTER_S = 1  # an overloaded worker tells clients to come back this soon

@@ -15,15 +15,14 @@ import aiohttp
 import orjson
 from google.protobuf.message import DecodeError
 
+from core.kserve import HEADER_LENGTH, HEADER_LENGTH_LC, http_to_grpc
 from core.tls import ClientTls, replica_tls
 from gateway.upstream import translate
 from gateway.upstream.http1_client import ConnectionPool, UpstreamConnectError
 from gateway.upstream.proto_peek import ProtoError, peek_response_version
-from gateway.upstream.types import InferCall, Reply, http_to_grpc
+from gateway.upstream.types import InferCall, Reply
 from health.outcomes import Outcome, classify_http_status
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-HEADER_LENGTH_LC = HEADER_LENGTH.lower()
 KEEPALIVE_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 2.0
 # How far into an HTTP answer to look for "model_version" before parsing its JSON header.

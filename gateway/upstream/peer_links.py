@@ -24,9 +24,9 @@ import os
 import aiohttp
 import grpc
 
+from core.kserve import HOPS_HEADER, PRIORITY_HEADER, REGION_HEADER, REPLICA_HEADER, TIMEOUT_HEADER
 from core.tls import ClientTls, peer_tls
-from gateway.front.deadline import TIMEOUT_HEADER
-from gateway.routing.targets import HOPS_HEADER, TARGET_PEER, Target
+from gateway.routing.targets import TARGET_PEER, Target
 from gateway.upstream.grpc_upstream import GrpcUpstream, classify_rpc_error
 from gateway.upstream.http_upstream import HttpUpstream, make_session
 from gateway.upstream.proto_peek import ProtoError, peek_response_version
@@ -39,9 +39,6 @@ MS_PER_S = 1000.0
 # Leave the peer a little less than our own remaining time, so its deadline answer (504 with
 # its reason) reaches us before our own timer fires.
 DEADLINE_MARGIN_S = 0.002
-REGION_HEADER = "geogate-region"
-REPLICA_HEADER = "geogate-replica"
-PRIORITY_HEADER = "geogate-priority"
 
 
 class PeerGrpc(GrpcUpstream):
