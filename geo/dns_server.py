@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -56,6 +55,7 @@ import dns.rdatatype
 import dns.rrset
 from aiohttp import web
 
+from core.logs import setup_logging
 from geo.client_locator import ClientLocator
 from geo.dns_metrics import DnsMetrics, build_status_app
 from geo.dns_rate_limit import SLIP, ResponseRateLimiter
@@ -550,15 +550,6 @@ class _TcpServer:
 # ---------------------------------------------------------------- process
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def _os_reason(exc: OSError) -> str:
     return f"{exc} ({os.strerror(exc.errno)})" if exc.errno else str(exc)
 
@@ -653,9 +644,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.config import ConfigError, load_config
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    setup_logging(args.log_level)
     try:
         cfg = load_config(args.config)
         if not cfg.regions:
