@@ -51,7 +51,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -64,6 +63,7 @@ from typing import Any
 import grpc
 
 from core.kserve import API_KEY_HEADER, AUTHORIZATION_HEADER, http_to_grpc
+from core.watched_file import Signature, WatchedFiles
 from gateway.front.rate_limit import RETRY_AFTER_MIN_S, ConcurrencyLimiter, TokenBucket, format_wait, retry_after_header
 
 log = logging.getLogger("geogate.auth")
@@ -355,7 +355,7 @@ class Authenticator:
         # False: the file is checked only by `watch()` (file IO off the event loop, the gateway's way)
         self.check_on_request = check_on_request
         self.clock = clock
-        self._file_sig: tuple[int, int, int] | None = None
+        self._file = WatchedFiles(keys_file) if keys_file else None
         self._next_check_s = 0.0
         self._states: dict[str, _KeyState] = {}
         self._anonymous: _KeyState | None = None
@@ -363,7 +363,6 @@ class Authenticator:
         self.last_error = ""
         self.reloads = 0
         if keys_file:
-            self._file_sig = self._stat()
             self._install(read_keys_file(keys_file))  # a broken file at startup is fatal
         else:
             self._install(parse_key_table(table))
@@ -385,18 +384,11 @@ class Authenticator:
         self._anonymous = _KeyState(table.anonymous, self._anonymous, self.clock) if table.anonymous else None
         self._verified = {}  # revoked or changed keys must not stay cached
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.keys_file)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
     def reload_if_changed(self, *, force: bool = False) -> bool:
         """Re-read the keys file when it changed (or `force`); True when a new table is in force."""
-        if not self.keys_file:
+        if self._file is None:
             return False
-        if not self._take_sig(self._stat(), force):
+        if not self._take_sig(self._file.signature(), force):
             return False
         try:
             table = read_keys_file(self.keys_file)
@@ -404,11 +396,13 @@ class Authenticator:
             return self._reload_failed(exc)
         return self._install_reloaded(table)
 
-    def _take_sig(self, sig: tuple[int, int, int] | None, force: bool) -> bool:
-        """Record the file's new signature; False when unchanged and not forced (nothing to do)."""
-        if not force and sig == self._file_sig:
+    def _take_sig(self, sig: Signature, force: bool) -> bool:
+        """Accept the file's signature now, so a broken file is read again only once it changes;
+        False when unchanged and not forced (nothing to do)."""
+        assert self._file is not None
+        if not force and sig == self._file.seen:
             return False
-        self._file_sig = sig
+        self._file.accept(sig)
         return True
 
     def _reload_failed(self, exc: KeysFileError) -> bool:
@@ -436,9 +430,9 @@ class Authenticator:
     async def reload_async(self, *, force: bool = False) -> bool:
         """`reload_if_changed` with the stat and the file read in a thread; the new table is
         installed on the caller's (event loop's) thread."""
-        if not self.keys_file:
+        if self._file is None:
             return False
-        if not self._take_sig(await asyncio.to_thread(self._stat), force):
+        if not self._take_sig(await asyncio.to_thread(self._file.signature), force):
             return False
         try:
             table = await asyncio.to_thread(read_keys_file, self.keys_file)
