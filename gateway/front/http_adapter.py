@@ -39,7 +39,8 @@ from gateway.admin.guard import admin_guard, admin_json_errors, admin_request_ch
 from gateway.admin.region_summary import region_summary
 from gateway.front import deadline as dl
 from gateway.front.access_log import request_id_from
-from gateway.front.auth import AdminCredentials, AuthDecision, Authenticator
+from gateway.front.admin_auth import AdminCredentials
+from gateway.front.auth import AuthDecision, Authenticator
 from gateway.front.request_checks import ClientErrorLog, RequestError, ValidatedHeaders, check_coding, parse_hops
 from gateway.front.slow_clients import GuardedSockSite, GuardLimits, ListenerLog, sweep_slow_clients
 from gateway.upstream.types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, InferCall

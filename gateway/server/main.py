@@ -91,7 +91,8 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
     from aiohttp import web
 
     from core.tls import TlsConfigError, configure_links_from_config, server_tls_from_config
-    from gateway.front.auth import KeysFileError, admin_credentials_from_config
+    from gateway.front.admin_auth import admin_credentials_from_config
+    from gateway.front.api_keys import KeysFileError
     from gateway.front.grpc_adapter import GrpcFront
     from gateway.front.http_adapter import HttpFront
     from gateway.server.composition import GatewayState
