@@ -49,7 +49,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from core.kserve import REPLICA_HEADER
+from core.kserve import HEADER_LENGTH, REPLICA_HEADER
 from gateway.routing.balancer import LoadStats
 from gateway.upstream.load_signals import LoadSignals, ReplicaLoad, ScrapeTarget, metrics_url_for
 from loadtests.procs import GatewayProc, Proc, RegionConfig, free_port, http_ok
@@ -102,7 +102,7 @@ def _body() -> tuple[bytes, dict[str, str]]:
     header = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
                                      "parameters": {"binary_data_size": X.nbytes}}],
                          "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}]}).encode()
-    return header + X.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+    return header + X.tobytes(), {HEADER_LENGTH: str(len(header)),
                                   "Content-Type": "application/octet-stream"}
 
 
@@ -221,7 +221,7 @@ async def open_loop(route: Balancer | ThroughGateway, session: aiohttp.ClientSes
                 ok = r.status == 200
                 served = route.replica_of(url, r.headers)
                 if ok and not checked:
-                    n = int(r.headers["Inference-Header-Content-Length"])
+                    n = int(r.headers[HEADER_LENGTH])
                     out = np.frombuffer(data[n:], dtype=np.float32).reshape(1, 8)
                     ok = checked = bool(np.allclose(out, expected, atol=1e-4))
         except (aiohttp.ClientError, OSError):

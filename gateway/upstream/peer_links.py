@@ -24,7 +24,7 @@ import os
 import aiohttp
 import grpc
 
-from core.kserve import HOPS_HEADER, PRIORITY_HEADER, REGION_HEADER, REPLICA_HEADER, TIMEOUT_HEADER
+from core.kserve import HOPS_HEADER, PRIORITY_HEADER, REGION_HEADER, REPLICA_HEADER, REQUEST_ID_HEADER, TIMEOUT_HEADER
 from core.tls import ClientTls, peer_tls
 from gateway.routing.targets import TARGET_PEER, Target
 from gateway.upstream.grpc_upstream import GrpcUpstream, classify_rpc_error
@@ -98,7 +98,7 @@ class PeerLink:
 
     async def forward(self, call: InferCall, timeout_s: float) -> Reply:
         timeout_s = max(0.001, timeout_s)
-        headers = {"x-request-id": call.request_id, HOPS_HEADER: str(call.hops + 1)}
+        headers = {REQUEST_ID_HEADER: call.request_id, HOPS_HEADER: str(call.hops + 1)}
         if self.auth_header:
             headers["authorization"] = self.auth_header
         if call.priority:  # the class this gateway resolved: the peer's admission uses it
