@@ -26,7 +26,6 @@ from core.kserve import HEADER_LENGTH, MODEL_VERSION_HEADER, REGION_HEADER, REPL
 from loadtests.verify import REASON_BAD_OUTPUT, Verifier
 
 PROTOCOLS = ("http", "http-binary", "grpc")
-
 GRPC_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_PORTS = {"http": 8000, "http-binary": 8000, "grpc": 8001}
