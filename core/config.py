@@ -188,7 +188,7 @@ class GatewaySection:
 class AdminSection:
     token: str = ""
     token_env: str = "GEOGATE_ADMIN_TOKEN"
-    # Named operators with their own tokens, hashed at rest (a keys file in gateway.front.auth's format:
+    # Named operators with their own tokens, hashed at rest (a keys file in gateway.front.api_keys' format:
     # `python -m gateway.front.auth new-key NAME`); the name is recorded as `who` in the release history
     # and the audit log. Re-read when it changes. Either this or `token` (or both).
     operators_file: str = ""

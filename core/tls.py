@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+
+from core.watched_file import WatchedFiles
 
 if TYPE_CHECKING:
     from core.config import ClientTlsSection, Config
@@ -77,27 +78,17 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
-def _file_sig(paths: tuple[str, ...]) -> tuple:
-    sig = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            sig.append(None)
-    return tuple(sig)
-
-
 class ServerTls:
     """Server certificate, key and optional client CA, reloaded when their files change."""
 
     def __init__(self, settings: ServerTlsSettings) -> None:
         self.settings = settings
-        self._paths = tuple(p for p in (settings.cert_file, settings.key_file, settings.client_ca_file) if p)
         self._lock = threading.Lock()  # gRPC calls the fetcher from its own threads
-        self._sig = _file_sig(self._paths)
+        # Two consumers of the same files, each with what it last loaded: the aiohttp context
+        # (reload_if_changed) and gRPC's certificate fetcher (_grpc_fetch).
+        self._files = WatchedFiles(settings.cert_file, settings.key_file, settings.client_ca_file)
         self._ctx = self._new_context()  # raises TlsConfigError: a bad file at startup is fatal
-        self._grpc_sig = self._sig
+        self._grpc_files = WatchedFiles(*self._files.paths, seen=self._files.seen)
         self.reloads = 0
         self.last_error = ""
 
@@ -141,8 +132,8 @@ class ServerTls:
         Note: OpenSSL can add CA certificates to a live context but not remove them; a client
         CA that must be distrusted needs a restart."""
         with self._lock:
-            sig = _file_sig(self._paths)
-            if sig == self._sig:
+            sig = self._files.changed()
+            if sig is None:
                 return False
             try:
                 # Check the pair on a scratch context first: a failed load_cert_chain on the live
@@ -154,7 +145,7 @@ class ServerTls:
                     log.error("TLS files changed but not reloaded (keeping the previous certificate): %s", exc)
                 self.last_error = str(exc)
                 return False  # the signature is kept old: retried at the next check
-            self._sig = sig
+            self._files.accept(sig)
             self.last_error = ""
             self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.settings.cert_file)
@@ -182,8 +173,8 @@ class ServerTls:
     def _grpc_fetch(self):
         """Called by gRPC before each new handshake: a new configuration, or None (no change)."""
         with self._lock:
-            sig = _file_sig(self._paths)
-            if sig == self._grpc_sig:
+            sig = self._grpc_files.changed()
+            if sig is None:
                 return None
             try:
                 config = self._grpc_config()
@@ -191,7 +182,7 @@ class ServerTls:
             except TlsConfigError as exc:
                 log.error("gRPC TLS files changed but not reloaded: %s", exc)
                 return None
-            self._grpc_sig = sig
+            self._grpc_files.accept(sig)
         log.info("gRPC TLS certificate reloaded from %s", self.settings.cert_file)
         return config
 

@@ -33,13 +33,11 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import signal
 import struct
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +53,7 @@ import dns.rdatatype
 import dns.rrset
 from aiohttp import web
 
+from core.logs import setup_logging
 from geo.client_locator import ClientLocator
 from geo.dns_listeners import _OPCODE_MASK, _QR, _RD, HEADER_LEN, MAX_TCP_MESSAGE, TcpServer, ThrottledLog, UdpProtocol
 from geo.dns_metrics import DnsMetrics, build_status_app
@@ -304,13 +303,6 @@ class GeoDnsResponder:
 # ---------------------------------------------------------------- listeners
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(time.time(), 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
 
 
 def _os_reason(exc: OSError) -> str:
@@ -407,9 +399,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from core.config import ConfigError, load_config
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    setup_logging(args.log_level)
     try:
         cfg = load_config(args.config)
         if not cfg.regions:

@@ -49,6 +49,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from core.kserve import HEADER_LENGTH, REPLICA_HEADER
 from gateway.routing.balancer import LoadStats
 from gateway.upstream.load_signals import LoadSignals, ReplicaLoad, ScrapeTarget, metrics_url_for
 from loadtests.procs import GatewayProc, Proc, RegionConfig, free_port, http_ok
@@ -66,7 +67,6 @@ WARMUP_S = 1.0
 GATEWAY_MODES = ("gateway", "gateway+queue")
 MODES = ("outstanding", "queue", "peak-ewma", "peak-ewma+queue", *GATEWAY_MODES)
 GATEWAY_READY_TIMEOUT_S = 60.0
-REPLICA_HEADER = "geogate-replica"
 GATEWAY_HEALTH = {"interval_ms": 300, "timeout_ms": 250, "rise": 1, "fall": 2}
 SCENARIOS = ("hidden-load", "slow-replica")
 X = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(1, 16)
@@ -102,7 +102,7 @@ def _body() -> tuple[bytes, dict[str, str]]:
     header = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
                                      "parameters": {"binary_data_size": X.nbytes}}],
                          "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}]}).encode()
-    return header + X.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+    return header + X.tobytes(), {HEADER_LENGTH: str(len(header)),
                                   "Content-Type": "application/octet-stream"}
 
 
@@ -221,7 +221,7 @@ async def open_loop(route: Balancer | ThroughGateway, session: aiohttp.ClientSes
                 ok = r.status == 200
                 served = route.replica_of(url, r.headers)
                 if ok and not checked:
-                    n = int(r.headers["Inference-Header-Content-Length"])
+                    n = int(r.headers[HEADER_LENGTH])
                     out = np.frombuffer(data[n:], dtype=np.float32).reshape(1, 8)
                     ok = checked = bool(np.allclose(out, expected, atol=1e-4))
         except (aiohttp.ClientError, OSError):

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
 
+from core.kserve import PRIORITY_HEADER, REGION_HEADER
 from loadtests.procs import Proc, free_port, http_ok
 from replicas.demo.onnx_model import write_repository_entry
 
@@ -177,10 +178,10 @@ async def drive(urls: dict[str, str], points: list[tuple[float, float]], steady_
             start = time.monotonic()
             served = ""
             try:
-                async with session.post(urls[target], data=BODY, headers={"geogate-priority": cls}) as r:
+                async with session.post(urls[target], data=BODY, headers={PRIORITY_HEADER: cls}) as r:
                     await r.read()
                     status = r.status
-                    served = r.headers.get("geogate-region", "")
+                    served = r.headers.get(REGION_HEADER, "")
             except (TimeoutError, aiohttp.ClientError, OSError):
                 status = 0
             finally:

@@ -22,14 +22,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
+from core.kserve import HEADER_LENGTH, MODEL_VERSION_HEADER, REGION_HEADER, REPLICA_HEADER, TIMEOUT_HEADER
 from loadtests.verify import REASON_BAD_OUTPUT, Verifier
 
 PROTOCOLS = ("http", "http-binary", "grpc")
-HEADER_LENGTH = "Inference-Header-Content-Length"
-REGION_HEADER = "geogate-region"
-REPLICA_HEADER = "geogate-replica"
-VERSION_HEADER = "geogate-model-version"
-TIMEOUT_HEADER = "geogate-timeout-ms"
 GRPC_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_PORTS = {"http": 8000, "http-binary": 8000, "grpc": 8001}
@@ -139,7 +135,7 @@ class _HttpClient:
         except Exception as exc:  # every transport failure is a counted outcome
             return Result(False, time.monotonic() - intended_s, reason=_http_failure_reason(exc))
         region, replica = rh.get(REGION_HEADER, ""), rh.get(REPLICA_HEADER, "")
-        version = rh.get(VERSION_HEADER, "")
+        version = rh.get(MODEL_VERSION_HEADER, "")
         if status != 200:
             return Result(False, latency_s, region, replica, version, f"http {status}")
         try:
@@ -270,7 +266,7 @@ class GrpcClient:
                     region = value
                 elif key == REPLICA_HEADER:
                     replica = value
-                elif key == VERSION_HEADER:
+                elif key == MODEL_VERSION_HEADER:
                     version = value
         except grpc.aio.AioRpcError as exc:
             latency_s = time.monotonic() - intended_s

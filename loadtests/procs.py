@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.kserve import REGION_HEADER
+
 GEOGATE = [sys.executable, "-m", "gateway"]
 LOOPBACK = "127.0.0.1"
 POLL_INTERVAL_S = 0.1
@@ -305,7 +307,7 @@ class ReplicaProc(Proc):
 
 def infer_region(http_address: str, model: str = "demo", timeout_s: float = 5.0) -> str:
     """One JSON inference through a gateway: the `geogate-region` that served it ('' on failure)."""
-    return infer_headers(http_address, model, timeout_s).get("geogate-region", "")
+    return infer_headers(http_address, model, timeout_s).get(REGION_HEADER, "")
 
 
 def infer_headers(http_address: str, model: str = "demo", timeout_s: float = 5.0) -> dict[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from gateway.front.auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials
+from gateway.front.admin_auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials
 
 JSON = "application/json"
 

@@ -18,7 +18,7 @@ from gateway.admin.guard import (
     error_response,
     public_region_summary,
 )
-from gateway.front.auth import AdminCredentials
+from gateway.front.admin_auth import AdminCredentials
 
 JSON = "application/json"
 

@@ -11,7 +11,7 @@ All need ``Authorization: Bearer <token>`` (401 without or malformed, e.g. not p
 ASCII; 403 with a wrong one, 403 when the server has no token configured); never the status
 page's session cookie (a browser must not be able to promote on a forged link). Model names
 and versions follow core.names (400 otherwise, before any store lookup).
-Two kinds of credentials (gateway.front.auth.AdminCredentials), separate from the client API keys:
+Two kinds of credentials (gateway.front.admin_auth.AdminCredentials), separate from the client API keys:
 - a named operator's token from ``[admin] operators_file`` (keys-file format, hashed at rest,
   re-read when it changes; ``python -m gateway.front.auth new-key NAME``): the operator's name is
   what the release history records as ``who``;
@@ -37,7 +37,7 @@ from aiohttp import web
 
 from core.config import Config
 from core.names import model_name_problem, version_problem
-from gateway.front.auth import AdminCredentials
+from gateway.front.admin_auth import AdminCredentials
 from replicas.releases.manifest import list_stored_versions
 from replicas.releases.records import ConflictError, ReleaseError, Releases, UnknownModel, UnknownVersion
 from replicas.releases.site_status import read_all_sites
@@ -270,7 +270,7 @@ def mount(admin_app: web.Application, cfg: Config, *, credentials: AdminCredenti
     creds = credentials
     watcher = None
     if creds is None:  # not built by the composition root (tests mounting on a bare app)
-        from gateway.front.auth import admin_credentials_from_config
+        from gateway.front.admin_auth import admin_credentials_from_config
 
         # A broken operators file fails the mount: the routes then do not exist rather than
         # exist without the configured credentials.

@@ -47,7 +47,7 @@ import orjson
 from aiohttp import web
 
 from core.config import Config, RegionSection
-from gateway.front.auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials
+from gateway.front.admin_auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials
 
 if TYPE_CHECKING:
     from gateway.server.region_state import RegionState

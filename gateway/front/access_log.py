@@ -35,7 +35,6 @@ FLUSH_INTERVAL_S = 0.2
 FLUSH_AT_LINES = 512
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024  # written-but-not-yet-on-disk lines kept at most (per worker)
 WRITER_JOIN_TIMEOUT_S = 5.0
-REQUEST_ID_HEADER = "x-request-id"
 
 
 MAX_REQUEST_ID_CHARS = 128

@@ -1,45 +1,19 @@
 """Client authentication and per-key limits for the client-facing listeners.
 
-API keys look like ``gk_<id>_<secret>``: ``id`` (12 hex characters) is not secret and indexes
-the key table, so a request costs one dict lookup and one sha256, never a scan. Only
-``sha256(salt || secret)`` is stored, with a random per-key salt, compared in constant time
-(``hmac.compare_digest``). The secret is 32 random bytes (256 bits), so a fast hash is enough:
-there is nothing to brute-force, and key stretching (scrypt) would cost milliseconds per
-request for no gain. Verified tokens are cached for VERIFIED_CACHE_TTL_S so a busy client
+``Authenticator`` holds the key table of a keys file (format, hashing and new keys:
+gateway.front.api_keys) and decides per request whether a key may call a model now; every
+refusal is an ``AuthDecision`` with HTTP status (401/403/429), gRPC code and an
+operator-readable message. Verified tokens are cached for VERIFIED_CACHE_TTL_S so a busy client
 pays the hash once a minute; the cache is dropped whenever the key table changes.
 
-The key table lives in a keys file (TOML, or JSON when the name ends in ``.json``)::
+The file is re-read when it changes (its mtime/size/inode are checked at most every
+``reload_interval_s`` on the request path, or at once on SIGHUP when ``install_sighup`` was
+called); a broken file is logged and the previous table stays in force. Buckets and in-flight
+counts of keys whose limits did not change survive a reload.
 
-    [anonymous]                      # optional: requests without a key
-    enabled = true
-    models = ["demo"]                # glob patterns (fnmatch, case-sensitive)
-    rate_per_s = 5.0                 # token bucket; 0 = unlimited
-    burst = 10
-    max_concurrent = 4               # 0 = unlimited
-    priority = "sheddable"           # critical | standard | sheddable
-
-    [[keys]]
-    name = "team-a"                  # shown in logs and messages
-    id = "0123456789ab"
-    hash = "sha256:<salt hex>:<digest hex>"
-    models = ["demo*"]               # default ["*"]
-    rate_per_s = 50.0
-    burst = 100
-    max_concurrent = 8
-    priority = "standard"
-
-``python -m gateway.front.auth new-key NAME [--models ...]`` prints a fresh key once, and the
-``[[keys]]`` entry to paste. The file is re-read when it changes (its mtime/size/inode are
-checked at most every ``reload_interval_s`` on the request path, or at once on SIGHUP when
-``install_sighup`` was called); a broken file is logged and the previous table stays in force.
-Buckets and in-flight counts of keys whose limits did not change survive a reload.
-
-Where the gateway calls it: see ``Authenticator.authorize``; every refusal is an
-``AuthDecision`` with HTTP status (401/403/429), gRPC code and an operator-readable message.
-
-The admin listener has credentials of its own (``AdminCredentials``: the shared ``[admin]
-token`` and the operators of ``[admin] operators_file``, an Authenticator over the same file
-format), plus signed browser sessions for the status page.
+The admin listener's credentials (shared token, operators, browser sessions) are
+gateway.front.admin_auth's; ``python -m gateway.front.auth new-key NAME`` / ``check FILE`` is
+this module's command line.
 """
 
 from __future__ import annotations
@@ -47,49 +21,45 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fnmatch
-import hashlib
 import hmac
 import json
 import logging
-import os
-import secrets
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from core.kserve import http_to_grpc
+from core.watched_file import Signature, WatchedFiles
+from gateway.front.api_keys import (
+    DEFAULT_PRIORITY,
+    KEY_PREFIX,
+    MAX_TOKEN_CHARS,
+    PRIORITIES,
+    KeyPolicy,
+    KeysFileError,
+    KeyTable,
+    hash_field,
+    hash_secret,
+    new_key,
+    parse_key_table,
+    read_keys_file,
+    shown_prefix,
+    split_key,
+    token_from_headers,
+)
 from gateway.front.rate_limit import RETRY_AFTER_MIN_S, ConcurrencyLimiter, TokenBucket, format_wait, retry_after_header
 
 log = logging.getLogger("geogate.auth")
 
-KEY_PREFIX = "gk_"
-KEY_ID_HEX_CHARS = 12
-SECRET_BYTES = 32
-SALT_BYTES = 16
-HASH_SCHEME = "sha256"
-PRIORITIES = ("critical", "standard", "sheddable")
-DEFAULT_PRIORITY = "standard"
 VERIFIED_CACHE_TTL_S = 60.0
 VERIFIED_CACHE_MAX = 10_000
 MODEL_MATCH_CACHE_MAX = 1024
 RELOAD_CHECK_INTERVAL_S = 1.0
-MAX_TOKEN_CHARS = 256  # longer "keys" are refused before any work
-ANONYMOUS_NAME = "anonymous"
-
-AUTHORIZATION_HEADER = "authorization"
-API_KEY_HEADER = "x-api-key"
-
-STATUS_GRPC = {200: grpc.StatusCode.OK, 401: grpc.StatusCode.UNAUTHENTICATED,
-               403: grpc.StatusCode.PERMISSION_DENIED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-class KeysFileError(ValueError):
-    """The keys file (or table) is unusable; the message names the file and the key path."""
 
 
 # ---------------------------------------------------------------------------- decisions
@@ -133,29 +103,11 @@ ALLOWED_OPEN = AuthDecision(True, key_name="", message="authentication is off")
 
 
 def _deny(status: int, message: str, key_name: str = "", retry_after_s: float = 0.0) -> AuthDecision:
-    return AuthDecision(False, key_name=key_name, http_status=status, grpc_code=STATUS_GRPC[status],
+    return AuthDecision(False, key_name=key_name, http_status=status, grpc_code=http_to_grpc(status),
                         message=message, retry_after_s=retry_after_s)
 
 
-# ---------------------------------------------------------------------------- key table
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPolicy:
-    """One key's (or the anonymous client's) identity and limits."""
-
-    name: str
-    key_id: str = ""
-    salt: bytes = b""
-    digest: bytes = b""
-    models: tuple[str, ...] = ("*",)
-    rate_per_s: float = 0.0  # 0: unlimited
-    burst: float = 0.0  # 0: same as rate_per_s
-    max_concurrent: int = 0  # 0: unlimited
-    priority: str = DEFAULT_PRIORITY
-
-    def limits(self) -> tuple[float, float, int]:
-        return self.rate_per_s, self.burst, self.max_concurrent
+# ---------------------------------------------------------------------------- key state
 
 
 class _KeyState:
@@ -183,163 +135,6 @@ class _KeyState:
         return ok
 
 
-@dataclass(frozen=True, slots=True)
-class KeyTable:
-    keys: dict[str, KeyPolicy]  # by key id
-    anonymous: KeyPolicy | None  # None: requests without a key are refused
-
-
-_POLICY_FIELDS = {"models", "rate_per_s", "burst", "max_concurrent", "priority"}
-_KEY_FIELDS = {"name", "id", "hash", *_POLICY_FIELDS}
-_ANON_FIELDS = {"enabled", *_POLICY_FIELDS}
-
-
-def _policy_kwargs(path: str, entry: dict[str, Any]) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    models = entry.get("models", ["*"])
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise KeysFileError(f"{path}.models: must be a list of non-empty glob patterns, got {models!r}")
-    kw["models"] = tuple(models)
-    for name, kind in (("rate_per_s", float), ("burst", float), ("max_concurrent", int)):
-        if name in entry:
-            v = entry[name]
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 and \
-                (kind is float or isinstance(v, int))
-            if not ok:
-                raise KeysFileError(f"{path}.{name}: must be a {'number' if kind is float else 'integer'} "
-                                    f">= 0, got {v!r}")
-            kw[name] = kind(v)
-    priority = entry.get("priority", DEFAULT_PRIORITY)
-    if priority not in PRIORITIES:
-        raise KeysFileError(f"{path}.priority: must be one of {', '.join(PRIORITIES)}, got {priority!r}")
-    kw["priority"] = priority
-    return kw
-
-
-def _unknown(path: str, entry: dict[str, Any], known: set[str]) -> None:
-    extra = sorted(set(entry) - known)
-    if extra:
-        raise KeysFileError(f"{path}.{extra[0]}: unknown key (known keys here: {', '.join(sorted(known))})")
-
-
-def parse_hash(path: str, value: Any) -> tuple[bytes, bytes]:
-    """(salt, digest) from ``sha256:<salt hex>:<digest hex>``."""
-    parts = value.split(":") if isinstance(value, str) else []
-    if len(parts) != 3 or parts[0] != HASH_SCHEME:
-        raise KeysFileError(f"{path}: must be '{HASH_SCHEME}:<salt hex>:<digest hex>' "
-                            "(as printed by `python -m gateway.front.auth new-key`)")
-    try:
-        salt, digest = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
-    except ValueError:
-        raise KeysFileError(f"{path}: salt and digest must be hex") from None
-    if len(digest) != hashlib.sha256().digest_size or not salt:
-        raise KeysFileError(f"{path}: digest must be 32 bytes of sha256 and the salt non-empty")
-    return salt, digest
-
-
-def parse_key_table(table: Any, source: str = "<keys>") -> KeyTable:
-    """A validated KeyTable from a parsed TOML/JSON document."""
-    if not isinstance(table, dict):
-        raise KeysFileError(f"{source}: must be a table/object with 'keys' and optional 'anonymous'")
-    _unknown(source, table, {"keys", "anonymous"})
-    entries = table.get("keys", [])
-    if not isinstance(entries, list):
-        raise KeysFileError(f"{source}: keys: must be a list of tables ([[keys]])")
-    keys: dict[str, KeyPolicy] = {}
-    for i, entry in enumerate(entries):
-        path = f"{source}: keys[{i}]"
-        if not isinstance(entry, dict):
-            raise KeysFileError(f"{path}: must be a table")
-        _unknown(path, entry, _KEY_FIELDS)
-        name, kid = entry.get("name"), entry.get("id")
-        if not isinstance(name, str) or not name:
-            raise KeysFileError(f"{path}.name: required, a non-empty string")
-        if not isinstance(kid, str) or len(kid) != KEY_ID_HEX_CHARS or \
-                any(c not in "0123456789abcdef" for c in kid):
-            raise KeysFileError(f"{path}.id: must be {KEY_ID_HEX_CHARS} lower-case hex characters, got {kid!r}")
-        if kid in keys:
-            raise KeysFileError(f"{path}.id: duplicate key id {kid!r} (also used by key {keys[kid].name!r})")
-        salt, digest = parse_hash(f"{path}.hash", entry.get("hash"))
-        keys[kid] = KeyPolicy(name=name, key_id=kid, salt=salt, digest=digest, **_policy_kwargs(path, entry))
-    anonymous = None
-    anon = table.get("anonymous")
-    if anon is not None:
-        path = f"{source}: anonymous"
-        if not isinstance(anon, dict):
-            raise KeysFileError(f"{path}: must be a table")
-        _unknown(path, anon, _ANON_FIELDS)
-        enabled = anon.get("enabled", False)
-        if not isinstance(enabled, bool):
-            raise KeysFileError(f"{path}.enabled: must be true or false, got {enabled!r}")
-        if enabled:
-            anonymous = KeyPolicy(name=ANONYMOUS_NAME, **_policy_kwargs(path, anon))
-    return KeyTable(keys, anonymous)
-
-
-def read_keys_file(path: str) -> KeyTable:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise KeysFileError(f"cannot read keys file {path!r}: {exc.strerror}") from None
-    try:
-        if path.endswith(".json"):
-            doc = json.loads(data)
-        else:
-            doc = tomllib.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise KeysFileError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'}: {exc}") from None
-    return parse_key_table(doc, path)
-
-
-# ---------------------------------------------------------------------------- tokens
-
-
-def new_key() -> tuple[str, str, bytes, bytes]:
-    """(the key to give the client, its id, salt, sha256 digest)."""
-    kid = secrets.token_hex(KEY_ID_HEX_CHARS // 2)
-    secret = secrets.token_urlsafe(SECRET_BYTES)  # may contain '_': the id before it has none
-    salt = secrets.token_bytes(SALT_BYTES)
-    return f"{KEY_PREFIX}{kid}_{secret}", kid, salt, hash_secret(salt, secret)
-
-
-def hash_secret(salt: bytes, secret: str) -> bytes:
-    return hashlib.sha256(salt + secret.encode("utf-8", "surrogatepass")).digest()
-
-
-def hash_field(salt: bytes, digest: bytes) -> str:
-    return f"{HASH_SCHEME}:{salt.hex()}:{digest.hex()}"
-
-
-def split_key(token: str) -> tuple[str, str] | None:
-    """(id, secret) of ``gk_<id>_<secret>``, or None when it does not have that shape."""
-    if not token.startswith(KEY_PREFIX):
-        return None
-    kid, sep, secret = token[len(KEY_PREFIX):].partition("_")
-    if not sep or len(kid) != KEY_ID_HEX_CHARS or not secret:
-        return None
-    return kid, secret
-
-
-def token_from_headers(headers: Mapping[str, str]) -> str | None:
-    """The client's key from ``Authorization: Bearer <key>`` or ``x-api-key: <key>``.
-
-    Works with aiohttp's case-insensitive headers and with gRPC metadata as a dict (gRPC
-    metadata keys are always lower case)."""
-    value = headers.get(AUTHORIZATION_HEADER) or headers.get("Authorization")
-    if value:
-        scheme, _, rest = value.strip().partition(" ")
-        if scheme.lower() == "bearer" and rest.strip():
-            return rest.strip()
-        return value.strip()  # a bare key in Authorization: accept it, the shape check decides
-    value = headers.get(API_KEY_HEADER) or headers.get("X-API-Key")
-    return value.strip() if value else None
-
-
-def _shown_id(text: str) -> str:
-    return repr(text[:KEY_ID_HEX_CHARS + len(KEY_PREFIX)])
-
-
 # ---------------------------------------------------------------------------- authenticator
 
 
@@ -359,7 +154,7 @@ class Authenticator:
         # False: the file is checked only by `watch()` (file IO off the event loop, the gateway's way)
         self.check_on_request = check_on_request
         self.clock = clock
-        self._file_sig: tuple[int, int, int] | None = None
+        self._file = WatchedFiles(keys_file) if keys_file else None
         self._next_check_s = 0.0
         self._states: dict[str, _KeyState] = {}
         self._anonymous: _KeyState | None = None
@@ -367,7 +162,6 @@ class Authenticator:
         self.last_error = ""
         self.reloads = 0
         if keys_file:
-            self._file_sig = self._stat()
             self._install(read_keys_file(keys_file))  # a broken file at startup is fatal
         else:
             self._install(parse_key_table(table))
@@ -389,18 +183,11 @@ class Authenticator:
         self._anonymous = _KeyState(table.anonymous, self._anonymous, self.clock) if table.anonymous else None
         self._verified = {}  # revoked or changed keys must not stay cached
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.keys_file)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
     def reload_if_changed(self, *, force: bool = False) -> bool:
         """Re-read the keys file when it changed (or `force`); True when a new table is in force."""
-        if not self.keys_file:
+        if self._file is None:
             return False
-        if not self._take_sig(self._stat(), force):
+        if not self._take_sig(self._file.signature(), force):
             return False
         try:
             table = read_keys_file(self.keys_file)
@@ -408,11 +195,13 @@ class Authenticator:
             return self._reload_failed(exc)
         return self._install_reloaded(table)
 
-    def _take_sig(self, sig: tuple[int, int, int] | None, force: bool) -> bool:
-        """Record the file's new signature; False when unchanged and not forced (nothing to do)."""
-        if not force and sig == self._file_sig:
+    def _take_sig(self, sig: Signature, force: bool) -> bool:
+        """Accept the file's signature now, so a broken file is read again only once it changes;
+        False when unchanged and not forced (nothing to do)."""
+        assert self._file is not None
+        if not force and sig == self._file.seen:
             return False
-        self._file_sig = sig
+        self._file.accept(sig)
         return True
 
     def _reload_failed(self, exc: KeysFileError) -> bool:
@@ -440,9 +229,9 @@ class Authenticator:
     async def reload_async(self, *, force: bool = False) -> bool:
         """`reload_if_changed` with the stat and the file read in a thread; the new table is
         installed on the caller's (event loop's) thread."""
-        if not self.keys_file:
+        if self._file is None:
             return False
-        if not self._take_sig(await asyncio.to_thread(self._stat), force):
+        if not self._take_sig(await asyncio.to_thread(self._file.signature), force):
             return False
         try:
             table = await asyncio.to_thread(read_keys_file, self.keys_file)
@@ -503,7 +292,7 @@ class Authenticator:
                               f"(format {KEY_PREFIX}<id>_<secret>)")
         parts = split_key(token)
         if parts is None:
-            return _deny(401, f"malformed API key {_shown_id(token)}...: expected {KEY_PREFIX}<id>_<secret> "
+            return _deny(401, f"malformed API key {shown_prefix(token)}...: expected {KEY_PREFIX}<id>_<secret> "
                               "as printed by `python -m gateway.front.auth new-key`")
         kid, secret = parts
         state = self._states.get(kid)
@@ -537,139 +326,6 @@ class Authenticator:
                 return _deny(429, f"rate limit of {bucket.rate_per_s:g}/s (burst {bucket.burst:g}) for key "
                                   f"{p.name!r} exceeded; retry after {format_wait(wait_s)}", p.name, wait_s)
         return AuthDecision(True, key_name=p.name, priority=p.priority, _limiter=limiter)
-
-
-# ---------------------------------------------------------------------------- admin credentials
-
-
-ADMIN_SESSION_COOKIE = "geogate_admin_session"
-ADMIN_REALM = 'Bearer realm="geogate-admin"'
-DEFAULT_SESSION_TTL_S = 12 * 3600
-_SESSION_VERSION = "v1"
-_SESSION_KEY_LABEL = b"geogate-admin-session\0"
-_SHARED_TOKEN_ID = "-"  # the session cookie's key id for the shared [admin] token
-
-
-@dataclass(frozen=True, slots=True)
-class AdminCheck:
-    """The answer to "may this request use the admin listener?". ``who``: the operator's name
-    ("" for the shared token); ``key_id``: the operator key's id ("" for the shared token)."""
-
-    ok: bool
-    status: int = 200  # 401: no or malformed credentials; 403: wrong ones
-    message: str = ""
-    who: str = ""
-    key_id: str = ""
-
-    def http_headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": ADMIN_REALM} if self.status == 401 else {}
-
-
-def _admin_refusal(status: int, message: str) -> AdminCheck:
-    return AdminCheck(False, status, message)
-
-
-class AdminCredentials:
-    """The admin listener's credentials: the shared ``[admin] token`` / ``token_env`` and the
-    named operators of ``[admin] operators_file`` (an Authenticator over a keys file).
-
-    ``configured`` is False when neither is set: the admin API is then disabled and the rest
-    of the admin listener is open, as before admin credentials existed.
-
-    Browser sessions (the status page): ``session_cookie`` signs ``(key id, expiry)`` with
-    HMAC-SHA256 under a key derived from the credential itself (the shared token, or the
-    operator key's stored digest), so every worker and every gateway of the deployment accepts
-    it without shared state, and rotating the token or revoking the operator key ends it.
-    """
-
-    def __init__(self, token: str = "", operators: Authenticator | None = None, *,
-                 session_ttl_s: float = DEFAULT_SESSION_TTL_S, clock: Callable[[], float] = time.time) -> None:
-        self.token = token
-        self.operators = operators
-        self.session_ttl_s = session_ttl_s
-        self.clock = clock
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.token) or self.operators is not None
-
-    def check_token(self, given: str | None) -> AdminCheck:
-        """A bearer token: the shared token or an operator key (``gk_...``)."""
-        if not given:
-            return _admin_refusal(401, "missing admin credentials: send 'Authorization: Bearer <admin token>'")
-        if len(given) > MAX_TOKEN_CHARS or not (given.isascii() and given.isprintable()):
-            # Tokens are printable ASCII; anything else (undecodable header bytes arrive as lone
-            # surrogates) cannot match and must not reach .encode() (it raised: a 500).
-            return _admin_refusal(401, "malformed admin token: expected printable ASCII, at most "
-                                       f"{MAX_TOKEN_CHARS} characters")
-        if not self.configured:
-            return _admin_refusal(403, "admin API disabled: no admin token configured ([admin] token / token_env / "
-                                       "operators_file)")
-        if self.operators is not None and given.startswith(KEY_PREFIX):
-            decision = self.operators.authorize(given, None, limits=False)
-            if decision.allowed:
-                return AdminCheck(True, who=decision.key_name, key_id=given[len(KEY_PREFIX):][:KEY_ID_HEX_CHARS])
-            return _admin_refusal(403, f"invalid operator token: {decision.message}")
-        if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
-            return _admin_refusal(403, "invalid admin token")
-        return AdminCheck(True)
-
-    def check_authorization(self, header: str | None) -> AdminCheck:
-        """An ``Authorization: Bearer <token>`` header value."""
-        if not header:
-            return _admin_refusal(401, "missing 'Authorization: Bearer <token>' header")
-        scheme, _, given = header.partition(" ")
-        given = given.strip()
-        if scheme.lower() != "bearer" or not given:
-            return _admin_refusal(401, "Authorization header must be 'Bearer <token>'")
-        return self.check_token(given)
-
-    # ------------------------------------------------------------------ browser sessions
-
-    def _session_key(self, key_id: str) -> bytes | None:
-        if key_id == _SHARED_TOKEN_ID:
-            secret = self.token.encode() if self.token else None
-        else:
-            secret = self.operators.session_secret(key_id) if self.operators is not None else None
-        return hashlib.sha256(_SESSION_KEY_LABEL + secret).digest() if secret else None
-
-    def session_cookie(self, check: AdminCheck) -> str:
-        """The cookie value for an accepted ``check`` (valid for ``session_ttl_s``)."""
-        key_id = check.key_id or _SHARED_TOKEN_ID
-        key = self._session_key(key_id)
-        if key is None:
-            raise ValueError("no credential to sign a session with")
-        payload = f"{_SESSION_VERSION}.{key_id}.{int(self.clock() + self.session_ttl_s)}"
-        return payload + "." + hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
-
-    def check_session(self, cookie: str | None) -> AdminCheck:
-        if not cookie:
-            return _admin_refusal(401, "no admin session: log in at /ui/login")
-        parts = cookie.split(".")
-        if len(parts) != 4 or parts[0] != _SESSION_VERSION or not parts[2].isdigit() or not cookie.isascii():
-            return _admin_refusal(401, "malformed admin session cookie: log in again at /ui/login")
-        key_id, expires = parts[1], int(parts[2])
-        key = self._session_key(key_id)
-        expected = hmac.new(key, ".".join(parts[:3]).encode(), hashlib.sha256).hexdigest() if key else ""
-        if not key or not hmac.compare_digest(expected, parts[3]):
-            return _admin_refusal(401, "admin session not valid (token rotated or operator key revoked): "
-                                       "log in again at /ui/login")
-        if expires < self.clock():
-            return _admin_refusal(401, "admin session expired: log in again at /ui/login")
-        who = ""
-        if key_id != _SHARED_TOKEN_ID and self.operators is not None:
-            who = self.operators.key_name(key_id)
-        return AdminCheck(True, who=who, key_id="" if key_id == _SHARED_TOKEN_ID else key_id)
-
-
-def admin_credentials_from_config(cfg: Any) -> AdminCredentials:
-    """The gateway's AdminCredentials from ``[admin]`` (a broken operators file raises
-    KeysFileError: the gateway must not start with its admin listener less protected than
-    configured). The operators file is re-read by ``operators.watch()`` (started by the gateway)."""
-    operators = None
-    if cfg.admin.operators_file:
-        operators = Authenticator(cfg.resolve_path(cfg.admin.operators_file), check_on_request=False)
-    return AdminCredentials(cfg.admin_token(), operators, session_ttl_s=cfg.admin.session_ttl_s)
 
 
 # ---------------------------------------------------------------------------- front-end helpers

@@ -24,7 +24,8 @@ import math
 import re
 from typing import NamedTuple
 
-TIMEOUT_HEADER = "geogate-timeout-ms"
+from core.kserve import TIMEOUT_HEADER
+
 TIMEOUT_PARAMETER = "timeout"  # microseconds
 US_PER_S = 1_000_000
 MS_PER_S = 1000.0

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from core.config import Config
+from core.kserve import http_to_grpc
 from gateway.front import deadline as dl
 from gateway.front.auth import AuthDecision, Authenticator, grpc_abort
 from gateway.front.pipeline import (
@@ -44,7 +45,7 @@ from gateway.front.pipeline import (
 from gateway.front.request_checks import RequestError, check_grpc
 from gateway.upstream.catalog import ModelSpecs
 from gateway.upstream.proto_peek import InferRequestPeek, ProtoError, peek_infer_request
-from gateway.upstream.types import PROTOCOL_GRPC, InferCall, http_to_grpc
+from gateway.upstream.types import PROTOCOL_GRPC, InferCall
 
 if TYPE_CHECKING:
     from gateway.server.region_state import RegionState

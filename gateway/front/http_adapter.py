@@ -29,6 +29,7 @@ import orjson
 from aiohttp import HttpVersion11, web
 
 from core.config import Config
+from core.kserve import HEADER_LENGTH
 from core.names import cached_model_ref_problem as model_ref_problem
 from gateway.front import deadline as dl
 from gateway.front.auth import AuthDecision, Authenticator
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("geogate.gateway.http")
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
 # Paths that never need an API key: load balancers, peers and GeoDNS read them.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region"})

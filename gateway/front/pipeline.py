@@ -27,28 +27,32 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 
 from core.config import Config
+from core.kserve import (
+    ATTEMPTS_HEADER,
+    HOPS_HEADER,
+    MODEL_VERSION_HEADER,
+    PRIORITY_HEADER,
+    REGION_HEADER,
+    REPLICA_HEADER,
+    REQUEST_ID_HEADER,
+    http_to_grpc,
+)
 from core.names import cached_model_ref_problem as model_ref_problem
 from gateway.front import deadline as dl
-from gateway.front.access_log import REQUEST_ID_HEADER, AccessLog, request_id_from
+from gateway.front.access_log import AccessLog, request_id_from
 from gateway.front.auth import AuthDecision, Authenticator
 from gateway.front.request_checks import ClientErrorLog, RequestError, parse_hops
 from gateway.routing.forwarder import Forwarder
 from gateway.routing.load_window import LoadWindow
-from gateway.routing.targets import HOPS_HEADER
 from gateway.upstream.catalog import ModelCatalog, ModelSpecs
 from gateway.upstream.pool import RegionPools
-from gateway.upstream.types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, InferCall, Reply, http_to_grpc
+from gateway.upstream.types import NO_VERDICT, OUTCOME_NAME, PROTOCOL_HTTP, InferCall, Reply
 
 if TYPE_CHECKING:  # the metrics live with the composition root (gateway.server), a layer above
     from gateway.server.metrics import GatewayMetrics
 
 log = logging.getLogger("geogate.gateway.pipeline")
 
-PRIORITY_HEADER = "geogate-priority"
-REGION_HEADER = "geogate-region"
-REPLICA_HEADER = "geogate-replica"
-VERSION_HEADER = "geogate-model-version"
-ATTEMPTS_HEADER = "geogate-attempts"
 SHED_RETRY_AFTER_S = 1  # an overloaded worker tells clients to come back this soon
 # What the gateway says about itself (server metadata), on both protocols.
 SERVER_NAME = "geogate"
@@ -215,7 +219,7 @@ class InferencePipeline:
         if reply.region:
             meta[0] = (REGION_HEADER, reply.region)
         served_version = reply.model_version or call.version or ""
-        meta += [(REPLICA_HEADER, replica), (VERSION_HEADER, served_version), (ATTEMPTS_HEADER, str(attempts))]
+        meta += [(REPLICA_HEADER, replica), (MODEL_VERSION_HEADER, served_version), (ATTEMPTS_HEADER, str(attempts))]
         now = time.monotonic()
         outcome = OUTCOME_NAME[reply.outcome]
         if reply.outcome not in NO_VERDICT:  # a client's short deadline is no latency sample

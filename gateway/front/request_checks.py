@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import orjson
 
 from core.datatypes import ELEMENT_SIZE
+from core.kserve import HOPS_HEADER
 from gateway.upstream.proto_peek import InferRequestPeek
 from gateway.upstream.translate import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -34,7 +35,6 @@ from gateway.upstream.translate import (
     parse_header_length,
 )
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 # [limits] max_tensor_elements default: a shape naming more elements than this is refused before
 # any replica allocates for it (BYTES tensors have no byte size to check the shape against).
 DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 26
@@ -380,7 +380,6 @@ def check_grpc(model: str, peek: InferRequestPeek, specs: ModelSpecs | None,
 
 # ------------------------------------------------------------------ other headers and metadata
 
-HOPS_HEADER = "geogate-hops"
 MAX_HOPS = 255  # far more regions than any deployment has
 MAX_HOPS_DIGITS = 3
 # Accept-Encoding / Content-Encoding: tokens, q-values, commas and spaces (RFC 9110), ASCII only.

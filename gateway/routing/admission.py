@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import grpc
 
 from core.config import CapacitySection
+from core.kserve import PRIORITY_HEADER
 
-PRIORITY_HEADER = "geogate-priority"
 CRITICAL = "critical"
 STANDARD = "standard"
 SHEDDABLE = "sheddable"

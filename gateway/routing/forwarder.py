@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from core.config import GatewaySection
+from core.kserve import REQUEST_ID_HEADER
 from gateway.routing.admission import OUTCOME_SHED, PriorityError
 from gateway.routing.balancer import pick_p2c
 from gateway.routing.load_window import LoadWindow
@@ -141,7 +142,7 @@ class Forwarder:
             # Limited by the client's own deadline rather than the per-try timeout: a timeout is
             # then the client's doing (health.outcomes: DEADLINE_CLIENT), whatever the replica did.
             client_bound = call.client_deadline and timeout_s >= call.deadline_s - t0 - DEADLINE_BOUND_SLACK_S
-            headers = {"x-request-id": call.request_id}
+            headers = {REQUEST_ID_HEADER: call.request_id}
             try:
                 if call.protocol == PROTOCOL_HTTP:
                     reply = await up.client.infer_http(call, timeout_s, headers)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HOPS_HEADER = "geogate-hops"
 TARGET_LOCAL = "local"
 TARGET_PEER = "peer"
 

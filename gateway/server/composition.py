@@ -24,7 +24,9 @@ from gateway.admin import capacity_api, models_api, status_page
 from gateway.admin.listener import AdminListener
 from gateway.admin.region_summary import region_summary
 from gateway.front.access_log import AccessLog
-from gateway.front.auth import AdminCredentials, Authenticator, KeysFileError, admin_credentials_from_config
+from gateway.front.admin_auth import AdminCredentials, admin_credentials_from_config
+from gateway.front.api_keys import KeysFileError
+from gateway.front.auth import Authenticator
 from gateway.front.grpc_adapter import GrpcFront
 from gateway.front.http_adapter import HttpFront
 from gateway.front.pipeline import InferencePipeline, ModelQueries, PipelineSettings

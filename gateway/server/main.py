@@ -31,33 +31,12 @@ import socket
 import sys
 
 from core.config import ConfigError, load_config
+from core.logs import setup_logging
 from gateway.server.drain import HTTP_CLEANUP_GRACE_S, WorkerDrain, install_signals
 from gateway.server.workers import WORKER_ENV, announce_ready
 
 log = logging.getLogger("geogate.gateway")
 
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        import orjson
-
-        entry = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
-        audit = getattr(record, "audit", None)  # gateway.admin.models_api: who did what, when
-        if audit is not None:
-            entry["audit"] = audit
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
-
-
-def _setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +142,7 @@ def _run_worker(cfg, region, worker: int, workers: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    _setup_logging()
+    setup_logging("info", ts_digits=6)
     try:
         cfg = load_config(args.config)
         region = cfg.region(args.region)

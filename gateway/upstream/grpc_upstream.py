@@ -14,10 +14,11 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from core.kserve import grpc_to_http
 from core.tls import ClientTls
 from gateway.upstream import translate
 from gateway.upstream.proto_peek import ProtoError, peek_response_version, with_model_version
-from gateway.upstream.types import InferCall, Reply, grpc_to_http
+from gateway.upstream.types import InferCall, Reply
 from health.outcomes import Outcome, classify_grpc_code
 
 MAX_MESSAGE_BYTES = 1 << 30

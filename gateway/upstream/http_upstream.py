@@ -15,15 +15,14 @@ import aiohttp
 import orjson
 from google.protobuf.message import DecodeError
 
+from core.kserve import HEADER_LENGTH, HEADER_LENGTH_LC, REGION_HEADER, REPLICA_HEADER, http_to_grpc
 from core.tls import ClientTls
 from gateway.upstream import translate
 from gateway.upstream.http1_client import ConnectionPool, UpstreamConnectError
 from gateway.upstream.proto_peek import ProtoError, peek_response_version
-from gateway.upstream.types import InferCall, Reply, http_to_grpc
+from gateway.upstream.types import InferCall, Reply
 from health.outcomes import Outcome, classify_http_status
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-HEADER_LENGTH_LC = HEADER_LENGTH.lower()
 KEEPALIVE_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 2.0
 # How far into an HTTP answer to look for "model_version" before parsing its JSON header.
@@ -136,11 +135,11 @@ class HttpUpstream:
                     version = ""
             # geogate-region/-replica: only a peer gateway sends them (who really served).
             return Reply(outcome, status, body=data, header_len=hl, content_type=rh.get("content-type"),
-                         content_encoding=enc, model_version=version, region=rh.get("geogate-region", ""),
-                         replica=rh.get("geogate-replica", ""))
+                         content_encoding=enc, model_version=version, region=rh.get(REGION_HEADER, ""),
+                         replica=rh.get(REPLICA_HEADER, ""))
         return Reply(outcome, status, grpc_code=http_to_grpc(status), message=error_text(data, status),
-                     body=data, content_type=rh.get("content-type"), region=rh.get("geogate-region", ""),
-                     replica=rh.get("geogate-replica", ""))
+                     body=data, content_type=rh.get("content-type"), region=rh.get(REGION_HEADER, ""),
+                     replica=rh.get(REPLICA_HEADER, ""))
 
     async def infer_grpc(self, call: InferCall, timeout_s: float, extra_headers: dict[str, str]) -> Reply:
         """A gRPC client's request, translated to HTTP binary for this replica."""

@@ -24,9 +24,9 @@ import os
 import aiohttp
 import grpc
 
+from core.kserve import HOPS_HEADER, PRIORITY_HEADER, REGION_HEADER, REPLICA_HEADER, REQUEST_ID_HEADER, TIMEOUT_HEADER
 from core.tls import ClientTls
-from gateway.front.deadline import TIMEOUT_HEADER
-from gateway.routing.targets import HOPS_HEADER, TARGET_PEER, Target
+from gateway.routing.targets import TARGET_PEER, Target
 from gateway.upstream.grpc_upstream import GrpcUpstream, classify_rpc_error
 from gateway.upstream.http_upstream import HttpUpstream, make_session
 from gateway.upstream.proto_peek import ProtoError, peek_response_version
@@ -39,9 +39,6 @@ MS_PER_S = 1000.0
 # Leave the peer a little less than our own remaining time, so its deadline answer (504 with
 # its reason) reaches us before our own timer fires.
 DEADLINE_MARGIN_S = 0.002
-REGION_HEADER = "geogate-region"
-REPLICA_HEADER = "geogate-replica"
-PRIORITY_HEADER = "geogate-priority"
 
 
 class PeerGrpc(GrpcUpstream):
@@ -101,7 +98,7 @@ class PeerLink:
 
     async def forward(self, call: InferCall, timeout_s: float) -> Reply:
         timeout_s = max(0.001, timeout_s)
-        headers = {"x-request-id": call.request_id, HOPS_HEADER: str(call.hops + 1)}
+        headers = {REQUEST_ID_HEADER: call.request_id, HOPS_HEADER: str(call.hops + 1)}
         if self.auth_header:
             headers["authorization"] = self.auth_header
         if call.priority:  # the class this gateway resolved: the peer's admission uses it

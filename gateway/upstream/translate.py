@@ -24,13 +24,13 @@ import orjson
 from tritonclient.grpc import service_pb2
 
 from core.datatypes import V2_TO_NUMPY
+from core.kserve import HEADER_LENGTH
 
 
 class TranslateError(ValueError):
     """The request cannot be expressed in the other protocol (a 400 / INVALID_ARGUMENT)."""
 
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 

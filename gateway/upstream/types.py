@@ -1,6 +1,5 @@
 """What travels between the fronts, the forwarder and the upstream clients: one inference call
-(in the client's protocol) and one reply, plus the HTTP status <-> gRPC code mapping used when
-an answer has to cross protocols."""
+(in the client's protocol) and one reply. The HTTP status <-> gRPC code mapping is core.kserve's."""
 
 from __future__ import annotations
 
@@ -62,49 +61,6 @@ class Reply:
     replica: str = ""
     # Seconds for a Retry-After header / retry-after trailer (shed or rate-limited answers).
     retry_after_s: int = 0
-
-
-HTTP_TO_GRPC: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    409: grpc.StatusCode.ALREADY_EXISTS,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    499: grpc.StatusCode.CANCELLED,
-    500: grpc.StatusCode.INTERNAL,
-    501: grpc.StatusCode.UNIMPLEMENTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
-
-def http_to_grpc(status: int) -> grpc.StatusCode:
-    if status in HTTP_TO_GRPC:
-        return HTTP_TO_GRPC[status]
-    return grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL
-
-
-def grpc_to_http(code: grpc.StatusCode) -> int:
-    return GRPC_TO_HTTP.get(code, 500)
 
 
 # Enum properties and `.value` go through descriptors (about a microsecond each in 3.11):

@@ -53,6 +53,7 @@ import aiohttp
 import orjson
 
 from core.config import Config, ConfigError, load_config
+from core.logs import setup_logging
 from gateway.admin.capacity_api import add_capacity_routes
 from gateway.routing.capacity import CAPACITY_PATH
 from gateway.world.srv_registry import UnboundRegistry, die_with_parent
@@ -505,9 +506,7 @@ async def _main(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.server.main import _setup_logging
-
-    _setup_logging()
+    setup_logging("info", ts_digits=6)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from core.kserve import MODEL_VERSION_HEADER
 from loadtests.procs import infer_headers
 from loadtests.release_world import MODEL
 from loadtests.scenario import Check, FaultAction, ScenarioContext, phase_summary
@@ -67,7 +68,7 @@ class StoreOutage(PromotionUnderLoad):
         gw = ctx.gateways["eu-west"]
         t0 = time.monotonic()
         while time.monotonic() - t0 < COMPLETE_TIMEOUT_S:
-            if infer_headers(gw.http_address).get("geogate-model-version") == "2":
+            if infer_headers(gw.http_address).get(MODEL_VERSION_HEADER) == "2":
                 return Check("version 2 serves after the store came back", True,
                              f"{check.detail}; after the load, probes got version 2 within "
                              f"{time.monotonic() - t0:.1f} s")

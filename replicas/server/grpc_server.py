@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from core.kserve import MODEL_VERSION_HEADER, REQUEST_ID_HEADERS
 from replicas.server.infer_errors import InferError, one_line
 from replicas.server.inference_service import InferenceService
 from replicas.server.repository import ControlToken, LoadError, ModelRepository
@@ -27,8 +28,6 @@ from replicas.server.v2_codec import decode_grpc, encode_grpc
 
 log = logging.getLogger("geogate.replica.grpc")
 
-MODEL_VERSION_METADATA = "geogate-model-version"
-REQUEST_ID_METADATA = ("geogate-request-id", "x-request-id")
 SERVICE_NAME = "inference.GRPCInferenceService"
 HEALTH_SYNC_INTERVAL_S = 0.5
 STREAM_QUEUE_LIMIT = 1024
@@ -38,7 +37,7 @@ HOT_METHODS = ("ModelInfer",)
 
 def request_id_of(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key in REQUEST_ID_METADATA:
+        if key in REQUEST_ID_HEADERS:
             return value if isinstance(value, str) else value.decode(errors="replace")
     return ""
 
@@ -147,7 +146,7 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 lambda sig: decode_grpc(request, sig), encode_grpc, request_id_of(context))
         except InferError as exc:
             await context.abort(exc.grpc_code, exc.message)
-        await context.send_initial_metadata(((MODEL_VERSION_METADATA, handle.version_str),))
+        await context.send_initial_metadata(((MODEL_VERSION_HEADER, handle.version_str),))
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator, context

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from core.kserve import HEADER_LENGTH, MODEL_VERSION_HEADER, REQUEST_ID_HEADERS
 from replicas.server.http_fast import (
     DEFAULT_HEAD_TIMEOUT_S,
     KEEPALIVE_TIMEOUT_S,
@@ -42,9 +43,6 @@ from replicas.server.v2_codec import decode_http, encode_http
 
 log = logging.getLogger("geogate.replica.http")
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-MODEL_VERSION_HEADER = "geogate-model-version"
-REQUEST_ID_HEADERS = ("geogate-request-id", "x-request-id")
 JSON = "application/json"
 OCTET = "application/octet-stream"
 FAULTS_PATH = "/geogate/test/faults"

@@ -1,4 +1,4 @@
-"""Errors a replica answers with, and how each maps to HTTP status and gRPC code (as Triton does)."""
+"""Errors a replica answers with; the HTTP status picks the gRPC code (core.kserve, as Triton does)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,7 @@ from typing import Any
 
 import grpc
 
-HTTP_STATUS_TO_GRPC: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    499: grpc.StatusCode.CANCELLED,
-    500: grpc.StatusCode.INTERNAL,
-    501: grpc.StatusCode.UNIMPLEMENTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
+from core.kserve import http_to_grpc
 
 # Prometheus `outcome` label per HTTP status class.
 OUTCOME_BY_STATUS: dict[int, str] = {400: "invalid", 404: "not_found", 413: "too_large", 503: "unavailable"}
@@ -37,8 +24,7 @@ class InferError(Exception):
 
     @property
     def grpc_code(self) -> grpc.StatusCode:
-        return HTTP_STATUS_TO_GRPC.get(self.http_status, grpc.StatusCode.UNKNOWN if self.http_status < 500
-                                       else grpc.StatusCode.INTERNAL)
+        return http_to_grpc(self.http_status)
 
     @property
     def outcome(self) -> str:

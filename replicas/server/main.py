@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import orjson
+from core.logs import setup_logging
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
@@ -34,27 +34,9 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 log = logging.getLogger("geogate.replica")
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line; `extra={"fields": {...}}` adds keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+def _setup_logging(level: str) -> None:
+    setup_logging(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # the replica counts requests in metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -217,7 +199,7 @@ class ReplicaServer:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    _setup_logging(args.log_level)
     sys.setswitchinterval(args.gil_switch_interval_ms / 1000)
     if not Path(args.repository).is_dir():
         log.error("repository is not a directory", extra={"fields": {"repository": args.repository}})

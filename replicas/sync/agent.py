@@ -49,7 +49,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ import orjson
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from core.logs import setup_logging
 from replicas.releases.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -840,15 +840,6 @@ def _write_atomic(path: Path, text: str) -> None:
 # ====================================================================== command line
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage(), **getattr(record, "fields", {})}
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
-
-
 def _control_token(cfg, pool) -> str:
     """The pool's replica control token (its control_token_file), checked as replicas check it."""
     from core.config import ConfigError
@@ -961,9 +952,7 @@ async def _amain(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    setup_logging(args.log_level)
     try:
         import uvloop
 

@@ -9,9 +9,7 @@ import time
 import grpc
 import pytest
 
-from gateway.front.auth import (
-    AuthDecision,
-    Authenticator,
+from gateway.front.api_keys import (
     KeysFileError,
     hash_field,
     hash_secret,
@@ -20,6 +18,7 @@ from gateway.front.auth import (
     split_key,
     token_from_headers,
 )
+from gateway.front.auth import AuthDecision, Authenticator
 
 
 class FakeClock:

@@ -26,7 +26,9 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from core.config import load_config
-from gateway.front.auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials, Authenticator, hash_field, new_key
+from gateway.front.admin_auth import ADMIN_SESSION_COOKIE, AdminCheck, AdminCredentials
+from gateway.front.api_keys import hash_field, new_key
+from gateway.front.auth import Authenticator
 from loadtests.grpc_rolling_restart import GrpcLoad, cut_off_counts
 from replicas.releases.models_cli import push_version
 from replicas.store import open_store

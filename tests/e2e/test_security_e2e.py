@@ -29,7 +29,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from gateway.front.auth import hash_field, new_key
+from gateway.front.api_keys import hash_field, new_key
 from replicas.demo.onnx_model import reference_outputs
 from replicas.releases.manifest import generate_key_pair, load_private_key
 from replicas.releases.models_cli import push_version
