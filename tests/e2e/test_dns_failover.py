@@ -13,7 +13,16 @@ import pytest
 
 from core.config import DnsSection
 from geo.mmdb_build import DEMO_NETWORKS, build_city_db
-from tests.geo_standin import NEW_YORK_NET, PARIS_NET, REGIONS, StandinGateway, dig, start_dns, wait_dns, write_config
+from loadtests.geo_standin import (
+    NEW_YORK_NET,
+    PARIS_NET,
+    REGIONS,
+    StandinGateway,
+    dig,
+    start_dns,
+    wait_dns,
+    write_config,
+)
 from tests.procs import free_port
 
 SERVICE = "infer.geogate.test"
@@ -89,13 +98,13 @@ def test_blackholed_region_withdrawn(world):
     port = world["port"]
     gw = world["eu-west"]
     assert _answer(port, PARIS_NET) == [EU]
-    gw.proc.kill(signal.SIGSTOP)  # connects still complete in the kernel; nothing answers
+    gw.proc.signal(signal.SIGSTOP)  # connects still complete in the kernel; nothing answers
     try:
         took = _time_until(lambda: _answer(port, PARIS_NET) != [EU], DOCUMENTED_WITHDRAW_S + LOADED_MACHINE_SLACK_S)
         print(f"blackholed eu-west withdrawn after {took:.2f}s")
         assert _answer(port, PARIS_NET) == [US]  # Paris -> Virginia next
     finally:
-        gw.proc.kill(signal.SIGCONT)
+        gw.proc.signal(signal.SIGCONT)
     _time_until(lambda: _answer(port, PARIS_NET) == [EU], 30)
 
 

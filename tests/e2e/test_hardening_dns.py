@@ -41,7 +41,7 @@ from geo.client_locator import ClientLocator
 from geo.dns_rate_limit import ALLOW, DROP, SLIP, ResponseRateLimiter
 from geo.dns_server import GeoDnsResponder, _TcpServer, _truncated_reply, _UdpProtocol
 from geo.region_health import RegionHealthMonitor
-from tests.geo_standin import REGIONS, StandinGateway, dig, start_dns, wait_dns, write_config
+from loadtests.geo_standin import REGIONS, StandinGateway, dig, start_dns, wait_dns, write_config
 from tests.procs import free_port
 
 SERVICE = "infer.geogate.test."
