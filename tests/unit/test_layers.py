@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import core
 from importlinter.application.use_cases import lint_imports
 from importlinter.configuration import configure
+
+import core
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
