@@ -32,7 +32,7 @@ from replicas.demo.onnx_model import reference_outputs, write_repository_entry
 from replicas.demo.python_backend import write_python_backend_entry
 from tests.e2e.test_triton_gateway import TritonGatewayProc, wait_for
 from tests.gateway_procs import http_call
-from tests.procs import ReplicaProc, TritonProc, http_ok
+from tests.procs import ReplicaProc, TritonProc, async_wait_until, http_ok
 
 SLOW_EXECUTE_S = 0.25
 CONCURRENT = 6
@@ -172,10 +172,10 @@ def test_geogate_replica_queue_depth_from_metrics(tmp_path, procs):
             assert errors == []
             # Three requests wait together in the batcher's delay window.
             assert seen[http_url] >= 1 and seen[grpc_url] >= 1, seen
-            await asyncio.sleep(0.3)
-            for u in seen:
-                load = signals.load_of(u)
-                assert load.queue_depth == 0.0 and load.inflight == 0.0 and load.scrapes >= 2
+            # the scrapes after the requests finished read an empty queue and nothing in flight
+            await async_wait_until(lambda: all(
+                (ld := signals.load_of(u)).queue_depth == 0.0 and ld.inflight == 0.0 and ld.scrapes >= 2
+                for u in seen), WAIT_S, "idle replica read back")
             snap = {s["url"]: s for s in signals.snapshot()}
             assert snap[grpc_url]["fresh"]
             assert snap[grpc_url]["metrics_url"].endswith(f":{replica.metrics_port}/metrics")
