@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.admin.status_page import EVENT_SAMPLE_INTERVAL_S
 from tests.status_page_harness import eu_west_down, healthy_world, launch, write_data
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -220,7 +221,9 @@ def test_mounted_on_a_real_gateway(procs, tmp_path):
     assert region["summary"]["replicas"] == {"healthy": 2, "total": 2}
     assert world["models"]["demo"]["sites"]["r1"]["ready"] == ["1", "2"]
 
-    time.sleep(1.5)  # a few samples of the healthy state (the events are changes from it)
+    # A few samples of the healthy state (the events are changes from it). Held on purpose: the
+    # sampler's baseline is not observable from outside, only its interval is known.
+    time.sleep(3 * EVENT_SAMPLE_INTERVAL_S)
     rep.kill()  # both of the region's replicas (HTTP and gRPC of one process) die
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
