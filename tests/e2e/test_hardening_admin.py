@@ -235,7 +235,7 @@ def test_status_page_login_with_the_token_link_and_the_form(protected):
                             headers={"Cookie": f"{name}=v1.-.99999999999.x\u00e9".encode()})
     assert code == 401
     expires_s = int(value.split(".")[2])
-    time.sleep(max(0.0, expires_s + 1.2 - time.time()))
+    time.sleep(max(0.0, expires_s + 1.2 - time.time()))  # the session's expiry is wall-clock time passing
     code, _, body = request(gw.admin, "/geogate/v1/world", headers=session)
     assert code == 401 and "expired" in json.loads(body)["error"]
     code, headers, _ = request(gw.admin, "/ui", headers=session)

@@ -202,7 +202,7 @@ def test_a_stalled_server_shows_up_as_latency_not_as_fewer_sends(replica):
         def run():
             time.sleep(max(0.0, t0 + 0.5 - time.monotonic()))
             replica.kill(signal.SIGSTOP)
-            time.sleep(1.0)
+            time.sleep(1.0)  # the fault: a 1 s stall
             replica.kill(signal.SIGCONT)
         threading.Thread(target=run, daemon=True).start()
 
