@@ -161,12 +161,3 @@ async def test_grpc_health_service_states(checker):
         await server.stop(None)
 
 
-async def test_a_probe_that_raises_counts_as_a_failed_probe():
-    class BrokenProber:
-        async def probe(self):
-            raise RuntimeError("boom")
-
-    checker = ActiveHealthChecker(SETTINGS)
-    state = ReplicaState("http://127.0.0.1:1")
-    result = await checker.probe(BrokenProber(), state)
-    assert not result.ok and result.reason == "probe error: RuntimeError: boom"

@@ -237,18 +237,6 @@ def test_mounted_on_a_real_gateway(procs, tmp_path):
     assert all(e["region"] == "r1" for e in world["events"])
 
 
-def test_same_event_from_several_regions_is_listed_once():
-    from gateway.admin.status_page import merge_events
-
-    promo = "demo: version 2 is now stable (was 1)"
-    merged = merge_events([
-        {"time": 10.0, "kind": "promotion", "message": promo, "region": "eu-west"},
-        {"time": 10.4, "kind": "promotion", "message": promo, "region": "us-east"},
-        {"time": 12.0, "kind": "failover", "message": "region ap-south cannot serve", "region": "ap-south"},
-        {"time": 99.0, "kind": "promotion", "message": promo, "region": "ap-south"},  # much later: its own
-    ])
-    assert [(e["kind"], e["region"]) for e in merged] == [
-        ("promotion", "ap-south"), ("failover", "ap-south"), ("promotion", "eu-west, us-east")]
 
 
 def test_a_hung_region_shows_as_timed_out(tmp_path):
