@@ -1,6 +1,7 @@
 # geogate: two commands on a fresh machine.
 #   make run    creates .venv, installs everything, runs the embedded default world
 #   make test   installs what tests need and runs the whole suite
+# (make test-unit: the in-process tier alone, under a minute; make lint: ruff and the import layers)
 # GPU=1 installs onnxruntime-gpu instead of onnxruntime (never both: they share a folder).
 
 PYTHON ?= python3.11
