@@ -8,7 +8,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 
-
 SCRAPE = ROOT / "deploy" / "prometheus" / "scrape-config.yaml"
 
 
