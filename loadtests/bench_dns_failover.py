@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(lambda: answer(port) == {US_EAST}, "us-east answered before the trial")
                 time.sleep(rng.uniform(0.0, 0.5))  # a random phase of the 500 ms probe cadence
                 t0 = time.monotonic()
-                us.proc.kill(signal.SIGKILL if kind == "killed" else signal.SIGSTOP)
+                if kind == "killed":
+                    us.proc.kill()  # SIGKILL (and reaped)
+                else:
+                    us.proc.signal(signal.SIGSTOP)
                 wait_for(lambda: US_EAST not in answer(port), f"us-east withdrawn ({kind})")
                 withdraw_s = time.monotonic() - t0
                 if kind == "killed":
