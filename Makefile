@@ -1,6 +1,7 @@
 # geogate: two commands on a fresh machine.
 #   make run    creates .venv, installs everything, runs the embedded default world
 #   make test   installs what tests need and runs the whole suite
+# (make test-unit: the in-process tier alone, under a minute; make lint: ruff and the import layers)
 # GPU=1 installs onnxruntime-gpu instead of onnxruntime (never both: they share a folder).
 
 PYTHON ?= python3.11
@@ -12,7 +13,7 @@ ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
 ORT_OTHER := $(if $(filter 1,$(GPU)),onnxruntime,onnxruntime-gpu)
 STAMP  := $(VENV)/.installed-$(ORT_EXTRA)
 
-.PHONY: run test lint install system-deps triton-env clean
+.PHONY: run test test-unit lint install system-deps triton-env clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +40,19 @@ triton-env:
 run: install
 	$(VENV)/bin/geogate up
 
+# Everything: the unit tier (full hypothesis example counts), then the end-to-end tier.
 test: install system-deps triton-env
-	ORT_DISABLE_TELEMETRY=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	ORT_DISABLE_TELEMETRY=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider --hypothesis-profile=full \
+		tests/unit tests/e2e $(PYTEST_ARGS)
+
+# The fast tier: in-process tests only (no processes), fewer fuzz examples (tests/fuzzing.py).
+test-unit: install
+	ORT_DISABLE_TELEMETRY=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider --hypothesis-profile=unit \
+		tests/unit $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-triton .geogate

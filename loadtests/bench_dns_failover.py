@@ -1,6 +1,6 @@
 """How fast does `geogate dns` stop answering with a region that fails?
 
-Starts three stand-in region gateways (tests/geo_standin.py: real HTTP processes serving
+Starts three stand-in region gateways (loadtests/geo_standin.py: real HTTP processes serving
 `/v2/health/ready` and `/geogate/v1/region`) and `geogate dns` with the default check settings
 (interval 500 ms, timeout 400 ms, fall 2, rise 3), then for each trial:
 
@@ -35,11 +35,11 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.geo_standin when run as a file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # loadtests.* when run as a file
 
 from geo.mmdb_build import DEMO_NETWORKS, build_city_db
-from tests.geo_standin import NEW_YORK_NET, REGIONS, StandinGateway, start_dns, wait_dns, write_config
-from tests.procs import free_port
+from loadtests.geo_standin import NEW_YORK_NET, REGIONS, StandinGateway, start_dns, wait_dns, write_config
+from loadtests.procs import free_port
 
 GOAL_S = 2.0
 POLL_S = 0.01
@@ -98,13 +98,16 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(lambda: answer(port) == {US_EAST}, "us-east answered before the trial")
                 time.sleep(rng.uniform(0.0, 0.5))  # a random phase of the 500 ms probe cadence
                 t0 = time.monotonic()
-                us.proc.kill(signal.SIGKILL if kind == "killed" else signal.SIGSTOP)
+                if kind == "killed":
+                    us.proc.kill()  # SIGKILL (and reaped)
+                else:
+                    us.proc.signal(signal.SIGSTOP)
                 wait_for(lambda: US_EAST not in answer(port), f"us-east withdrawn ({kind})")
                 withdraw_s = time.monotonic() - t0
                 if kind == "killed":
                     us.start().wait_ready()
                 else:
-                    us.proc.kill(signal.SIGCONT)
+                    us.proc.signal(signal.SIGCONT)
                 t1 = time.monotonic()
                 wait_for(lambda: answer(port) == {US_EAST}, f"us-east back ({kind})")
                 rows.append((trial, kind, withdraw_s, time.monotonic() - t1))

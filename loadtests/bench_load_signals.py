@@ -13,7 +13,7 @@ algorithm, over aiohttp keep-alive connections to the Tritons' HTTP ports) or th
 - ``outstanding``: score = this balancer's outstanding requests;
 - ``queue``:       score = outstanding + the replica's scraped queue depth (``LoadSignals``,
                    stale data ignored), as the Gateway API inference extension's picker does;
-- ``peak-ewma``:   the gateway's cost without load signals (``gateway.routing.balancer.LoadStats.cost``:
+- ``peak-ewma``:   the gateway's cost without load signals (``gateway.upstream.load_stats.LoadStats.cost``:
                    peak-EWMA latency x (outstanding + 1));
 - ``peak-ewma+queue``: the same ``LoadStats.cost`` with the scraper's readings written into it
                    (``on_sample``), exactly as the gateway does with ``metrics_scrape = true``:
@@ -50,8 +50,8 @@ import aiohttp
 import numpy as np
 
 from core.kserve import HEADER_LENGTH, REPLICA_HEADER
-from gateway.routing.balancer import LoadStats
 from gateway.upstream.load_signals import LoadSignals, ReplicaLoad, ScrapeTarget, metrics_url_for
+from gateway.upstream.load_stats import LoadStats
 from loadtests.procs import GatewayProc, Proc, RegionConfig, free_port, http_ok
 from replicas.demo.onnx_model import reference_outputs
 from replicas.demo.python_backend import write_python_backend_entry

@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.procs when run as a file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # loadtests.* when run as a file
 
+from loadtests.procs import GEOGATE, Proc, ReplicaProc, free_port, port_open
 from replicas.demo.onnx_model import write_repository_entry
 from replicas.releases.models_cli import push_version
 from replicas.releases.records import Releases
 from replicas.releases.site_status import read_all_sites
 from replicas.store import open_store
-from tests.procs import Proc, ReplicaProc, free_port, geogate, port_open
 
 POLL_INTERVAL_MS = 500
 MAX_WAIT_S = 600.0
@@ -50,7 +50,7 @@ def serves(replica: ReplicaProc, version: int) -> bool:
     from replicas.demo.onnx_model import reference_outputs
 
     x = np.random.default_rng().standard_normal((2, 16)).astype(np.float32)
-    client = thttp.InferenceServerClient(replica.http_url)
+    client = thttp.InferenceServerClient(replica.http_address)
     try:
         inp = thttp.InferInput("INPUT0", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
@@ -66,7 +66,7 @@ def serves(replica: ReplicaProc, version: int) -> bool:
 def write_config(path: Path, store_url: str, sites: dict[str, list[ReplicaProc]]) -> None:
     lines = [f'[store]\nurl = "{store_url}"\n', f"[sync]\npoll_interval_ms = {POLL_INTERVAL_MS}\nkeep_previous = 1\n"]
     for name, reps in sites.items():
-        urls = ", ".join(f'"http://{r.http_url}"' for r in reps)
+        urls = ", ".join(f'"http://{r.http_address}"' for r in reps)
         lines.append(f'[[regions]]\nname = "{name}"\n  [[regions.pools]]\n  name = "{name}-ort"\n'
                      f'  replicas = [{urls}]\n  repository = "{name}/models"\n')
     path.write_text("\n".join(lines))
@@ -112,7 +112,8 @@ def trial(store_label: str, store_url: str, work: Path, src: Path, n_sites: int,
         for name in names:
             repo = work / name / "models"
             repo.mkdir(parents=True)
-            sites[name] = [ReplicaProc(str(repo)) for _ in range(replicas_per_site)]
+            sites[name] = [ReplicaProc(str(repo), name=f"replica-{name}-{i}", log_dir=work / "logs",
+                                       enable_test_faults=False) for i in range(replicas_per_site)]
             procs.extend(sites[name])
         for r in (r for reps in sites.values() for r in reps):
             r.wait_ready(120)
@@ -121,8 +122,8 @@ def trial(store_label: str, store_url: str, work: Path, src: Path, n_sites: int,
         asyncio.run(_store_do(store_url, lambda s: push_version(s, "demo", src, version="1", who="bench")))
         asyncio.run(_store_do(store_url, lambda s: Releases(s).promote("demo", "1", who="bench")))
         for name in names:
-            procs.append(geogate("sync", "--config", str(cfg), "--site", name, "--log-level", "warning",
-                                 name=f"sync-{name}"))
+            procs.append(Proc([*GEOGATE, "sync", "--config", str(cfg), "--site", name, "--log-level", "warning"],
+                              name=f"sync-{name}", log_dir=work / "logs"))
         wait(lambda: all(serves(r, 1) for reps in sites.values() for r in reps), "v1 everywhere", procs)
         t_push = time.monotonic()
         asyncio.run(_store_do(store_url, lambda s: push_version(s, "demo", src, version="2", who="bench")))
@@ -152,10 +153,10 @@ def trial(store_label: str, store_url: str, work: Path, src: Path, n_sites: int,
             p.stop()
 
 
-def start_moto() -> tuple[Proc, str]:
+def start_moto(log_dir: Path) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                name="moto")
+                name="moto", log_dir=log_dir)
     proc.wait_until(lambda: port_open(port), 30, "listening")
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             if label == "file":
                 url = f"file://{work / 'store'}"
             elif label == "s3":
-                moto, _ = start_moto()
+                moto, _ = start_moto(base / "logs")
                 url = "s3://bench/geogate"
             else:
                 raise SystemExit(f"--stores: unknown store {label!r} (file, s3)")

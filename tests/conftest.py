@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+import tests.fuzzing  # noqa: F401  (registers the hypothesis profiles --hypothesis-profile names)
 from tests.procs import Proc
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

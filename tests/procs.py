@@ -1,8 +1,10 @@
 """Real processes for tests: free ports, start a `geogate ...` subcommand, wait until it is
-ready, stop it (SIGTERM, then SIGKILL), and keep its output for failure messages."""
+ready, stop it (SIGTERM, then SIGKILL), and keep its output for failure messages. Also the
+condition waits tests use instead of fixed sleeps (`wait_until`, `async_wait_until`)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -16,6 +18,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 GEOGATE = [sys.executable, "-m", "gateway"]
+POLL_S = 0.05
+
+
+def wait_until(pred: Callable[[], object], timeout_s: float = 30.0, what: str = "condition",
+               poll_s: float = POLL_S) -> float:
+    """Poll `pred` until it is true; the seconds waited. TimeoutError naming `what` otherwise.
+    Timeouts are generous (a loaded 2-core machine): they bound a failure, not a success."""
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what}: not met after {timeout_s:g} s")
+        time.sleep(poll_s)
+    return time.monotonic() - start
+
+
+async def async_wait_until(pred: Callable[[], object], timeout_s: float = 30.0, what: str = "condition",
+                           poll_s: float = POLL_S) -> float:
+    """`wait_until` inside an event loop: the loop's other tasks run while it polls."""
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what}: not met after {timeout_s:g} s")
+        await asyncio.sleep(poll_s)
+    return time.monotonic() - start
 
 _handed_out: set[int] = set()
 

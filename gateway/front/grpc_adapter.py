@@ -43,7 +43,7 @@ from gateway.front.pipeline import (
     ModelQueries,
 )
 from gateway.front.request_checks import RequestError, check_grpc
-from gateway.upstream.catalog import ModelSpecs
+from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.proto_peek import InferRequestPeek, ProtoError, peek_infer_request
 from gateway.upstream.types import PROTOCOL_GRPC, InferCall
 

@@ -45,7 +45,7 @@ from gateway.front.pipeline import (
 )
 from gateway.front.request_checks import RequestError, ValidatedHeaders, check_coding
 from gateway.front.slow_clients import GuardedSockSite, GuardLimits, ListenerLog, sweep_slow_clients
-from gateway.upstream.catalog import ModelSpecs
+from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.types import PROTOCOL_HTTP, InferCall
 
 if TYPE_CHECKING:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import orjson
 
 from core.datatypes import ELEMENT_SIZE
 from core.kserve import HOPS_HEADER
+from gateway.upstream.model_specs import ModelSpecs, TensorSpec
 from gateway.upstream.proto_peek import InferRequestPeek
 from gateway.upstream.translate import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -46,28 +46,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSpecs:
-    """What request checks need from a model's metadata."""
-
-    name: str
-    inputs: dict[str, TensorSpec]
-    outputs: frozenset[str]
-
-    @classmethod
-    def from_metadata(cls, meta: dict) -> ModelSpecs:
-        inputs = {t["name"]: TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t["shape"]))
-                  for t in meta.get("inputs", [])}
-        return cls(meta.get("name", ""), inputs, frozenset(t["name"] for t in meta.get("outputs", [])))
 
 
 def _fmt(shape) -> str:

@@ -274,7 +274,7 @@ class Forwarder:
             targets = spill_first(targets, spill_to)
         for target in targets:
             if target.kind == TARGET_PEER:
-                link = self.peers.link(target) if self.peers is not None else None
+                link = self.peers.link(target.region) if self.peers is not None else None
                 if link is None:
                     continue
                 remaining = call.deadline_s - time.monotonic()

@@ -15,7 +15,7 @@ import logging
 import time
 from urllib.parse import quote
 
-from gateway.front.request_checks import ModelSpecs
+from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.pool import RegionPools, Upstream
 
 log = logging.getLogger("geogate.gateway.catalog")

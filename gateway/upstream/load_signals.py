@@ -26,7 +26,7 @@ Where /metrics is (``core.config.PoolSection``): ``metrics_ports[url]``, else
 /metrics on that same port; anything else on 8002 (Triton's and ``geogate replica``'s default).
 
 Using it in the balancer: ``gateway.upstream.pool.RegionPools`` runs one scraper per gateway worker and,
-through ``on_sample``, writes every reading into the replica's ``balancer.LoadStats`` with an
+through ``on_sample``, writes every reading into the replica's ``gateway.upstream.load_stats.LoadStats`` with an
 expiry (``set_queue_depth(depth, valid_until_s)``), so P2C's cost becomes peak-EWMA latency x
 (outstanding + queue_depth + 1) / weight without any work on the request path; a failed scrape
 drops the reading at once, a missing one expires after ``stale_after_s``.

@@ -26,7 +26,6 @@ import grpc
 
 from core.kserve import HOPS_HEADER, PRIORITY_HEADER, REGION_HEADER, REPLICA_HEADER, REQUEST_ID_HEADER, TIMEOUT_HEADER
 from core.tls import ClientTls
-from gateway.routing.targets import TARGET_PEER, Target
 from gateway.upstream.grpc_upstream import GrpcUpstream, classify_rpc_error
 from gateway.upstream.http_upstream import HttpUpstream, make_session
 from gateway.upstream.proto_peek import ProtoError, peek_response_version
@@ -163,8 +162,8 @@ class PeerLinks:
         if link is not None:
             link.mark(healthy, reason)
 
-    def link(self, target: Target) -> PeerLink | None:
-        return self.links.get(target.region) if target.kind == TARGET_PEER else None
+    def link(self, region: str) -> PeerLink | None:
+        return self.links.get(region)
 
     async def close(self) -> None:
         for link in self.links.values():

@@ -1,5 +1,5 @@
 """The region's replica pools: for every replica its health (``health.ReplicaState``), its load
-(``balancer.LoadStats``) and its client (HTTP session or gRPC channel).
+(``gateway.upstream.load_stats.LoadStats``) and its client (HTTP session or gRPC channel).
 
 Membership comes from the config (a static list of URLs) or from DNS SRV discovery
 (``core.srv_discovery.SrvDiscovery``): a discovered replica joins unhealthy and takes traffic only
@@ -24,10 +24,10 @@ import aiohttp
 
 from core.config import Config, GatewaySection, PoolSection, RegionSection
 from core.tls import ClientTls
-from gateway.routing.balancer import LoadStats
 from gateway.upstream.grpc_upstream import GrpcUpstream
 from gateway.upstream.http_upstream import HttpUpstream, make_session
 from gateway.upstream.load_signals import LoadSignals, ReplicaLoad
+from gateway.upstream.load_stats import LoadStats
 from health.active import ActiveHealthChecker
 from health.outlier import OutlierDetector
 from health.replica_state import ReplicaState

@@ -104,7 +104,7 @@ def test_prefix_follows_gateway_health(namespaces, tmp_path, procs):
     bird = Proc(["ip", "netns", "exec", router, "bird", "-f", "-c", str(ANYCAST / "bird.conf"), "-s", sock,
                  "-P", str(tmp_path / "bird.pid")], name="bird")
     procs.append(bird)
-    gateway = Proc(["ip", "netns", "exec", host, sys.executable, "-m", "tests.geo_standin", "--port",
+    gateway = Proc(["ip", "netns", "exec", host, sys.executable, "-m", "loadtests.geo_standin", "--port",
                     str(GATEWAY_PORT), "--region", "eu-west", "--state-file", str(state)],
                    name="standin-gateway", cwd=str(REPO))
     procs.append(gateway)

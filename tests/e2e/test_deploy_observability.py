@@ -31,7 +31,6 @@ from tests.procs import ReplicaProc, free_port, geogate, http_ok
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "geogate-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
-SCRAPE = ROOT / "deploy" / "prometheus" / "scrape-config.yaml"
 # Modules whose metrics may appear in dashboards; those that do not exist are simply absent.
 METRIC_MODULES = ("gateway.server.metrics", "replicas.server.metrics", "replicas.sync.agent", "geo.dns_metrics",
                   "geo.dns_server", "geo.region_health", "health.active", "health.outlier")
@@ -224,13 +223,3 @@ addresses = ["192.0.2.10"]
     assert not missing, f"referenced but not exposed by the running processes: {sorted(missing)}"
 
 
-def test_scrape_config_relabels_the_labels_alerts_use():
-    doc = yaml.safe_load(SCRAPE.read_text())
-    (job,) = doc["scrape_configs"]
-    targets = {r.get("target_label") for r in job["relabel_configs"]}
-    assert {"__address__", "__metrics_path__", "job", "accelerator"} <= targets
-    # The accelerator label matches the pod label the GPU/Triton components set.
-    components = (ROOT / "deploy" / "k8s" / "components" / "gpu" / "kustomization.yaml").read_text()
-    assert "geogate.example.com/accelerator: nvidia-gpu" in components
-    assert any("geogate_example_com_accelerator" in s for r in job["relabel_configs"]
-               for s in r.get("source_labels", []))

@@ -13,7 +13,16 @@ import pytest
 
 from core.config import DnsSection
 from geo.mmdb_build import DEMO_NETWORKS, build_city_db
-from tests.geo_standin import NEW_YORK_NET, PARIS_NET, REGIONS, StandinGateway, dig, start_dns, wait_dns, write_config
+from loadtests.geo_standin import (
+    NEW_YORK_NET,
+    PARIS_NET,
+    REGIONS,
+    StandinGateway,
+    dig,
+    start_dns,
+    wait_dns,
+    write_config,
+)
 from tests.procs import free_port
 
 SERVICE = "infer.geogate.test"
@@ -60,11 +69,6 @@ def _time_until(cond, timeout_s: float) -> float:
     raise AssertionError(f"condition not met after {timeout_s}s")
 
 
-def test_defaults_are_the_documented_ones():
-    # The 2 s withdrawal figure in geo/region_health.py rests on these defaults.
-    assert (DEFAULTS.check_interval_ms, DEFAULTS.check_timeout_ms, DEFAULTS.fall, DEFAULTS.rise) == (500, 400, 2, 3)
-    worst_blackhole_s = (2 * DEFAULTS.check_interval_ms + DEFAULTS.check_timeout_ms) / 1000
-    assert worst_blackhole_s <= DOCUMENTED_WITHDRAW_S
 
 
 def test_killed_region_withdrawn_and_returns_after_rise(world):
@@ -89,13 +93,13 @@ def test_blackholed_region_withdrawn(world):
     port = world["port"]
     gw = world["eu-west"]
     assert _answer(port, PARIS_NET) == [EU]
-    gw.proc.kill(signal.SIGSTOP)  # connects still complete in the kernel; nothing answers
+    gw.proc.signal(signal.SIGSTOP)  # connects still complete in the kernel; nothing answers
     try:
         took = _time_until(lambda: _answer(port, PARIS_NET) != [EU], DOCUMENTED_WITHDRAW_S + LOADED_MACHINE_SLACK_S)
         print(f"blackholed eu-west withdrawn after {took:.2f}s")
         assert _answer(port, PARIS_NET) == [US]  # Paris -> Virginia next
     finally:
-        gw.proc.kill(signal.SIGCONT)
+        gw.proc.signal(signal.SIGCONT)
     _time_until(lambda: _answer(port, PARIS_NET) == [EU], 30)
 
 

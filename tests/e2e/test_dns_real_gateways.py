@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
+from loadtests.geo_standin import NEW_YORK_NET, PARIS_NET, dig, start_dns, wait_dns
 from replicas.demo.onnx_model import write_repository_entry
-from tests.geo_standin import NEW_YORK_NET, PARIS_NET, dig, start_dns, wait_dns
 from tests.procs import GEOGATE, Proc, ReplicaProc, free_port, http_ok
 
 SERVICE = "infer.geogate.test"

@@ -1,7 +1,7 @@
 """`geogate dns` as a real process, asked with dig: nearest region by EDNS Client Subnet and
 by CIDR table, ECS echo with scope, TTL, SOA/NS at the apex, NXDOMAIN/NODATA/REFUSED, TCP,
 two answers, and malformed packets that must not hurt it.  The region gateways are stand-in
-HTTP processes (tests/geo_standin.py) serving the two endpoints the responder reads."""
+HTTP processes (loadtests/geo_standin.py) serving the two endpoints the responder reads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from geo.mmdb_build import DEMO_NETWORKS, build_city_db
-from tests.geo_standin import (
+from loadtests.geo_standin import (
     NEW_YORK_NET,
     PARIS_NET,
     REGIONS,

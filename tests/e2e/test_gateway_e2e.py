@@ -308,13 +308,16 @@ def test_replica_4xx_passes_through_unchanged(world):
 
 def test_nothing_can_serve_is_503_with_the_reason(tmp_path):
     """A pool whose only replica is down: readiness, HTTP and gRPC all say why."""
-    from tests.procs import free_port, http_ok
+    from health.replica_state import NOT_PROBED_YET
+    from tests.procs import free_port, http_ok, wait_until
 
     dead = free_port()  # nothing listens there
     gw = GatewayProc(tmp_path, replicas=[f"http://127.0.0.1:{dead}"], name="dead")
     try:
         gw.wait_until(lambda: http_ok(f"http://{gw.admin}/v2/health/live"), 60, "live")
-        time.sleep(1.0)  # a few failed probes
+        # the replica's first probe has failed (its health reason is the probe's, not "not probed yet")
+        wait_until(lambda: gw.region()["pools"][0]["replicas"][0]["health_reason"] not in ("", NOT_PROBED_YET),
+                   60, "a failed probe")
         status, _, raw = http_call(f"http://{gw.http}/v2/health/ready")
         assert status == 503
         reason = json.loads(raw)["error"]

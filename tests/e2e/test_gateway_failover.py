@@ -4,20 +4,9 @@ and once restarted on the same ports it passes its health checks and takes traff
 
 from __future__ import annotations
 
-import time
-
 from tests.gateway_load import Stream
 from tests.gateway_procs import GatewayProc, demo_repository, replica_urls, start_replicas
-from tests.procs import ReplicaProc
-
-
-def _wait(pred, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+from tests.procs import ReplicaProc, wait_until
 
 
 def _replica_view(gw: GatewayProc, address: str) -> list[dict]:
@@ -39,7 +28,7 @@ def test_kill_minus_9_then_rejoin(tmp_path, procs):
         killed_at = stream.results.total
         stream.wait_for(killed_at + 300)
         # the dead replica is out: unhealthy (active checks) and/or ejected (passive)
-        _wait(lambda: all(not r["routable"] for a in victim_addrs for r in _replica_view(gw, a)), 20,
+        wait_until(lambda: all(not r["routable"] for a in victim_addrs for r in _replica_view(gw, a)), 20,
               "the killed replica to be marked unroutable")
         views = [r for a in victim_addrs for r in _replica_view(gw, a)]
         assert all((not r["healthy"]) or r["ejected"] for r in views), views
@@ -51,10 +40,10 @@ def test_kill_minus_9_then_rejoin(tmp_path, procs):
                            metrics_port=victim.metrics_port)
         procs.append(back)
         back.wait_ready()
-        _wait(lambda: all(r["routable"] for a in victim_addrs for r in _replica_view(gw, a)), 30,
+        wait_until(lambda: all(r["routable"] for a in victim_addrs for r in _replica_view(gw, a)), 30,
               "the restarted replica to be routable again")
         before = sum(n for rep, n in stream.results.replicas.items() if any(a in rep for a in victim_addrs))
-        _wait(lambda: sum(n for rep, n in stream.results.replicas.items()
+        wait_until(lambda: sum(n for rep, n in stream.results.replicas.items()
                           if any(a in rep for a in victim_addrs)) > before + 10, 30,
               "the restarted replica to receive traffic")
         results = stream.stop()

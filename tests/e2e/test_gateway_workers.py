@@ -24,9 +24,16 @@ from tests.gateway_procs import (
     set_faults,
     start_replicas,
 )
+from tests.procs import wait_until
 
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
                                "data": [0.5] * 16}]}).encode()
+
+
+def _in_flight(gw) -> float:
+    """Client requests the gateway's workers are serving now (both workers' gauges summed)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in gw.metrics().splitlines()
+               if line.startswith("geogate_in_flight_requests{") and 'protocol="http"' in line)
 
 
 def test_two_workers_share_ports_and_drain(tmp_path, procs):
@@ -66,7 +73,7 @@ def test_two_workers_share_ports_and_drain(tmp_path, procs):
     threads = [threading.Thread(target=slow_call) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    wait_until(lambda: _in_flight(gw) == len(threads), 30, "the slow requests in flight")
     t0 = time.monotonic()
     gw.kill(signal.SIGTERM)
     saw_unready = False

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from geo.region_health import RegionHealthMonitor
-from tests.geo_standin import StandinGateway
+from loadtests.geo_standin import StandinGateway
 
 INTERVAL_MS = 200
 # Longer than the interval on purpose: a slow probe on a loaded machine must not count as lost.
@@ -137,11 +137,11 @@ async def test_blackholed_gateway_times_out(gateway):
     try:
         state = mon.states["eu-west"]
         await _until(lambda: state.healthy, "healthy")
-        gateway.proc.kill(signal.SIGSTOP)  # connects complete in the kernel, nothing answers
+        gateway.proc.signal(signal.SIGSTOP)  # connects complete in the kernel, nothing answers
         await _until(lambda: not state.healthy, "withdrawn while blackholed")
         assert state.reason == f"probe timeout after {TIMEOUT_MS} ms"
-        gateway.proc.kill(signal.SIGCONT)
+        gateway.proc.signal(signal.SIGCONT)
         await _until(lambda: state.healthy, "back after SIGCONT")
     finally:
-        gateway.proc.kill(signal.SIGCONT)
+        gateway.proc.signal(signal.SIGCONT)
         await mon.close()

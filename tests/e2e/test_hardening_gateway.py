@@ -35,6 +35,7 @@ import tritonclient.grpc as tgrpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from loadtests.geo_standin import NEW_YORK_NET, dig, start_dns, wait_dns
 from replicas.demo.onnx_model import write_repository_entry
 from replicas.demo.python_backend import write_python_backend_entry
 from tests.gateway_procs import (
@@ -46,7 +47,6 @@ from tests.gateway_procs import (
     set_faults,
     start_replicas,
 )
-from tests.geo_standin import NEW_YORK_NET, dig, start_dns, wait_dns
 from tests.procs import GEOGATE, Proc, ReplicaProc, TritonProc, free_port, http_ok
 
 WAIT_S = 60.0

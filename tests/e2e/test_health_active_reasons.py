@@ -13,7 +13,7 @@ from grpc_health.v1._async import HealthServicer
 from core.config import HealthSection
 from health.active import ActiveHealthChecker
 from health.replica_state import ReplicaState
-from tests.procs import free_port
+from tests.procs import async_wait_until, free_port
 
 SETTINGS = HealthSection(interval_ms=100, timeout_ms=300, rise=2, fall=2)
 WAIT_S = 15.0
@@ -61,17 +61,6 @@ class FakeHttpReplica:
         return f"http://127.0.0.1:{self.port}"
 
 
-async def wait_until(check, what, timeout_s=WAIT_S):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        if check():
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"not {what} after {timeout_s} s")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def checker():
     changes = []
@@ -86,21 +75,21 @@ async def test_http_rise_fall_and_readiness_reason(checker):
     async with FakeHttpReplica() as fake:
         state = ReplicaState(fake.url, pool="p")
         checker.add(state)
-        await wait_until(lambda: state.healthy, "healthy")  # first success: healthy at once
+        await async_wait_until(lambda: state.healthy, WAIT_S, "healthy")  # first success: healthy at once
         assert state.ready_versions == {"demo": {"1"}} and state.ready_versions_known
         assert state.probe_rtt_ewma_s > 0
         assert checker.changes[0] == (True, {"demo": {"1"}})
 
         fake.ready_status = 503
         calls = fake.ready_calls
-        await wait_until(lambda: not state.healthy, "unhealthy")
+        await async_wait_until(lambda: not state.healthy, WAIT_S, "unhealthy")
         assert fake.ready_calls - calls >= SETTINGS.fall  # not after a single failure
         assert state.health_reason == "readiness 503: model demo is still loading"
         assert state.health_cause == "readiness 503"
 
         fake.ready_status = 200
         calls = fake.ready_calls
-        await wait_until(lambda: state.healthy, "healthy again")
+        await async_wait_until(lambda: state.healthy, WAIT_S, "healthy again")
         assert fake.ready_calls - calls >= SETTINGS.rise
         assert [h for h, _ in checker.changes] == [True, False, True]
 
@@ -108,7 +97,7 @@ async def test_http_rise_fall_and_readiness_reason(checker):
         fake.index = [{"name": "demo", "version": "1", "state": "READY"},
                       {"name": "demo", "version": "2", "state": "READY"},
                       {"name": "demo", "version": "3", "state": "LOADING"}]
-        await wait_until(lambda: state.ready_versions == {"demo": {"1", "2"}}, "new versions")
+        await async_wait_until(lambda: state.ready_versions == {"demo": {"1", "2"}}, WAIT_S, "new versions")
         assert checker.changes[-1] == (True, {"demo": {"1", "2"}})
 
 
@@ -117,12 +106,12 @@ async def test_http_probe_timeout_and_no_index(checker):
         fake.ready_delay_s = 1.0
         state = ReplicaState(fake.url)
         checker.add(state)
-        await wait_until(lambda: state.last_probe_s > 0, "probed")
+        await async_wait_until(lambda: state.last_probe_s > 0, WAIT_S, "probed")
         assert not state.healthy
         assert state.health_reason == "probe timeout after 300 ms"
         fake.ready_delay_s = 0.0
         fake.index = None  # no repository API: versions unknown, any model accepted
-        await wait_until(lambda: state.healthy, "healthy")
+        await async_wait_until(lambda: state.healthy, WAIT_S, "healthy")
         assert not state.ready_versions_known and state.has_model("whatever", "7")
 
 
@@ -130,7 +119,7 @@ async def test_connect_refused_http_and_grpc(checker):
     states = [ReplicaState(f"http://127.0.0.1:{free_port()}"), ReplicaState(f"grpc://127.0.0.1:{free_port()}")]
     for s in states:
         checker.add(s)
-    await wait_until(lambda: all(s.last_probe_s > 0 for s in states), "probed")
+    await async_wait_until(lambda: all(s.last_probe_s > 0 for s in states), WAIT_S, "probed")
     for s in states:
         assert not s.healthy
         assert s.health_reason == "connect refused", s.url
@@ -148,25 +137,16 @@ async def test_grpc_health_service_states(checker):
     try:
         state = ReplicaState(f"grpc://127.0.0.1:{port}")
         checker.add(state)
-        await wait_until(lambda: state.last_probe_s > 0, "probed")
+        await async_wait_until(lambda: state.last_probe_s > 0, WAIT_S, "probed")
         assert not state.healthy and state.health_reason.startswith("not SERVING")
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await wait_until(lambda: state.healthy, "healthy")
+        await async_wait_until(lambda: state.healthy, WAIT_S, "healthy")
         # This server has no RepositoryIndex (UNIMPLEMENTED): versions unknown.
         assert not state.ready_versions_known
         await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await wait_until(lambda: not state.healthy, "unhealthy")
+        await async_wait_until(lambda: not state.healthy, WAIT_S, "unhealthy")
         assert state.health_cause == "not SERVING"
     finally:
         await server.stop(None)
 
 
-async def test_a_probe_that_raises_counts_as_a_failed_probe():
-    class BrokenProber:
-        async def probe(self):
-            raise RuntimeError("boom")
-
-    checker = ActiveHealthChecker(SETTINGS)
-    state = ReplicaState("http://127.0.0.1:1")
-    result = await checker.probe(BrokenProber(), state)
-    assert not result.ok and result.reason == "probe error: RuntimeError: boom"

@@ -69,7 +69,7 @@ def test_local_outage_fails_over_with_zero_failures_and_returns_after_hold(tmp_p
         world.kill_replicas("eu-west")
         killed_at = time.monotonic()
         world.wait(lambda: world.healthy_replicas("eu-west") == 0, 10, "eu-west replicas marked down")
-        time.sleep(max(0.0, killed_at + 2.0 - time.monotonic()))
+        time.sleep(max(0.0, killed_at + 2.0 - time.monotonic()))  # the timeline after +2 s is what is judged
         stream.wait_for(stream.results.total + 300)
         remote = {r for t, r in stream.results.timeline if t > killed_at + 2.0}
         assert remote and "eu-west" not in remote, remote
@@ -119,7 +119,7 @@ def test_whole_region_outage_while_peer_forwards_to_it(tmp_path, procs):
         world.regions[served].gateway.kill()
         world.kill_replicas(served)
         died_at = time.monotonic()
-        time.sleep(2.0)
+        time.sleep(2.0)  # held on purpose: the outage lasts, traffic keeps flowing through it
         stream.wait_for(stream.results.total + 400)
         results = stream.stop()
     assert results.failures == [], results.failures[:5]
@@ -190,7 +190,7 @@ def test_frozen_peer_requests_in_flight_move_to_the_next_region(tmp_path, procs)
         frozen.kill(signal.SIGSTOP)
         try:
             stopped_at = time.monotonic()
-            time.sleep(3.0)
+            time.sleep(3.0)  # held on purpose: the region stays frozen while traffic flows
             stream.wait_for(stream.results.total + 300)
             results = stream.stop()
         finally:

@@ -213,14 +213,14 @@ def test_mixed_priorities_shed_sheddable_first_then_standard_never_critical(tmp_
         # over gRPC too (sheddable is refused while the moving in-flight is over the limits,
         # which it is most, not all, of the time: ask until refused)
         grpc_err = next((e for e in (grpc_infer(gw.grpc, "sheddable") for _ in range(40)) if e is not None), None)
-        time.sleep(max(0.0, a1 + 4.0 - time.monotonic()))
+        time.sleep(max(0.0, a1 + 4.0 - time.monotonic()))  # pacing: a 4 s measured window
         a2 = time.monotonic()
 
         # B. heavy overload: 40/s offered, critical + standard alone over the queueing bound
         load.set_rates({"critical": 5.0, "standard": 25.0, "sheddable": 10.0})
-        time.sleep(1.0)
+        time.sleep(1.0)  # pacing: the sampler's moving average settles on the new load
         b1 = time.monotonic()
-        time.sleep(4.0)
+        time.sleep(4.0)  # pacing: a 4 s window of the open-loop load is measured
         b2 = time.monotonic()
     assert not [r for r in load.results if r.status not in (200, 429)], \
         [r.error for r in load.results if r.status not in (200, 429)][:5]
@@ -377,7 +377,7 @@ def test_saturated_region_spills_to_its_neighbour_and_stops_when_load_falls(tmp_
         high_at = time.monotonic()
         wait(lambda: get_json(f"http://{eu}/geogate/v1/region")["load"]["spilling"], 15, "eu-west spilling", gw_list)
         spilling_at = time.monotonic()
-        time.sleep(5.0)
+        time.sleep(5.0)  # pacing: 5 s of spilling measured
         high_end = time.monotonic()
         cap = get_json(f"http://{eu}/geogate/v1/capacity")
 
@@ -387,7 +387,7 @@ def test_saturated_region_spills_to_its_neighbour_and_stops_when_load_falls(tmp_
         wait(lambda: not get_json(f"http://{eu}/geogate/v1/capacity")["spill"]["spilling"], 15,
              "eu-west to stop spilling", gw_list)
         stopped_at = time.monotonic()
-        time.sleep(2.0)
+        time.sleep(2.0)  # pacing: 2 s back at home measured
         end = time.monotonic()
 
     assert not [r for r in load.results if r.status != 200], [r.error for r in load.results if r.status != 200][:5]

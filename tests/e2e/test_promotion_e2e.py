@@ -26,6 +26,7 @@ from replicas.store import open_store
 from tests.multi_region_world import World
 from tests.s3_fixtures import moto_s3, store_url  # noqa: F401
 
+ANSWERS_AROUND = 20  # answers each stream gets before and after the promotion
 WAIT_S = 90.0
 
 
@@ -128,13 +129,18 @@ def test_promotion_across_three_sites_under_load(tmp_path, procs, store_url):  #
 
     streams = [CheckedStream(g).start() for g in gateways]
     try:
-        time.sleep(1.0)
+        # traffic is flowing everywhere before the promotion starts
+        world.wait(lambda: all(s.versions["1"] >= ANSWERS_AROUND for s in streams), WAIT_S,
+                   "v1 answers in every region")
         push(store_url, src / "demo", 2)
         promote(store_url, 2)
         promoted_at = time.monotonic()
         world.wait(lambda: all(s.last_version == "2" for s in streams), WAIT_S, "v2 served in every region")
         converged_s = time.monotonic() - promoted_at
-        time.sleep(1.0)
+        # and keeps flowing, without a failure, after it
+        after = [s.versions["2"] for s in streams]
+        world.wait(lambda: all(s.versions["2"] >= n + ANSWERS_AROUND for s, n in zip(streams, after, strict=True)),
+                   WAIT_S, "more v2 answers in every region")
     finally:
         for s in streams:
             s.stop()

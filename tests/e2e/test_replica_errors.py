@@ -230,7 +230,7 @@ def test_fault_switch_hang_until_cleared(replica, stub):
         threads = [threading.Thread(target=http_call), threading.Thread(target=grpc_call)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        time.sleep(1.0)  # held on purpose: a hang is nothing answered for a while
         assert results == {}  # nobody answered while hanging
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(grpc_request(), timeout=0.5)

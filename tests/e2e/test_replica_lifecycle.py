@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http.aio as thttp_aio
 
 from replicas.demo.onnx_model import reference_outputs, write_repository_entry
-from tests.procs import ReplicaProc
+from tests.procs import ReplicaProc, async_wait_until
 
 DELAY_MS = 1500
 
@@ -28,6 +28,19 @@ def status_of(url: str) -> int:
         return e.code
     except (urllib.error.URLError, OSError):
         return 0
+
+
+def in_flight(proc: ReplicaProc) -> float:
+    """Requests the replica is handling now (its geogate_replica_inflight_requests gauges)."""
+    with urllib.request.urlopen(f"http://{proc.http_url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("geogate_replica_inflight_requests{"))
+
+
+async def until_in_flight(proc: ReplicaProc, n: int) -> None:
+    """All `n` requests are inside the replica (held by the injected delay)."""
+    await async_wait_until(lambda: in_flight(proc) >= n, 30, f"{n} requests in flight")
 
 
 def set_delay(proc: ReplicaProc, delay_ms: int) -> None:
@@ -60,11 +73,11 @@ async def test_sigterm_drains_in_flight_requests(tmp_path, procs):
 
     try:
         calls = [asyncio.create_task(via_grpc() if i % 2 else via_http()) for i in range(12)]
-        await asyncio.sleep(DELAY_MS / 1000 / 3)  # all of them are now inside the delay
+        await until_in_flight(proc, len(calls))  # all of them are now inside the delay
         os.kill(proc.pid, signal.SIGTERM)
-        await asyncio.sleep(0.2)
         # not ready any more while it drains (listeners stay up until the in-flight work is done)
-        assert await asyncio.to_thread(status_of, f"http://{proc.http_url}/v2/health/ready") in (400, 0)
+        await async_wait_until(lambda: status_of(f"http://{proc.http_url}/v2/health/ready") in (400, 0), 10,
+                               "not ready after SIGTERM")
         assert proc.alive()
         results = await asyncio.gather(*calls)
         for out in results:
@@ -88,9 +101,10 @@ async def test_new_requests_during_drain_are_refused_as_unavailable(tmp_path, pr
         inp = thttp_aio.InferInput("INPUT0", [1, 16], "FP32")
         inp.set_data_from_numpy(x)
         slow = asyncio.create_task(http_client.infer("demo", [inp]))
-        await asyncio.sleep(0.5)
+        await until_in_flight(proc, 1)
         os.kill(proc.pid, signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await async_wait_until(lambda: status_of(f"http://{proc.http_url}/v2/health/ready") in (400, 0), 10,
+                               "draining")
         body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
                                        "data": [0.0] * 16}]}).encode()
 

@@ -38,7 +38,7 @@ from replicas.releases.site_status import read_site
 from replicas.store import open_store
 from tests.e2e.test_tls import make_ca, make_leaf, rotate_server_cert, write_pair
 from tests.gateway_procs import FAST_HEALTH, demo_repository
-from tests.procs import GEOGATE, Proc, ReplicaProc, free_port
+from tests.procs import GEOGATE, Proc, ReplicaProc, free_port, wait_until
 
 HOST = "127.0.0.1"
 HEAD_TIMEOUT_MS = 1000
@@ -487,8 +487,8 @@ def test_too_many_in_flight_is_shed_with_a_reason(world):
         threads = [threading.Thread(target=one) for _ in range(MAX_IN_FLIGHT + 3)]
         for t in threads:
             t.start()
-        # gRPC, while the HTTP ones hold the slots
-        time.sleep(0.5)
+        # gRPC, while the HTTP ones hold the slots (full once the first one over the limit is refused)
+        wait_until(lambda: len(results) >= 1, 30, "an HTTP request over the limit refused")
         creds = grpc.ssl_channel_credentials(root_certificates=Path(pki.ca).read_bytes())
         with grpc.secure_channel(f"{HOST}:{gw.grpc_port}", creds) as ch:
             from tritonclient.grpc import service_pb2, service_pb2_grpc

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.admin.status_page import EVENT_SAMPLE_INTERVAL_S
 from tests.status_page_harness import eu_west_down, healthy_world, launch, write_data
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -220,7 +221,9 @@ def test_mounted_on_a_real_gateway(procs, tmp_path):
     assert region["summary"]["replicas"] == {"healthy": 2, "total": 2}
     assert world["models"]["demo"]["sites"]["r1"]["ready"] == ["1", "2"]
 
-    time.sleep(1.5)  # a few samples of the healthy state (the events are changes from it)
+    # A few samples of the healthy state (the events are changes from it). Held on purpose: the
+    # sampler's baseline is not observable from outside, only its interval is known.
+    time.sleep(3 * EVENT_SAMPLE_INTERVAL_S)
     rep.kill()  # both of the region's replicas (HTTP and gRPC of one process) die
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -234,18 +237,6 @@ def test_mounted_on_a_real_gateway(procs, tmp_path):
     assert all(e["region"] == "r1" for e in world["events"])
 
 
-def test_same_event_from_several_regions_is_listed_once():
-    from gateway.admin.status_page import merge_events
-
-    promo = "demo: version 2 is now stable (was 1)"
-    merged = merge_events([
-        {"time": 10.0, "kind": "promotion", "message": promo, "region": "eu-west"},
-        {"time": 10.4, "kind": "promotion", "message": promo, "region": "us-east"},
-        {"time": 12.0, "kind": "failover", "message": "region ap-south cannot serve", "region": "ap-south"},
-        {"time": 99.0, "kind": "promotion", "message": promo, "region": "ap-south"},  # much later: its own
-    ])
-    assert [(e["kind"], e["region"]) for e in merged] == [
-        ("promotion", "ap-south"), ("failover", "ap-south"), ("promotion", "eu-west, us-east")]
 
 
 def test_a_hung_region_shows_as_timed_out(tmp_path):

@@ -33,6 +33,7 @@ from gateway.upstream.proto_peek import ProtoError, peek_infer_request
 from gateway.upstream.types import PROTOCOL_GRPC, PROTOCOL_HTTP, InferCall
 from health.outcomes import Outcome
 from tests.gateway_procs import demo_repository, set_faults, start_replicas
+from tests.procs import async_wait_until
 
 WAIT_HEALTHY_S = 30.0
 X = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 16)
@@ -225,7 +226,9 @@ async def test_client_cancel_mid_request(clean, protocol):
         make = http_call if protocol == "http" else grpc_call
         for _ in range(4):
             task = asyncio.ensure_future(region.forwarder.forward(make()))
-            await asyncio.sleep(0.15)
+            # cancelled while its attempt is in flight (the replica holds it for 600 ms)
+            await async_wait_until(lambda: any(u.load.outstanding for u in region.pools.upstreams()), 10,
+                                   "an attempt in flight")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

@@ -13,7 +13,7 @@ operator's file:
 
 Properties: nothing but the module's documented error type escapes (InferError, ProtoError,
 RequestError, ConfigError; the DNS responder never raises at all), every example finishes well
-within FUZZ_DEADLINE (no hangs), and valid inputs round-trip (a request built with tritonclient
+within tests.fuzzing.FUZZ_DEADLINE (no hangs), and valid inputs round-trip (a request built with tritonclient
 or the generated protobuf classes decodes to the same tensors / fields).
 
 The number of examples run per target is printed at the end of the module (see the terminal
@@ -22,7 +22,6 @@ summary line "fuzz examples run"). Crashes found become plain regression tests a
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import json
 import string
@@ -41,7 +40,7 @@ import pytest
 import tritonclient.http as triton_http
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2
@@ -57,15 +56,9 @@ from replicas.releases.manifest import FileEntry, Manifest, ManifestError, sign_
 from replicas.server.infer_errors import InferError
 from replicas.server.signature import ModelSignature
 from replicas.server.v2_codec import decode_grpc, decode_http
+from tests.fuzzing import fuzz
 
-FUZZ_DEADLINE = datetime.timedelta(seconds=5)  # far above any real parse: only a hang trips it
 RUNS: Counter[str] = Counter()
-
-
-def fuzz(n: int):
-    return settings(max_examples=n, deadline=FUZZ_DEADLINE, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                           HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module", autouse=True)

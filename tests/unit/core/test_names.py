@@ -14,6 +14,7 @@ from core.names import (
     model_ref_problem,
     version_problem,
 )
+from tests.fuzzing import examples
 
 
 @pytest.mark.parametrize("name", ["demo", "demo-heavy", "resnet50_v1.5", "_private", "A", "a" * MAX_MODEL_NAME_LEN,
@@ -81,7 +82,7 @@ def test_model_ref():
 name_chars = st.sampled_from(list("abcXYZ019_.-/\\\x00\n é"))
 
 
-@settings(max_examples=1000, deadline=None, database=None)
+@settings(max_examples=examples(1000), deadline=None, database=None)
 @given(name=st.text(alphabet=name_chars, max_size=12))
 def test_every_name_we_accept_the_store_accepts(name):
     """Switching the store's own check (replicas/releases/manifest.py) to this module never orphans a
@@ -90,7 +91,7 @@ def test_every_name_we_accept_the_store_accepts(name):
         assert manifest.check_model_name(name) == name
 
 
-@settings(max_examples=500, deadline=None, database=None)
+@settings(max_examples=examples(500), deadline=None, database=None)
 @given(version=st.one_of(st.integers(-5, 10**6).map(str), st.text(alphabet="0123456789+- .\u00b2\u0661", max_size=5)))
 def test_versions_agree_with_the_store(version):
     ours = version_problem(version) == ""
@@ -112,7 +113,7 @@ def test_store_refuses_a_trailing_newline():
         manifest.check_version("1\n")
 
 
-@settings(max_examples=1000, deadline=None, database=None)
+@settings(max_examples=examples(1000), deadline=None, database=None)
 @given(name=st.text(alphabet=name_chars, max_size=12))
 def test_store_and_gateway_agree_on_names(name):
     """Both directions now: one rule set."""

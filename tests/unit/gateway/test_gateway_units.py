@@ -13,8 +13,9 @@ from tritonclient.grpc import service_pb2
 
 from gateway.front import deadline as dl
 from gateway.front.request_checks import ModelSpecs, RequestError, check_grpc, check_http, parse_http_header
-from gateway.routing.balancer import LoadStats, pick_p2c
+from gateway.routing.balancer import pick_p2c
 from gateway.routing.retry_budget import RetryBudget
+from gateway.upstream.load_stats import LoadStats
 from gateway.upstream.proto_peek import ProtoError, peek_infer_request, peek_response_version, with_model_version
 
 names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=20)

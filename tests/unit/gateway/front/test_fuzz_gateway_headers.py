@@ -13,13 +13,12 @@ builds a bounded multiple of what was received.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.front import deadline as dl
@@ -33,17 +32,11 @@ from gateway.front.request_checks import (
     parse_http_header,
 )
 from gateway.upstream.translate import TranslateError, http_request_to_grpc, parse_header_length
+from tests.fuzzing import fuzz
 
-FUZZ_DEADLINE = datetime.timedelta(seconds=5)
 RUNS: Counter[str] = Counter()
 DEFAULT_MS = 30000
 NOW_S = 1000.0
-
-
-def fuzz(n: int):
-    return settings(max_examples=n, deadline=FUZZ_DEADLINE, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                           HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module", autouse=True)

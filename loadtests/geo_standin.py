@@ -1,4 +1,5 @@
-"""A stand-in region gateway for the GeoDNS / anycast tests and the failover benchmark.
+"""A stand-in region gateway for the GeoDNS / anycast tests and the failover benchmark (here, in
+loadtests/, so both can use it: tests may import loadtests, never the other way).
 
 A real HTTP server process (aiohttp on uvloop) that serves only what DNS and anycast health
 checks read from a gateway: ``GET /v2/health/ready`` and ``GET /geogate/v1/region``.  It can
@@ -10,7 +11,7 @@ file read on every request:
 - ``hang``: ready requests never answer (a blackhole that still accepts connections);
 - ``drop-next``: the next ready request never answers, then back to ``ok`` (one lost probe).
 
-    python -m tests.geo_standin --port P --region eu-west [--state-file F] [--host 127.0.0.1]
+    python -m loadtests.geo_standin --port P --region eu-west [--state-file F] [--host 127.0.0.1]
 """
 
 from __future__ import annotations
@@ -18,16 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 
 from aiohttp import web
 
-from tests.procs import Proc, free_port, http_ok
+from loadtests.procs import Proc, free_port, http_ok
 
 HANG_S = 3600
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _state(path: str) -> str:
     if not path:
@@ -115,6 +113,7 @@ class StandinGateway:
         self.region = region
         self.location = location
         self.port = port or free_port()
+        self.workdir = workdir
         self.state_file = os.path.join(workdir, f"standin-{region}.state")
         self.proc: Proc | None = None
         self.start()
@@ -122,9 +121,9 @@ class StandinGateway:
     def start(self) -> StandinGateway:
         self.set_state("ok")
         self.proc = Proc(
-            [sys.executable, "-m", "tests.geo_standin", "--port", str(self.port), "--region", self.region,
+            [sys.executable, "-m", "loadtests.geo_standin", "--port", str(self.port), "--region", self.region,
              "--lat", str(self.location[0]), "--lon", str(self.location[1]), "--state-file", self.state_file],
-            name=f"standin-{self.region}", cwd=REPO_ROOT)  # `-m tests.geo_standin` from any directory
+            name=f"standin-{self.region}-{self.port}", log_dir=self.workdir)
         return self
 
     @property
@@ -141,8 +140,7 @@ class StandinGateway:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.kill(signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
-            self.proc.stop()
+            self.proc.stop()  # SIGCONT first if it was stopped (a SIGSTOPped process cannot act on SIGTERM)
 
 
 def write_config(path: str, gateways: list[StandinGateway], *, dns_port: int, mmdb: str = "",
@@ -211,7 +209,8 @@ def dig(port: int, name: str, rdtype: str = "A", *options: str, timeout_s: float
 
 def start_dns(config: str) -> Proc:
     """`geogate dns --config` as a real process (stop it with .stop())."""
-    return Proc([sys.executable, "-m", "gateway", "dns", "--config", config], name="geogate-dns")
+    return Proc([sys.executable, "-m", "gateway", "dns", "--config", config], name="geogate-dns",
+                log_dir=os.path.dirname(os.path.abspath(config)))
 
 
 def wait_dns(proc: Proc, port: int, timeout_s: float = 30.0) -> None:
