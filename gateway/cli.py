@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("gateway.server.main", "run a region's gateway (KServe v2 over HTTP and gRPC)"),
     "replica": ("replicas.server.main", "run an ONNX Runtime replica serving a Triton-layout repository"),
     "demo-model": ("replicas.demo.onnx_model", "write the bundled demo model into a model repository"),
-    "sync": ("replicas.sync.agent", "run a site's sync agent (object store -> model repository)"),
+    "sync": ("replicas.sync.cli", "run a site's sync agent (object store -> model repository)"),
     "dns": ("geo.dns_server", "run the health-aware GeoDNS responder"),
     "models": ("replicas.releases.models_cli", "operate model versions: push, list, promote, canary, rollback"),
     "status": ("gateway.admin.status_cli", "regions, replicas, versions and health at a glance"),

@@ -130,6 +130,7 @@ class AutoscaledPool:
     admin: str  # the region gateway's admin HOST:PORT
     min_replicas: int = 1
     max_replicas: int = 10
+    control_token_file: str = ""  # the pool's control_token_file (absolute), passed to its replicas
 
     @property
     def key(self) -> str:
@@ -144,7 +145,9 @@ def autoscaled_pools(cfg: Config) -> list[AutoscaledPool]:
             if is_autoscaled(cfg, pool):
                 out.append(AutoscaledPool(region.name, pool.name, pool.discover[len(SRV_PREFIX):],
                                           pool.discover_scheme, cfg.resolve_path(pool.repository),
-                                          region.admin, cfg.capacity.min_replicas, cfg.capacity.max_replicas))
+                                          region.admin, cfg.capacity.min_replicas, cfg.capacity.max_replicas,
+                                          cfg.resolve_path(pool.control_token_file) if pool.control_token_file
+                                          else ""))
     return out
 
 
@@ -401,6 +404,8 @@ class LocalAutoscaler:
         self._waiting_for_model.discard(pool.key)
         if len(active) < want:
             extra = ("--enable-test-faults",) if self.replica_test_delay_ms else ()
+            if pool.control_token_file:
+                extra += ("--control-token-file", pool.control_token_file)
             new = [ManagedReplica(pool.repository, self.workdir, extra) for _ in range(want - len(active))]
             st.replicas.extend(new)
             log.info("pool %s: starting %d replica(s) (http ports %s)", pool.key, len(new),

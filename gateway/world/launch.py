@@ -39,6 +39,7 @@ class ReplicaLaunch:
     grpc_port: int
     metrics_port: int
     repository: str
+    control_token_file: str = ""  # the pool's control_token_file (absolute): the repository API needs it
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Launch:
 
 def _replica_launches(pool: Any, region: str, repository: str, first_index: int, where: str,
                       known_ports: dict[str, tuple[int, int, int]], taken: set[int],
-                      skipped: list[str]) -> list[ReplicaLaunch]:
+                      skipped: list[str], control_token_file: str = "") -> list[ReplicaLaunch]:
     out: list[ReplicaLaunch] = []
     for url in pool.replicas:
         parts = urlsplit(url)
@@ -154,7 +155,7 @@ def _replica_launches(pool: Any, region: str, repository: str, first_index: int,
             # metrics_ports can be honoured when several replicas share this machine.
             m = pool.metrics_ports.get(url) or free_port(host, taken)
         out.append(ReplicaLaunch(f"replica-{region}-{first_index + len(out)}", region, url, host, h, g, m,
-                                 repository))
+                                 repository, control_token_file))
     return out
 
 
@@ -190,8 +191,9 @@ def launch_from_config(cfg: Any, config_path: Path, directory: Path,
                     pool.name, region.name, pool.discover, pool.discover_scheme, pool.discover_resolver, repository,
                     cfg.capacity.min_replicas, cfg.capacity.max_replicas))
                 continue
+            token_file = cfg.resolve_path(pool.control_token_file) if pool.control_token_file else ""
             rl.replicas += _replica_launches(pool, region.name, repository, len(rl.replicas), where, known_ports,
-                                             taken, skipped)
+                                             taken, skipped, token_file)
         regions.append(rl)
     if not regions:
         raise WorldError(f"{config_path}: no [[regions]]: nothing to start")
@@ -232,7 +234,8 @@ def children(launch: Launch) -> list[Child]:
         for rep in r.replicas:
             out.append(Child(rep.name, _geogate(
                 "replica", "--repository", rep.repository, "--host", rep.host, "--http-port", str(rep.http_port),
-                "--grpc-port", str(rep.grpc_port), "--metrics-port", str(rep.metrics_port)),
+                "--grpc-port", str(rep.grpc_port), "--metrics-port", str(rep.metrics_port),
+                *(("--control-token-file", rep.control_token_file) if rep.control_token_file else ())),
                 logs / f"{rep.name}.log", tier=TIER_BACK))
     for r in launch.regions:
         if r.sync:

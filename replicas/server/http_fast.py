@@ -35,176 +35,46 @@ bytes of the request it hands over. So only the current request head's raw bytes
 when a hot request's head is complete its length is found as the first CRLF CRLF: llhttp in
 strict mode rejects a lone CR or LF in a head, so a head it accepted has no earlier one. Its body
 is then exactly Content-Length bytes (llhttp checked that the request has no other framing).
+
+This module is the connection protocol (llhttp callbacks, queueing, answering, hand-over, timeouts);
+``http_fast_server`` is the listener that starts connections on it and owns aiohttp's server,
+``http_wire`` the answer bytes and hot-path targets, ``http_bodies`` body codings and inflation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
-from email.utils import formatdate
-from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httptools
 import orjson
-from aiohttp import web
 from aiohttp.tcp_helpers import tcp_nodelay
 
-from replicas.server.infer_errors import InferError, LogLimiter, invalid, one_line, too_large
+from replicas.server.http_bodies import content_coding, inflate
+from replicas.server.http_wire import DATE, JSON, STATUS_LINES, error_bytes, infer_target, status_line
+from replicas.server.infer_errors import InferError, LogLimiter, one_line
+
+if TYPE_CHECKING:
+    from replicas.server.http_fast_server import FastPathServer
 
 log = logging.getLogger("geogate.replica.http")
 
 MAX_HEAD_BYTES = 8192  # a longer head is not the hot path: aiohttp applies its own limits
 KEEPALIVE_TIMEOUT_S = 75.0
 DEFAULT_HEAD_TIMEOUT_S = 10.0
-MAX_SWEEP_INTERVAL_S = 1.0
-MIN_SWEEP_INTERVAL_S = 0.05
 PAUSE_READING_BYTES = 1 << 20  # a client pipelining this much waits for our answers
 # After a refusal that closes (400, 408, 413): how long what the client still sends is read and
 # dropped before the close, so that our answer is not lost to a TCP reset (aiohttp's
 # "lingering close", bounded).
 LINGER_S = 2.0
-INFLATE_STEP_BYTES = 1 << 20  # inflated per step; other requests run between steps
 _REFUSED_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
-# model and version names the fast path takes; others (percent-encoding, ...) go to aiohttp
-_NAME_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
-_INFER_PREFIX, _INFER_SUFFIX = b"/v2/models/", b"/infer"
-JSON = "application/json"
 HEAD_TIMEOUT_MESSAGE = "request head not received within {s:g} s of its first byte (--request-head-timeout-s)"
 
-# (status, body, content type, served version or "", Inference-Header-Content-Length or None)
-InferAnswer = tuple[int, bytes, str, str, "int | None"]
-InferFn = Callable[[str, str, bytes, "str | None", str], Awaitable[InferAnswer]]
 
 malformed_log = LogLimiter(log)
-
-
-class _DateCache:
-    """The Date header, formatted once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = b""
-
-    def get(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._value = formatdate(now, usegmt=True).encode()
-        return self._value
-
-
-_DATE = _DateCache()
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
-
-
-_STATUS_LINES = {s: _status_line(s) for s in (200, 400, 404, 408, 413, 415, 500, 503)}
-
-
-def error_bytes(status: int, message: str, *, close: bool = False) -> bytes:
-    """A complete JSON error answer, for refusals written outside any handler."""
-    body = orjson.dumps({"error": message})
-    return b"".join([_STATUS_LINES.get(status) or _status_line(status), b"Content-Type: application/json\r\n",
-                     b"Content-Length: ", str(len(body)).encode(), b"\r\nDate: ", _DATE.get(), b"\r\n",
-                     b"Connection: close\r\n" if close else b"", b"\r\n", body])
-
-
-# ------------------------------------------------------------------------------- request bodies
-
-def content_coding(value: str | None) -> str:
-    """The Content-Encoding of a request body: "" (none or identity), "gzip" or "deflate"."""
-    if value is None:
-        return ""
-    coding = value.strip(" \t").lower()
-    if coding in ("", "identity"):
-        return ""
-    if coding in ("gzip", "x-gzip"):
-        return "gzip"
-    if coding == "deflate":
-        return "deflate"
-    raise InferError(415, f"Content-Encoding {one_line(value, 60)!r} is not supported: use gzip, deflate or "
-                          "identity")
-
-
-class Inflater:
-    """Inflates a gzip or deflate (zlib) body fed in pieces, `INFLATE_STEP_BYTES` of output at a
-    time, and raises 413 as soon as the output passes `limit_bytes`: a small compressed body cannot
-    make us inflate (or hold) more than the limit. A piece that inflates to more than one step is
-    inflated further in a worker thread (zlib releases the GIL), so a bomb does not hold up the
-    event loop and other clients' requests."""
-
-    def __init__(self, coding: str, limit_bytes: int):
-        self.coding = coding
-        self.limit_bytes = limit_bytes
-        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS if coding == "gzip" else zlib.MAX_WBITS)
-        self._out = bytearray()
-
-    async def feed(self, data: bytes) -> None:
-        z = self._z
-        out = self._out
-        inline = True  # small expansions (the usual case) stay on the loop: a thread hop costs more
-        while True:
-            if z.eof:
-                if data or z.unused_data:
-                    raise invalid(f"the request body has data after the end of its {self.coding} stream")
-                return
-            want = min(self.limit_bytes - len(out) + 1, INFLATE_STEP_BYTES)
-            try:
-                piece = z.decompress(data, want) if inline else await asyncio.to_thread(z.decompress, data, want)
-            except zlib.error as exc:
-                raise invalid(f"the request body is not valid {self.coding}: {exc}") from None
-            out += piece
-            if len(out) > self.limit_bytes:
-                out.clear()
-                raise too_large(f"request body is over the limit of {self.limit_bytes} bytes once inflated "
-                                f"({self.coding})")
-            data = z.unconsumed_tail
-            if not data and len(piece) < want:
-                if z.eof and z.unused_data:
-                    raise invalid(f"the request body has data after the end of its {self.coding} stream")
-                return  # all input consumed and nothing pending
-            inline = False
-
-    def finish(self) -> bytearray:
-        if not self._z.eof:
-            raise invalid(f"the request body's {self.coding} stream is truncated")
-        return self._out
-
-
-async def inflate(coding: str, body: bytes, limit_bytes: int) -> bytearray:
-    inflater = Inflater(coding, limit_bytes)
-    await inflater.feed(body)
-    return inflater.finish()
-
-
-# ------------------------------------------------------------------------------- the fast path
-
-def infer_target(url: bytes) -> tuple[str, str] | None:
-    """(model, version or "") when `url` is an inference path the fast path takes, else None."""
-    if not url.startswith(_INFER_PREFIX) or not url.endswith(_INFER_SUFFIX):
-        return None
-    parts = url[len(_INFER_PREFIX):-len(_INFER_SUFFIX)].split(b"/")
-    if len(parts) == 1:
-        model, version = parts[0], b""
-    elif len(parts) == 3 and parts[1] == b"versions" and parts[2]:
-        model, version = parts[0], parts[2]
-    else:
-        return None
-    if not model or model.translate(None, _NAME_BYTES) or version.translate(None, _NAME_BYTES):
-        return None
-    return model.decode(), version.decode()
 
 
 class _HandOver(Exception):
@@ -520,8 +390,8 @@ class FastInferProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             self._server.answered()
             return  # the client went away
-        parts = [_STATUS_LINES.get(status) or _status_line(status), b"Content-Type: ", content_type.encode(),
-                 b"\r\nContent-Length: ", str(len(payload)).encode(), b"\r\nDate: ", _DATE.get(), b"\r\n"]
+        parts = [STATUS_LINES.get(status) or status_line(status), b"Content-Type: ", content_type.encode(),
+                 b"\r\nContent-Length: ", str(len(payload)).encode(), b"\r\nDate: ", DATE.get(), b"\r\n"]
         if version:
             parts += (b"geogate-model-version: ", version.encode(), b"\r\n")
         if json_length is not None:
@@ -615,71 +485,3 @@ class FastInferProtocol(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         return self._busy
-
-
-class FastPathServer:
-    """aiohttp's `web.Server` (the protocol factory a site listens with), with connections
-    starting on the fast path. Everything else is aiohttp's, and shutdown covers both kinds."""
-
-    def __init__(self, aiohttp_server: web.Server, infer: InferFn, max_body_bytes: int,
-                 head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S):
-        self.aiohttp_server = aiohttp_server
-        self.infer = infer
-        self.max_body_bytes = max_body_bytes
-        self.head_timeout_s = head_timeout_s
-        self.loop = asyncio.get_running_loop()
-        self.fast_connections: set[FastInferProtocol] = set()
-        self.watched: set[FastInferProtocol] = set()  # handed over to aiohttp; head times still watched
-        self._sweep_interval_s = min(MAX_SWEEP_INTERVAL_S, max(MIN_SWEEP_INTERVAL_S, head_timeout_s / 4))
-        self._sweeper = self.loop.call_later(self._sweep_interval_s, self._sweep)
-        self._all_idle: asyncio.Event | None = None  # set during shutdown, once no answer is pending
-
-    def __call__(self) -> FastInferProtocol:
-        return FastInferProtocol(self)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.aiohttp_server, name)
-
-    def _sweep(self) -> None:
-        now_s = time.monotonic()
-        for conn in [*self.fast_connections, *self.watched]:
-            conn.check_timeouts(now_s, self.head_timeout_s)
-        self._sweeper = self.loop.call_later(self._sweep_interval_s, self._sweep)
-
-    def answered(self) -> None:
-        if self._all_idle is not None and not any(c.busy for c in self.fast_connections):
-            self._all_idle.set()
-
-    def pre_shutdown(self) -> None:
-        for conn in list(self.fast_connections):
-            conn.close_when_idle()
-        self.aiohttp_server.pre_shutdown()
-
-    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
-        """Answers in progress finish (bounded by `timeout`), then every connection closes."""
-        self._sweeper.cancel()
-        self._all_idle = asyncio.Event()
-        self.answered()
-        if timeout and not self._all_idle.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_idle.wait(), timeout)
-        for conn in list(self.fast_connections):
-            with contextlib.suppress(Exception):
-                conn.close_now()
-        self.fast_connections.clear()
-        await self.aiohttp_server.shutdown(timeout)
-
-
-class FastPathAppRunner(web.AppRunner):
-    """An AppRunner whose sites start every connection on the fast inference path."""
-
-    def __init__(self, app: web.Application, infer: InferFn, max_body_bytes: int, *,
-                 head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S, **kwargs: Any):
-        super().__init__(app, **kwargs)
-        self._infer = infer
-        self._max_body_bytes = max_body_bytes
-        self._head_timeout_s = head_timeout_s
-
-    async def _make_server(self) -> Any:
-        return FastPathServer(await super()._make_server(), self._infer, self._max_body_bytes,
-                              self._head_timeout_s)

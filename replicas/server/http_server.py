@@ -25,13 +25,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from core.kserve import HEADER_LENGTH, MODEL_VERSION_HEADER, REQUEST_ID_HEADERS
-from replicas.server.http_fast import (
-    DEFAULT_HEAD_TIMEOUT_S,
-    KEEPALIVE_TIMEOUT_S,
-    FastPathAppRunner,
-    Inflater,
-    content_coding,
-)
+from replicas.server.http_bodies import Inflater, content_coding
+from replicas.server.http_fast import DEFAULT_HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S
+from replicas.server.http_fast_server import FastPathAppRunner
 from replicas.server.infer_errors import InferError, LogLimiter, invalid, one_line, too_large
 from replicas.server.inference_service import FaultSwitch, InferenceService
 from replicas.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE

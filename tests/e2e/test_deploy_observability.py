@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "geogate-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 # Modules whose metrics may appear in dashboards; those that do not exist are simply absent.
-METRIC_MODULES = ("gateway.server.metrics", "replicas.server.metrics", "replicas.sync.agent", "geo.dns_metrics",
+METRIC_MODULES = ("gateway.server.metrics", "replicas.server.metrics", "replicas.sync.metrics", "geo.dns_metrics",
                   "geo.dns_server", "geo.region_health", "health.active", "health.outlier")
 METRIC_NAME = re.compile(r"\bgeogate_[a-z0-9_]+\b")
 # Grafana's variables, replaced by something PromQL accepts before parsing.

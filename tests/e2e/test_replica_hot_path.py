@@ -15,7 +15,7 @@ import pytest
 
 from replicas.demo.onnx_model import reference_outputs, write_repository_entry
 from replicas.server.batcher import Scheduler
-from replicas.server.http_fast import infer_target
+from replicas.server.http_wire import infer_target
 from replicas.server.onnx_runner import OrtRunner
 from tests.procs import ReplicaProc
 

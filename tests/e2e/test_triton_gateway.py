@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from replicas.demo.onnx_model import reference_outputs
 from replicas.demo.python_backend import python_backend_config, write_python_backend_entry
-from replicas.sync.agent import model_config_json
+from replicas.sync.replica_control import model_config_json
 from tests.gateway_load import Stream
 from tests.gateway_procs import FAST_HEALTH, RegionGatewayProc, http_call, one_region_toml
 from tests.procs import GEOGATE, TritonProc, free_port

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -443,6 +444,54 @@ addresses = ["127.0.0.1"]
         assert any("pool gpu: kind 'triton' is not started" in s for s in w.info["not_started"])
         assert "not started: region eu-west pool gpu" in w.output()
         assert w.info["models"]["demo"]["stable"] == "1"  # an empty store gets the demo model
+
+    _run_small_world(start_world(tmp_path, "--config", str(config)), ["eu-west"], check)
+
+
+def test_config_with_control_tokens_runs(tmp_path):
+    """A pool with a control_token_file: geogate up starts its replicas with that token, so the
+    sync agent (which presents it) loads the model and the region serves; the replicas' repository
+    API refuses a caller without it."""
+    http, grpc, admin, dns, replica = (_free_tcp_port() for _ in range(5))
+    token = "world-up-control-token-" + uuid.uuid4().hex
+    (tmp_path / "replica-control.token").write_text(token + "\n")
+    config = tmp_path / "tokens.toml"
+    config.write_text(f"""
+[store]
+url = "file://{tmp_path / 'store'}"
+[health]
+interval_ms = 300
+[sync]
+poll_interval_ms = 500
+[dns]
+listen = "127.0.0.1:{dns}"
+[[regions]]
+name = "eu-west"
+location = [53.35, -6.26]
+http = "127.0.0.1:{http}"
+grpc = "127.0.0.1:{grpc}"
+admin = "127.0.0.1:{admin}"
+addresses = ["127.0.0.1"]
+  [[regions.pools]]
+  name = "ort"
+  replicas = ["http://127.0.0.1:{replica}"]
+  repository = "{tmp_path / 'repo'}"
+  control_token_file = "replica-control.token"
+""")
+
+    def index(authorization: str | None) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{replica}/v2/repository/index", data=b"{}", method="POST",
+                                     headers={"Authorization": authorization} if authorization else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def check(w: World) -> None:
+        assert w.info["models"]["demo"]["stable"] == "1"
+        assert index(None) == 401
+        assert index(f"Bearer {token}") == 200
 
     _run_small_world(start_world(tmp_path, "--config", str(config)), ["eu-west"], check)
 

@@ -1,5 +1,6 @@
 """The TOML config loader: DESIGN.md's example stays valid; every error names the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,25 @@ def test_region_lookup_names_known_regions():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.toml")
+
+
+COMMENTED_SETTING = re.compile(r"^(\s*)# (\[[a-z.\[\]]+\]|[a-z_]+ = .*)$")
+
+
+def test_design_example_commented_sections_are_valid_too():
+    """The example's optional sections (security included) are commented out; uncommented, they
+    still make a valid config with the values they show."""
+    text = EXAMPLE.read_text()
+    uncommented = "\n".join(COMMENTED_SETTING.sub(r"\1\2", line) for line in text.splitlines())
+    assert uncommented != text
+    cfg = parse_config(uncommented)
+    assert cfg.auth.keys_file == "/etc/geogate/keys.json" and cfg.admin.operators_file
+    assert cfg.tls.enabled and cfg.tls.client_ca_file
+    assert cfg.tls.upstream.enabled and cfg.tls.upstream.cert_file and cfg.tls.upstream.key_file
+    assert cfg.tls.peers.enabled
+    assert cfg.limits.request_head_timeout_ms == 10000
+    assert cfg.signing.public_key_file == "/etc/geogate/models.pub"
+    assert cfg.region("eu-west").pools[0].control_token_file == "/etc/geogate/replica-control.token"
+    # commented out as shipped: the example runs plaintext and open
+    plain = load_config(EXAMPLE)
+    assert not plain.tls.enabled and not plain.auth.keys_file and not plain.tls.upstream.enabled
