@@ -61,7 +61,7 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future | None = None
         self._status = 0  # 0 until the current answer's head is complete
         self._headers: dict[str, str] = {}
@@ -92,6 +92,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self._parser = None  # it holds our callbacks: break the cycle
         w = self._waiter
         if w is None or w.done():
             return
