@@ -117,6 +117,8 @@ class SlowClientGuard(asyncio.Protocol):
             if self.state == self.HEAD and self._began:  # the head goes on in the next packet
                 if self._raw < 0:
                     self._raw = 0
+                    if self._since < 0:
+                        self._since = self.limits.loop.time()
                 else:
                     self._raw += len(data)
                     if self._raw > self.limits.max_head_bytes:
@@ -145,8 +147,8 @@ class SlowClientGuard(asyncio.Protocol):
 
     # llhttp callbacks (httptools calls only those defined)
     def on_message_begin(self) -> None:
-        if self.state != self.HEAD or self._began:
-            self._since = self.limits.loop.time()
+        if self.state != self.HEAD or self._began:  # not the connection's first head (timed from its opening)
+            self._since = -1.0  # read the clock after the packet, only if this head goes on past it
         self.state = self.HEAD
         self._began = True
         self._size = 0
