@@ -5,7 +5,8 @@
 1. The upstream client (gateway.upstream.http1_client.ConnectionPool.post): sequential POSTs on
    one keep-alive connection to a canned-answer server in a CHILD process, so the figure is the
    client's own CPU (time.process_time of this process) per request, parsing included. Two
-   answers: Content-Length (what replicas send) and chunked.
+   answers: Content-Length (what replicas send) and chunked. Then the parsing alone: the same
+   answers fed to the client's connection protocol in-process (no socket, no event loop turn).
 2. The slow-client guard (gateway.front.slow_clients.SlowClientGuard.data_received): CPU per
    packet for a small infer request in one packet, a 1 MiB body in 64 KiB packets, and 8
    pipelined requests in one packet; the inner protocol (aiohttp's) is a no-op here.
@@ -91,8 +92,34 @@ def bench_client(response: bytes, n: int, repeat: int) -> float:
         sock.close()
 
 
+def bench_client_parse(response: bytes, n: int, repeat: int) -> float:
+    """CPU per answer for the connection protocol alone: send (to a no-op transport), then the
+    answer's bytes in one data_received."""
+    from gateway.upstream.http1_client import _Conn
+
+    loop = asyncio.new_event_loop()
+    best = float("inf")
+    try:
+        conn = _Conn()
+        conn.connection_made(_Transport())
+        for _ in range(repeat):
+            t0 = time.process_time()
+            for _ in range(n):
+                waiter = loop.create_future()
+                conn.send(b"", waiter)
+                conn.data_received(response)
+            best = min(best, (time.process_time() - t0) / n)
+            assert waiter.result().status == 200 and conn.keep_alive
+    finally:
+        loop.close()
+    return best
+
+
 class _Transport:
     def write(self, data):
+        pass
+
+    def writelines(self, data):
         pass
 
     def close(self):
@@ -153,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     n, r = args.requests, args.repeat
     print(f"upstream client, Content-Length answer: {bench_client(RESPONSE_CL, n, r) * 1e6:6.1f} us CPU/request")
     print(f"upstream client, chunked answer:        {bench_client(RESPONSE_CHUNKED, n, r) * 1e6:6.1f} us CPU/request")
+    for name, answer in (("Content-Length", RESPONSE_CL), ("chunked", RESPONSE_CHUNKED)):
+        print(f"upstream client parse only, {name + ':':16}{bench_client_parse(answer, n * 5, r) * 1e9:6.0f} ns/answer")
     small = _infer_request(BODY)
     big = _infer_request(b"x" * (1 << 20))
     big_packets = [big[i:i + 65536] for i in range(0, len(big), 65536)]
