@@ -216,7 +216,8 @@ class SlowClientGuard(asyncio.Protocol):
         log = self.limits.malformed_log
         if log is not None:
             peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-            log.refused(f"a malformed HTTP request{f' from {peer[0]}' if peer else ''}", _reason(exc))
+            who = f" from {peer[0]}" if isinstance(peer, tuple) and peer else ""
+            log.refused(f"a malformed HTTP request{who}", _reason(exc))
 
 
 def _reason(exc: Exception) -> str:
