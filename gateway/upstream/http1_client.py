@@ -4,8 +4,11 @@ Why not aiohttp's ClientSession here: profiling the gateway showed ClientSession
 machinery (request/response objects, header multidicts, timers, tracing hooks, stream
 readers) costing about as much CPU per proxied request as everything else the gateway does
 (PLATFORM-NOTES: a naive aiohttp proxy reached 0.55x HAProxy). Forwarding an inference needs
-much less: write one POST with a known body, read one response with Content-Length (or
-chunked) on a pooled connection. ClientSession is still used for everything else.
+much less: write one request with a known body, read one response on a pooled connection.
+ClientSession is still used for everything else. Answers are parsed by llhttp (httptools, the
+parser uvicorn and aiohttp use): status, headers, Content-Length, chunked and read-until-close
+bodies, keep-alive, answers without a body (HEAD, 1xx, 204, 304); a malformed answer fails the
+request (UpstreamReset) and the connection is dropped.
 
 Per replica a ``ConnectionPool`` keeps idle connections (LIFO, so few stay warm) up to a
 limit; callers beyond the limit wait for a connection to come back. A reused connection that
@@ -18,14 +21,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import re
 import socket
 import ssl
 
+import httptools
+
 CRLF = b"\r\n"
-_HEADER_LINE = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
-HEADER_END = b"\r\n\r\n"
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # an answer's status line and headers (llhttp itself has no bound)
 
 
 class UpstreamConnectError(ConnectionError):
@@ -33,7 +35,7 @@ class UpstreamConnectError(ConnectionError):
 
 
 class UpstreamReset(ConnectionError):
-    """The connection died before the whole answer arrived."""
+    """The connection died before the whole answer arrived, or the answer was malformed."""
 
 
 class UpstreamTimeout(TimeoutError):
@@ -50,16 +52,22 @@ class Response:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("_body_len", "_buf", "_chunked", "_got_bytes", "_head", "_waiter", "closed", "keep_alive",
-                 "transport")
+    """One pooled connection: an asyncio protocol that hands each answer to the waiter of the
+    request in flight. It is also the httptools parser's callback object (on_* methods); the
+    parser lives as long as the connection (llhttp keeps its state across answers)."""
+
+    __slots__ = ("_body", "_got_bytes", "_head_bytes", "_head_only", "_headers", "_parser", "_status", "_waiter",
+                 "closed", "keep_alive", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future | None = None
-        self._head: tuple[int, dict[str, str]] | None = None
-        self._body_len = -1
-        self._chunked = False
+        self._status = 0  # 0 until the current answer's head is complete
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._head_bytes = 0  # bytes of an answer head that spans packets, against MAX_HEADER_BYTES
+        self._head_only = False  # the request was HEAD: its answer has no body, whatever it says
         self._got_bytes = False
         self.closed = False
         self.keep_alive = True
@@ -77,99 +85,90 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
-        self._buf += data
         if self._waiter is not None:
-            self._try_parse()
-        elif len(self._buf) > 0:  # bytes nobody asked for: the connection is unusable
+            self._try_parse(data)
+        elif data:  # bytes nobody asked for: the connection is unusable
             self.keep_alive = False
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self._parser = None  # it holds our callbacks: break the cycle
         w = self._waiter
-        if w is not None and not w.done():
-            w.set_exception(UpstreamReset(f"connection closed by the replica{': ' + str(exc) if exc else ''}"))
-
-    # -------------------------------------------------------------- parsing
-
-    def _try_parse(self) -> None:
-        buf = self._buf
-        if self._head is None:
-            end = buf.find(HEADER_END)
-            if end < 0:
-                if len(buf) > MAX_HEADER_BYTES:
-                    self._fail(UpstreamReset("response header too large"))
-                return
-            head = bytes(buf[:end + 2]).decode("latin-1")
-            del buf[:end + 4]
-            try:
-                status = int(head[9:12]) if head.startswith("HTTP/1.") else int("x")
-            except ValueError:
-                self._fail(UpstreamReset(f"malformed status line {head[:80]!r}"))
-                return
-            # One regex pass over the header block: far fewer Python-level calls than a
-            # split/partition/strip/lower loop (this runs once per proxied request).
-            headers = {name.lower(): value for name, value in _HEADER_LINE.findall(head)}
-            self._head = (status, headers)
-            if headers.get("connection", "").lower() == "close":
-                self.keep_alive = False
-            if "chunked" in headers.get("transfer-encoding", "").lower():
-                self._chunked = True
-            else:
-                cl = headers.get("content-length")
-                self._body_len = int(cl) if cl is not None else -1
-                if self._body_len < 0 and status not in (204, 304):
-                    self.keep_alive = False  # body ends when the connection closes
-                    self._body_len = -2
-        if self._chunked:
-            self._parse_chunked()
+        if w is None or w.done():
             return
-        n = self._body_len
-        if n == -2:
-            return  # wait for connection_lost
-        if n <= 0 and self._head[0] in (204, 304):
-            n = 0
-        if len(buf) >= max(0, n):
-            body = bytes(buf[:n]) if len(buf) != n else bytes(buf)
-            del buf[:n]
-            if buf:  # bytes beyond the answer: the connection cannot be trusted any more
+        if self._status >= 200 and "content-length" not in self._headers \
+                and "chunked" not in self._headers.get("transfer-encoding", "").lower():
+            self._finish()  # an answer without a length ends when the connection does
+            return
+        w.set_exception(UpstreamReset(f"connection closed by the replica{': ' + str(exc) if exc else ''}"))
+
+    # -------------------------------------------------------------- parsing (llhttp)
+
+    def _try_parse(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamReset("the replica switched protocols (101) on an inference request"))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamReset(f"malformed answer from the replica: {exc}"))
+            return
+        if self._waiter is None:
+            return
+        if self._status == 0:  # the head goes on in the next packet
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._fail(UpstreamReset(f"answer head larger than {MAX_HEADER_BYTES} bytes"))
+        elif self._head_only:
+            # The answer to a HEAD ends with its head, but llhttp does not know the request was
+            # HEAD and would read Content-Length bytes as its body: a fresh parser reads the next.
+            self._parser = httptools.HttpResponseParser(self)
+            if self._body or self._headers.get("connection", "").lower() == "close":
                 self.keep_alive = False
-            self._finish(body)
+            self._body = []
+            self._finish()
 
-    def _parse_chunked(self) -> None:
-        buf = self._buf
-        out = bytearray()
-        pos = 0
-        while True:
-            eol = buf.find(CRLF, pos)
-            if eol < 0:
-                return
-            try:
-                size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
-            except ValueError:
-                self._fail(UpstreamReset("malformed chunked encoding"))
-                return
-            start = eol + 2
-            if size == 0:
-                end = buf.find(HEADER_END, eol)  # trailers end with an empty line
-                if end < 0:
-                    if buf[start:start + 2] == CRLF:
-                        end = eol
-                    else:
-                        return
-                del buf[:end + 4]
-                self._finish(bytes(out))
-                return
-            if len(buf) < start + size + 2:
-                return
-            out += buf[start:start + size]
-            pos = start + size + 2
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # a second answer to one request: the connection is out of step
+            self.keep_alive = False
+        self._headers = {}
+        self._body = []
 
-    def _finish(self, body: bytes) -> None:
-        status, headers = self._head  # type: ignore[misc]
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if self._waiter is None:  # bytes after the answer (a HEAD answer with a body, say)
+            self.keep_alive = False
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._waiter is None:
+            self.keep_alive = False
+            return
+        if self._status < 200:  # an interim answer (100 Continue, 103): the real one follows
+            self._status = 0
+            self._headers = {}
+            return
+        if not self._parser.should_keep_alive():
+            self.keep_alive = False
+        if self._head_only and self._body:  # a body after a HEAD answer: out of step from here on
+            self.keep_alive = False
+            self._body = []
+        self._finish()
+
+    def _finish(self) -> None:
+        parts = self._body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         w = self._waiter
+        resp = Response(self._status, self._headers, body)
         self._reset_state()
         if w is not None and not w.done():
-            w.set_result(Response(status, headers, body))
+            w.set_result(resp)
 
     def _fail(self, exc: Exception) -> None:
         self.keep_alive = False
@@ -181,14 +180,15 @@ class _Conn(asyncio.Protocol):
 
     def _reset_state(self) -> None:
         self._waiter = None
-        self._head = None
-        self._body_len = -1
-        self._chunked = False
+        self._status = 0
+        self._head_bytes = 0
+        self._body = []
 
     # -------------------------------------------------------------- one exchange
 
-    def send(self, data: bytes | list[bytes], waiter: asyncio.Future) -> None:
+    def send(self, data: bytes | list[bytes], waiter: asyncio.Future, head_only: bool = False) -> None:
         self._waiter = waiter
+        self._head_only = head_only
         self._got_bytes = False
         assert self.transport is not None
         if isinstance(data, list):
@@ -333,8 +333,9 @@ class ConnectionPool:
         else:
             w.set_result(conn)
 
-    def _request_bytes(self, path: str, body: bytes, headers: dict[str, str]) -> bytes | list[bytes]:
-        head = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", self.host_header,
+    def _request_bytes(self, path: str, body: bytes, headers: dict[str, str],
+                       method: bytes = b"POST") -> bytes | list[bytes]:
+        head = [method, b" ", path.encode(), b" HTTP/1.1\r\nHost: ", self.host_header,
                 b"\r\nContent-Length: ", str(len(body)).encode(), CRLF]
         for k, v in headers.items():
             head += [k.encode(), b": ", v.encode("latin-1"), CRLF]
@@ -344,14 +345,17 @@ class ConnectionPool:
             return b"".join(head)
         return [b"".join(head), body]
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Response:
-        """One POST and its answer within `timeout_s` (UpstreamTimeout after it, UpstreamReset
-        or UpstreamConnectError when the connection fails). The connection taken from the pool
-        goes back to it whatever happens after."""
+    async def post(self, path: str, body: bytes, headers: dict[str, str], timeout_s: float, *,
+                   method: bytes = b"POST") -> Response:
+        """One POST (or `method`: the answer to HEAD has no body, whatever its headers say) and its
+        answer within `timeout_s` (UpstreamTimeout after it, UpstreamReset or UpstreamConnectError
+        when the connection fails or the answer is malformed). The connection taken from the pool
+        goes back to it whatever happens after (dropped unless it can carry the next request)."""
         if not 0.0 < timeout_s < math.inf:  # NaN included: loop.call_at(NaN) raises
             raise UpstreamTimeout(f"no time to send the request (timeout {timeout_s!r} s)")
         loop = asyncio.get_running_loop()
-        data = self._request_bytes(path, body, headers)
+        data = self._request_bytes(path, body, headers, method)
+        head_only = method == b"HEAD"
         deadline = loop.time() + timeout_s
         for _try in range(2):
             conn, reused = await self._acquire_until(deadline)
@@ -359,7 +363,7 @@ class ConnectionPool:
                 waiter = loop.create_future()
                 timer = _arm_timer(loop, deadline, waiter)
                 try:
-                    conn.send(data, waiter)
+                    conn.send(data, waiter, head_only)
                     resp = await waiter
                 finally:
                     timer.cancel()

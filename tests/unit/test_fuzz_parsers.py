@@ -7,7 +7,9 @@ operator's file:
 - geo.dns_server: GeoDnsResponder.handle (query bytes -> response bytes)
 - core.config: parse_config (random TOML-ish text and random well-formed tables)
 - gateway.upstream.translate.decode_body: gzip/deflate bodies against a size bound (decompression bombs)
-- gateway.front.slow_clients.SlowClientGuard: the HTTP request-head scanner (any split into packets)
+- gateway.front.slow_clients.SlowClientGuard: pipelined requests, truncated and oversized heads and
+  random bytes in any split into packets (llhttp marks the heads; the size and order rules are ours)
+- gateway.upstream.http1_client._Conn: chunked keep-alive answers in any split, random answer bytes
 - replicas.releases.manifest: MANIFEST.json parsing and Ed25519 signatures (any change breaks them)
 - gateway.front.access_log: any text (surrogates included) in a log line
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import string
 import zlib
 from collections import Counter
@@ -630,8 +633,17 @@ class _FakeTransport:
     def write(self, data):
         self.written += data
 
+    def writelines(self, data):
+        self.written += b"".join(data)
+
     def close(self):
         self.closed = True
+
+    def abort(self):
+        self.closed = True
+
+    def get_extra_info(self, name, default=None):
+        return default
 
 
 class _FakeInner:
@@ -645,45 +657,210 @@ class _FakeInner:
         self.fed += data
 
 
-@fuzz(1000)
-@given(head_size=st.integers(20, 400), body=st.binary(max_size=100), limit=st.integers(16, 400),
-       cuts=st.lists(st.integers(1, 500), max_size=8), crlf_noise=st.booleans())
-def test_slow_client_guard_head_scanner(head_size, body, limit, cuts, crlf_noise):
-    """However a request is split into packets, the guard lets it through exactly when the head
-    is within `limit` bytes (431 otherwise), sees the head end where it is, and passes every
-    byte on untouched."""
-    import asyncio
+class _Clock:
+    def __init__(self):
+        self.soon = []
 
+    def time(self):
+        return 0.0
+
+    def call_soon(self, fn, *args):
+        self.soon.append((fn, args))
+
+
+def _guard(limit: int):
+    from gateway.front.request_checks import ClientErrorLog
     from gateway.front.slow_clients import GuardLimits, SlowClientGuard
 
-    RUNS["http_front.SlowClientGuard/packets"] += 1
-    filler = "x-a: " + ("b\r\n" if crlf_noise else "b") * 400
-    start = "POST /v2/models/m/infer HTTP/1.1\r\nHost: h\r\n"
-    head = (start + filler)[:max(len(start), head_size - 4)].rstrip("\r\n") + "\r\n\r\n"
-    request = head.encode() + body
-    limits = GuardLimits(10.0, limit)
-    limits.loop = asyncio.new_event_loop()
-    try:
-        guard = SlowClientGuard(_FakeInner(), limits, {})
-        transport = _FakeTransport()
-        guard.transport = transport
-        guard.state = guard.IDLE
-        pos = 0
-        for c in [*sorted(set(cuts)), len(request)]:
-            if c <= pos:
-                continue
-            guard.data_received(request[pos:c])
-            pos = c
-            if transport.closed:
-                break
-        guard.data_received(request[pos:])
-    finally:
-        limits.loop.close()
-    if len(head) <= limit:
-        assert not transport.closed and guard.inner.fed == request and guard.state == guard.IN_REQUEST
+    limits = GuardLimits(10.0, limit, ClientErrorLog(logging.getLogger("fuzz.guard")))
+    limits.loop = _Clock()
+    guard = SlowClientGuard(_FakeInner(), limits, {})
+    guard.transport = _FakeTransport()
+    return guard
+
+
+def _feed_in_pieces(feed, data: bytes, cuts: list[int], stop=lambda: False) -> None:
+    pos = 0
+    for c in [*sorted(set(cuts)), len(data)]:
+        if c <= pos:
+            continue
+        feed(data[pos:c])
+        pos = c
+        if stop():
+            return
+
+
+_TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "-_.~!", min_size=1, max_size=12)
+_VALUE = st.text(alphabet=string.ascii_letters + string.digits + " -_.,;=/", max_size=40).map(str.strip)
+
+
+@st.composite
+def _requests(draw) -> tuple[bytes, int]:
+    """One well-formed request (canonical header lines) and the size of its head."""
+    method = draw(st.sampled_from(["POST", "GET", "PUT", "DELETE"]))
+    path = "/" + draw(st.text(alphabet=string.ascii_letters + "/-_.?=&%0123456789", max_size=60))
+    special = ("host", "content-length", "transfer-encoding", "connection", "upgrade", "expect")
+    headers = [("Host", "gw"), *draw(st.lists(st.tuples(_TOKEN.filter(lambda t: t.lower() not in special), _VALUE),
+                                              max_size=8))]
+    body = draw(st.binary(max_size=80))
+    chunked = draw(st.booleans()) and method == "POST"
+    if chunked:
+        headers.append(("Transfer-Encoding", "chunked"))
+        sizes = draw(st.lists(st.integers(1, 30), max_size=4))
+        payload, rest = b"", body
+        for n in sizes:
+            payload += f"{n:x}\r\n".encode() + (rest[:n].ljust(n, b"x")) + b"\r\n"
+            rest = rest[n:]
+        body = payload + b"0\r\n\r\n"
     else:
-        assert transport.closed and transport.written.startswith(b"HTTP/1.1 431")
-        assert len(guard.inner.fed) <= limit + 500  # nothing past the limit's packet reached aiohttp
+        headers.append(("Content-Length", str(len(body))))
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    return head.encode() + body, len(head)
+
+
+@fuzz(300)
+@given(reqs=st.lists(_requests(), min_size=1, max_size=4), limit=st.integers(40, 400),
+       cuts=st.lists(st.integers(1, 1500), max_size=10), answer_each=st.booleans())
+def test_slow_client_guard_pipelined_requests(reqs, limit, cuts, answer_each):
+    """However pipelined requests are split into packets, the guard passes every byte on
+    untouched and counts each request exactly when every head is within `limit` bytes; the
+    first head over it is refused (431, JSON) - at once when aiohttp has answered everything
+    before it, otherwise only after those answers (request_done), never before."""
+    RUNS["slow_clients.SlowClientGuard/pipelined"] += 1
+    guard = _guard(limit)
+    data = b"".join(r for r, _ in reqs)
+    answered = []
+
+    def feed(piece: bytes) -> None:
+        guard.data_received(piece)
+        while answer_each and guard._answered < guard._passed:  # aiohttp answering as it goes
+            guard.request_done()
+            answered.append(guard._answered)
+
+    _feed_in_pieces(feed, data, cuts, stop=lambda: guard.state >= guard.CLOSED)
+    first_big = next((i for i, (_, n) in enumerate(reqs) if n > limit), None)
+    if first_big is None:
+        assert guard.inner.fed == data and guard._passed == len(reqs) and guard.state == guard.IDLE
+        assert guard.transport.written == b""
+        return
+    assert guard._passed == first_big  # the oversized head was never counted as a request
+    if not answer_each and first_big > 0:  # earlier requests unanswered: nothing written yet
+        assert guard.state == guard.REFUSING and guard.transport.written == b""
+        while guard._answered < guard._passed:
+            guard.request_done()
+    for fn, args in guard.limits.loop.soon:  # what the loop runs after aiohttp wrote its answers
+        fn(*args)
+    assert guard.transport.closed and guard.transport.written.startswith(b"HTTP/1.1 431 ")
+    assert json.loads(guard.transport.written.partition(b"\r\n\r\n")[2])["error"]
+    assert data.startswith(guard.inner.fed)
+
+
+@fuzz(300)
+@given(req=_requests(), limit=st.integers(40, 400), cut=st.integers(0, 600), cuts=st.lists(st.integers(1, 600),
+                                                                                             max_size=6))
+def test_slow_client_guard_truncated_heads(req, limit, cut, cuts):
+    """A head cut short anywhere: refused (431) only once more than `limit` bytes of it arrived,
+    otherwise still waiting (HEAD, the sweep's to time out) or passed on when it was complete."""
+    RUNS["slow_clients.SlowClientGuard/truncated"] += 1
+    data, head_len = req
+    data = data[:cut]
+    guard = _guard(limit)
+    _feed_in_pieces(guard.data_received, data, cuts, stop=lambda: guard.state >= guard.CLOSED)
+    if guard.transport.closed:
+        assert guard.transport.written.startswith(b"HTTP/1.1 431 ") and min(cut, head_len) > limit
+    elif cut >= head_len:
+        assert head_len <= limit and guard._passed == 1 and guard.inner.fed == data
+    else:
+        assert guard.state == guard.HEAD and guard._passed == 0 and guard.inner.fed == data
+        assert guard.expired(100.0)  # the sweep times it out
+
+
+@fuzz(500)
+@given(raw=st.binary(max_size=300), prefix=st.booleans(), cuts=st.lists(st.integers(1, 400), max_size=5))
+def test_slow_client_guard_random_bytes(raw, prefix, cuts):
+    """Any bytes: the guard raises nothing; it either passes them on (all of them, as received)
+    or answers one 400/431 with a JSON body and closes."""
+    RUNS["slow_clients.SlowClientGuard/bytes"] += 1
+    data = (b"POST /v2/models/m/infer HTTP/1.1\r\n" if prefix else b"") + raw
+    guard = _guard(200)
+    _feed_in_pieces(guard.data_received, data, cuts, stop=lambda: guard.state >= guard.CLOSED)
+    if guard.transport.closed:
+        status = guard.transport.written[9:12]
+        assert status in (b"400", b"431"), guard.transport.written
+        assert json.loads(guard.transport.written.partition(b"\r\n\r\n")[2])["error"]
+        assert data.startswith(guard.inner.fed)
+    else:
+        assert guard.inner.fed == data and guard.transport.written == b""
+
+
+@st.composite
+def _chunked_answers(draw) -> tuple[bytes, bytes]:
+    """A chunked answer (chunk extensions, trailers, any chunk sizes) and its body."""
+    parts = draw(st.lists(st.binary(min_size=1, max_size=40), max_size=6))
+    out = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for p in parts:
+        ext = draw(st.sampled_from([b"", b";a=1", b";name"]))
+        hexsize = draw(st.sampled_from([f"{len(p):x}", f"{len(p):X}", f"{len(p):04x}"])).encode()
+        out += hexsize + ext + b"\r\n" + p + b"\r\n"
+    trailers = draw(st.sampled_from([b"", b"X-Trailer: 1\r\n", b"A: b\r\nC: d\r\n"]))
+    return out + b"0\r\n" + trailers + b"\r\n", b"".join(parts)
+
+
+def _conn_exchange(answers: bytes, cuts: list[int], n_requests: int) -> tuple[list, object]:
+    """Drive the upstream client's connection with `answers` in pieces, one request at a time."""
+    import asyncio
+
+    from gateway.upstream.http1_client import _Conn
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Conn()
+        conn.connection_made(_FakeTransport())
+        results: list = []
+        waiter = loop.create_future()
+        conn.send(b"POST / HTTP/1.1\r\n\r\n", waiter)
+
+        def feed(piece: bytes) -> None:
+            nonlocal waiter
+            conn.data_received(piece)
+            if waiter.done():
+                results.append(waiter.exception() or waiter.result())
+                if len(results) < n_requests and conn.keep_alive and not conn.closed:
+                    waiter = loop.create_future()
+                    conn.send(b"POST / HTTP/1.1\r\n\r\n", waiter)
+
+        _feed_in_pieces(feed, answers, cuts, stop=lambda: len(results) >= n_requests or not conn.keep_alive)
+        return results, conn
+    finally:
+        loop.close()
+
+
+@fuzz(400)
+@given(answers=st.lists(_chunked_answers(), min_size=1, max_size=3), cuts=st.lists(st.integers(1, 900), max_size=12))
+def test_http1_client_chunked_answers_in_any_split(answers, cuts):
+    """Keep-alive chunked answers split anywhere: each request gets exactly its body, and the
+    connection stays usable for the next."""
+    RUNS["http1_client._Conn/chunked"] += 1
+    ends = [sum(len(a) for a, _ in answers[:i + 1]) for i in range(len(answers))]
+    # the next answer comes only after the next request: never in one packet with the previous one
+    results, conn = _conn_exchange(b"".join(a for a, _ in answers), cuts + ends, len(answers))
+    assert [(r.status, r.body) for r in results] == [(200, body) for _, body in answers]
+    assert conn.keep_alive
+
+
+@fuzz(500)
+@given(raw=st.binary(max_size=200), head=st.booleans(), cuts=st.lists(st.integers(1, 300), max_size=5))
+def test_http1_client_any_answer_bytes(raw, head, cuts):
+    """Any answer bytes: a Response or UpstreamReset (the connection then unusable), nothing else."""
+    from gateway.upstream.http1_client import Response, UpstreamReset
+
+    RUNS["http1_client._Conn/bytes"] += 1
+    data = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" if head else b"") + raw
+    results, conn = _conn_exchange(data, cuts, 1)
+    for r in results:
+        assert isinstance(r, Response | UpstreamReset), r
+        if isinstance(r, UpstreamReset):
+            assert not conn.keep_alive and str(r)
 
 
 @fuzz(500)
