@@ -213,9 +213,11 @@ class HttpFront:
         self.max_body_bytes = cfg.gateway.max_body_bytes
         limits = self.limits = cfg.limits
         self.infer_limits = HttpLimits(cfg)
-        self.guard_limits = GuardLimits(limits.request_head_timeout_ms / 1000.0, limits.max_header_bytes)
-        self.guards: dict = {}  # transport -> SlowClientGuard, for the client listener's connections
         self.listener_log = ListenerLog(logging.getLogger("geogate.gateway.http.listener"))
+        # one rate limit for malformed requests, whether the guard or aiohttp refuses them
+        self.guard_limits = GuardLimits(limits.request_head_timeout_ms / 1000.0, limits.max_header_bytes,
+                                        malformed_log=self.listener_log.malformed)
+        self.guards: dict = {}  # transport -> SlowClientGuard, for the client listener's connections
 
     # ------------------------------------------------------------------ app
 
@@ -277,8 +279,6 @@ class HttpFront:
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             guard = guards.get(request.transport)
-            if guard is not None:
-                guard.request_started()
             try:
                 if request.method == "POST" and (target := _split_infer_path(request.path)) is not None:
                     if "Expect" in request.headers:  # curl / perf_analyzer wait for this
@@ -291,7 +291,7 @@ class HttpFront:
                     resp = await self._authorized(request, app_handle)
             finally:
                 if guard is not None:
-                    guard.request_done()
+                    guard.request_done()  # a refusal held for this answer, and the next head's clock
             if state.draining:
                 # Draining: answer, then close the keep-alive connection (Connection: close),
                 # so the client's next request opens a new one to a worker that stays; closing

@@ -178,9 +178,6 @@ class SlowClientGuard(asyncio.Protocol):
         raise _Refused
 
     # called by the front
-    def request_started(self) -> None:
-        """Kept for the front's call: the parser sees where requests begin."""
-
     def request_done(self) -> None:
         """The front answered one request: a refusal waiting for it goes out after its answer
         (aiohttp writes that answer before it next yields to the loop), and a pipelined head's
@@ -239,26 +236,38 @@ class GuardLimits:
         self.loop: asyncio.AbstractEventLoop | None = None
 
 
-class GuardedSockSite(web.SockSite):
-    """aiohttp's SockSite with every connection's protocol wrapped in a SlowClientGuard."""
+class GuardedSockSite(web.BaseSite):
+    """A listening socket whose every connection's protocol is aiohttp's, wrapped in a
+    SlowClientGuard. A site of its own (aiohttp's extension point for listeners: ``BaseSite``
+    subclasses create their server in ``start``) over the runner's public ``server`` factory."""
 
-    __slots__ = ("_guards", "_limits")
+    __slots__ = ("_guards", "_limits", "_listen_sock", "_listen_ssl", "_site_name", "_web_runner")
 
     def __init__(self, runner: web.BaseRunner, sock, *, limits: GuardLimits, guards: dict,
                  ssl_context=None) -> None:
-        super().__init__(runner, sock, ssl_context=ssl_context, backlog=1024)
+        super().__init__(runner, ssl_context=ssl_context, backlog=1024)
+        self._web_runner = runner
+        self._listen_sock = sock
+        self._listen_ssl = ssl_context
         self._limits = limits
         self._guards = guards
+        host, port = sock.getsockname()[:2]
+        self._site_name = f"{'https' if ssl_context else 'http'}://{host}:{port}"
+
+    @property
+    def name(self) -> str:
+        return self._site_name
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)
+        await super().start()  # registers the site with its runner
         loop = asyncio.get_running_loop()
         self._limits.loop = loop
-        factory = self._runner.server
+        factory = self._web_runner.server
         limits, guards = self._limits, self._guards
-        kw = {"ssl_handshake_timeout": limits.head_timeout_s} if self._ssl_context is not None else {}
+        kw = {"ssl_handshake_timeout": limits.head_timeout_s} if self._listen_ssl is not None else {}
+        # BaseSite.stop() closes what start() puts in _server (the contract of a site)
         self._server = await loop.create_server(lambda: SlowClientGuard(factory(), limits, guards),
-                                               sock=self._sock, ssl=self._ssl_context, backlog=self._backlog, **kw)
+                                               sock=self._listen_sock, ssl=self._listen_ssl, backlog=1024, **kw)
 
 
 async def sweep_slow_clients(guards: dict, limits: GuardLimits) -> None:
