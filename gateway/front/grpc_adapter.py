@@ -6,8 +6,9 @@ arrives as bytes, ``GrpcInferRequest`` peeks model/version/id and tensor headers
 (gateway.upstream.proto_peek), and the same bytes go on to a replica; the pipeline's
 ``InferAnswer`` becomes initial metadata (geogate-*), the replica's serialized response, or a
 status with trailers (retry-after). The other RPCs use tritonclient's generated messages and are
-answered through ``ModelQueries``. Repository, shared-memory, trace and log RPCs are
-UNIMPLEMENTED on the gateway with a message saying so. The standard grpc.health.v1 service
+answered through ``ModelQueries``. ModelStreamInfer (bidirectional, decoupled models included)
+is relayed per request by gateway.front.stream_relay. Repository, shared-memory, trace and log
+RPCs are UNIMPLEMENTED on the gateway with a message saying so. The standard grpc.health.v1 service
 follows the gateway's readiness.
 
 Security, as on HTTP: API keys in the ``authorization: Bearer gk_...`` or ``x-api-key`` metadata
@@ -43,6 +44,7 @@ from gateway.front.pipeline import (
     ModelQueries,
 )
 from gateway.front.request_checks import RequestError, check_grpc
+from gateway.front.stream_relay import StreamRelay, StreamServices
 from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.proto_peek import InferRequestPeek, ProtoError, peek_infer_request
 from gateway.upstream.types import PROTOCOL_GRPC, InferCall
@@ -133,8 +135,9 @@ async def grpc_answer(answer: InferAnswer, context: grpc.aio.ServicerContext) ->
 
 class GrpcFront:
     def __init__(self, cfg: Config, *, pipeline: InferencePipeline, queries: ModelQueries, state: RegionState,
-                 auth: Authenticator | None) -> None:
+                 auth: Authenticator | None, streams: StreamServices) -> None:
         self.cfg = cfg
+        self.streams = streams  # what ModelStreamInfer's relays share
         self.pipeline = pipeline
         self.queries = queries
         self.state = state  # readiness
@@ -183,7 +186,7 @@ class GrpcFront:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 self._unimplemented(what), request_deserializer=_identity, response_serializer=_identity)
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self._stream_unimplemented, request_deserializer=_identity, response_serializer=_identity)
+            self.model_stream_infer, request_deserializer=_identity, response_serializer=_identity)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if credentials is not None:
@@ -284,7 +287,8 @@ class GrpcFront:
 
         return handler
 
-    async def _stream_unimplemented(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "ModelStreamInfer (decoupled streaming) is not supported by the geogate gateway")
-        yield b""  # pragma: no cover  (makes this an async generator)
+    async def model_stream_infer(self, requests, context):
+        """Bidirectional ModelStreamInfer: every request routed like a unary one, its responses
+        relayed in order (gateway.front.stream_relay)."""
+        async for response in StreamRelay(self.streams, context).run(requests):
+            yield response

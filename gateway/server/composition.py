@@ -30,6 +30,7 @@ from gateway.front.auth import Authenticator
 from gateway.front.grpc_adapter import GrpcFront
 from gateway.front.http_adapter import HttpFront
 from gateway.front.pipeline import InferencePipeline, ModelQueries, PipelineSettings
+from gateway.front.stream_relay import StreamServices, StreamSettings
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.region_state import RegionState
 from replicas.releases.resolver import VersionResolver, resolver_for_gateway
@@ -98,7 +99,11 @@ def build_worker(cfg: Config, region: RegionSection, *, worker: int = 0, workers
                           open_metrics=cfg.admin.open_metrics)
     http_front = HttpFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth,
                            region_summary=admin.public_summary)
-    grpc_front = GrpcFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth)
+    streams = StreamServices(StreamSettings(region=region.name, max_elements=cfg.limits.max_tensor_elements,
+                                            max_attempts=cfg.gateway.max_attempts),
+                             auth=auth, models=state, catalog=state.catalog, pools=state.pools,
+                             overload=state.overload, metrics=metrics)
+    grpc_front = GrpcFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth, streams=streams)
     return Worker(cfg, region, state, pipeline, http_front, grpc_front, admin, server_tls, auth, admin_credentials)
 
 

@@ -85,6 +85,18 @@ class GatewayMetrics:
         self.peer_healthy = Gauge(
             "geogate_peer_region_healthy", "1 if this gateway sees the peer region's gateway as able to serve",
             ["region", "peer"], registry=r, multiprocess_mode="livemax")
+        # gRPC ModelStreamInfer (gateway.front.stream_relay)
+        self.streams_open = Gauge(
+            "geogate_streams_open", "Client ModelStreamInfer streams open", ["region"], registry=r,
+            multiprocess_mode="livesum")
+        self.stream_responses = Counter(
+            "geogate_stream_responses_relayed", "Responses relayed to clients on ModelStreamInfer streams",
+            ["region"], registry=r)
+        self.stream_refusals = Counter(
+            "geogate_stream_requests_refused", "Requests on ModelStreamInfer streams answered with an error "
+            "by the gateway (refused, or their replica failed mid-answer)", ["region", "reason"], registry=r)
+        self._streams_open = self.streams_open.labels(region)
+        self._stream_responses = self.stream_responses.labels(region)
         self._req: dict[tuple, object] = {}
         self._lat: dict[tuple, object] = {}
         self._att: dict[tuple, object] = {}
@@ -126,7 +138,17 @@ class GatewayMetrics:
         if self._multiprocess:
             self._inflight[protocol].inc(delta)
 
+    def stream_response(self) -> None:
+        self._stream_responses.inc()
+
     # ------------------------------------------------------------------ rare events
+
+    def stream_open(self, delta: int) -> None:
+        self._streams_open.inc(delta)
+
+    def stream_refused(self, reason: str) -> None:
+        """reason: refused (by the gateway's checks) | no-replica | replica-failed."""
+        self.stream_refusals.labels(self.region, reason).inc()
 
     def cross_region_request(self, to_region: str, outcome: str) -> None:
         self.cross_region.labels(self.region, to_region, outcome).inc()

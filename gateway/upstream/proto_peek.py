@@ -293,3 +293,87 @@ def with_model_version(raw: bytes, version: str) -> bytes:
     """The request with ``model_version`` set to `version`: appends field 2 (the last occurrence
     of a scalar field wins when parsing), so the tensor bytes are never re-encoded."""
     return raw + string_field(F_MODEL_VERSION, version)
+
+
+# ---------------------------------------------------------------------------- streams
+
+FINAL_RESPONSE_PARAMETER = "triton_final_response"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsePeek:
+    error_message: str
+    request_id: str
+    final: bool | None  # triton_final_response, when the replica says
+
+
+def peek_stream_response(raw: bytes) -> ResponsePeek:
+    """error_message, infer_response.id and its triton_final_response parameter of a serialized
+    ModelStreamInferResponse, without decoding the tensors."""
+    buf = memoryview(raw)
+    end = len(buf)
+    pos = 0
+    error = ""
+    rid = ""
+    final: bool | None = None
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        fno, wire = key >> 3, key & 7
+        if fno == 1 and wire == WIRE_LEN:
+            s, e = _len_field(buf, pos, end)
+            error = _str(buf, s, e)
+            pos = e
+        elif fno == 2 and wire == WIRE_LEN:
+            s, e = _len_field(buf, pos, end)
+            rid, final = _peek_infer_response(buf, s, e)
+            pos = e
+        else:
+            pos = _skip(buf, pos, end, wire, fno)
+    return ResponsePeek(error, rid, final)
+
+
+def _peek_infer_response(buf: memoryview, pos: int, end: int) -> tuple[str, bool | None]:
+    rid = ""
+    final: bool | None = None
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        fno, wire = key >> 3, key & 7
+        if fno == 3 and wire == WIRE_LEN:  # id
+            s, e = _len_field(buf, pos, end)
+            rid = _str(buf, s, e)
+            pos = e
+        elif fno == 4 and wire == WIRE_LEN:  # parameters map entry
+            s, e = _len_field(buf, pos, end)
+            name, value = _bool_parameter(buf, s, e)
+            if name == FINAL_RESPONSE_PARAMETER:
+                final = value
+            pos = e
+        else:
+            pos = _skip(buf, pos, end, wire, fno)
+    return rid, final
+
+
+def _bool_parameter(buf: memoryview, pos: int, end: int) -> tuple[str, bool | None]:
+    name = ""
+    value: bool | None = None
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        fno, wire = key >> 3, key & 7
+        if fno == 1 and wire == WIRE_LEN:
+            s, e = _len_field(buf, pos, end)
+            name = _str(buf, s, e)
+            pos = e
+        elif fno == 2 and wire == WIRE_LEN:
+            s, e = _len_field(buf, pos, end)
+            p = s
+            while p < e:
+                k2, p = _varint(buf, p, e)
+                if k2 >> 3 == 1 and k2 & 7 == WIRE_VARINT:
+                    v, p = _varint(buf, p, e)
+                    value = bool(v)
+                else:
+                    p = _skip(buf, p, e, k2 & 7, k2 >> 3)
+            pos = e
+        else:
+            pos = _skip(buf, pos, end, wire, fno)
+    return name, value
