@@ -36,13 +36,17 @@ class HaproxyProc(Proc):
 
     def __init__(self, work_dir: Path, servers: list[str], *, name: str = "haproxy", log_dir: Path,
                  backups: list[str] | None = None, threads: int = 1, inter_ms: int = CHECK_INTER_MS,
-                 fall: int = CHECK_FALL, rise: int = CHECK_RISE, balance: str = "roundrobin"):
+                 fall: int = CHECK_FALL, rise: int = CHECK_RISE, balance: str = "roundrobin", h2: bool = False):
+        # h2: gRPC (HTTP/2 cleartext) on both sides, `proto h2`; servers checked by TCP connect
+        self.h2 = h2
         self.port = free_port()
         self.stats_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.n_servers = len(servers) + len(backups or [])
-        lines = [f"    server s{i} {s} check inter {inter_ms} fall {fall} rise {rise}" for i, s in enumerate(servers)]
-        lines += [f"    server b{i} {s} check inter {inter_ms} fall {fall} rise {rise} backup"
+        proto = " proto h2" if h2 else ""
+        lines = [f"    server s{i} {s} check inter {inter_ms} fall {fall} rise {rise}{proto}"
+                 for i, s in enumerate(servers)]
+        lines += [f"    server b{i} {s} check inter {inter_ms} fall {fall} rise {rise} backup{proto}"
                   for i, s in enumerate(backups or [])]
         work_dir.mkdir(parents=True, exist_ok=True)
         self.config = work_dir / f"{name}.cfg"
@@ -58,14 +62,14 @@ defaults
     option redispatch
     option http-keep-alive
 frontend fe
-    bind {self.address}
+    bind {self.address}{proto}
     default_backend replicas
 frontend stats
     bind 127.0.0.1:{self.stats_port}
     http-request return status 200 content-type application/json lf-string "{{\\"up\\": %[nbsrv(replicas)]}}"
 backend replicas
     balance {balance}
-    option httpchk GET /v2/health/ready
+{"" if h2 else "    option httpchk GET /v2/health/ready"}
     http-reuse safe
 {chr(10).join(lines)}
 """)
@@ -78,7 +82,7 @@ backend replicas
 
     def wait_ready(self, timeout_s: float = HAPROXY_READY_TIMEOUT_S) -> HaproxyProc:
         """Until HAProxy answers through a server and every server passed its health check."""
-        self.wait_until(lambda: http_ok(f"http://{self.address}/v2/health/ready")
+        self.wait_until(lambda: (self.h2 or http_ok(f"http://{self.address}/v2/health/ready"))
                         and self.servers_up() == self.n_servers, timeout_s, what="up on every server")
         return self
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from loadtests.stream_models import write_repeat_model
 from replicas.demo.onnx_model import reference_outputs
 from replicas.demo.python_backend import write_python_backend_entry
 from tests.e2e.test_triton_gateway import TritonGatewayProc, all_healthy, wait_for
 from tests.procs import TritonProc
-from tests.stream_models import write_repeat_model
 
 PERF_ANALYZER = Path(__file__).resolve().parents[2] / ".venv-triton" / "bin" / "perf_analyzer-geogate"
 
