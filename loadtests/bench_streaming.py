@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.haproxy import HaproxyProc, require_haproxy
+from loadtests.perf_analyzer import available as perf_analyzer_available
+from loadtests.perf_analyzer import run as perf_analyzer_run
 from loadtests.procs import GatewayProc, PoolConfig, Proc, RegionConfig, free_port, http_ok, write_config
 from loadtests.stream_models import write_repeat_model
 from replicas.demo.python_backend import write_python_backend_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_WRAPPER = ROOT / ".venv-triton" / "bin" / "tritonserver-geogate"
-PERF_ANALYZER = ROOT / ".venv-triton" / "bin" / "perf_analyzer-geogate"
 RESPONSES_PER_REQUEST = 8
 READY_TIMEOUT_S = 90.0
 
@@ -62,23 +61,7 @@ class Triton(Proc):
 
 
 def perf_analyzer(url: str, concurrency: int, interval_ms: int) -> dict:
-    out = subprocess.run([str(PERF_ANALYZER), "-m", "demo", "-i", "grpc", "--streaming", "-u", url,
-                          "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
-                          "--max-trials", "10", "-s", "50"], capture_output=True, text=True, timeout=300)
-    text = out.stdout + out.stderr
-    if out.returncode != 0:
-        # e.g. through HAProxy over two Tritons: perf_analyzer reads server-side statistics
-        # each window from whichever server answers and stops ("failed to find the requested
-        # model version"); the gateway answers statistics summed over its replicas
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return {"error": lines[-1] if lines else f"exit {out.returncode}"}
-
-    def num(pattern: str) -> float:
-        m = re.search(pattern, text)
-        return float(m.group(1)) if m else float("nan")
-
-    return {"throughput": num(r"Throughput: ([\d.]+) infer/sec"),
-            "p50_ms": num(r"p50 latency: (\d+) usec") / 1000, "p99_ms": num(r"p99 latency: (\d+) usec") / 1000}
+    return perf_analyzer_run(url, protocol="grpc", concurrency=concurrency, interval_ms=interval_ms, streaming=True)
 
 
 def decoupled_load(url: str, concurrency: int, duration_s: float) -> dict:
@@ -149,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated (default 1,4,16)")
     parser.add_argument("--out", default="loadtests/results/streaming", help="output directory")
     args = parser.parse_args(argv)
-    if not TRITON_WRAPPER.exists() or not PERF_ANALYZER.exists():
+    if not TRITON_WRAPPER.exists() or not perf_analyzer_available():
         print("tritonserver / perf_analyzer missing: run `make triton-env` first", file=sys.stderr)
         return 2
     require_haproxy()

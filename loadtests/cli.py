@@ -84,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         f"(default {DEFAULT_OUT})")
     sim.add_argument("--no-progress", action="store_true", help="no progress lines")
 
+    sweep = sub.add_parser("sweep", help="direct vs HAProxy vs geogate, HTTP and gRPC, at several concurrencies "
+                                         "(perf_analyzer)",
+                           description="Data-path sweep with NVIDIA's perf_analyzer: direct, HAProxy and geogate "
+                                       "(1 and N workers) over the same replicas, HTTP and gRPC.")
+    from loadtests import bench_sweep
+
+    bench_sweep.add_arguments(sweep)
+
     sub.add_parser("list", help="list the scenarios")
     table = sub.add_parser("table", help="the figures table (Markdown) of scenario runs",
                            description="Print the figures of scenario runs (DIR/results.json or DIR/*/results.json).")
@@ -104,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_scenario(args)
     if cmd == "sim":
         return _run_sim(args)
+    if cmd == "sweep":
+        from loadtests import bench_sweep
+
+        return bench_sweep.run(args)
     if cmd == "list":
         return _list()
     if cmd == "table":
@@ -111,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(build_table([Path(d) for d in args.dirs]))
         return 0
-    print("geogate bench: choose load, scenario, sim, list or table (see --help)", file=sys.stderr)
+    print("geogate bench: choose load, scenario, sim, sweep, list or table (see --help)", file=sys.stderr)
     return 2
 
 
