@@ -262,10 +262,12 @@ class ModelDocument:
 
 
 class ModelQueries:
-    """Model metadata, config, statistics and readiness, the same on both doors: name rules
-    (400), unknown model (404), then the pool's cached answer or a replica's (503 when no
-    replica can answer, with the pool's reason). API keys are checked by the adapters (HTTP:
-    for every non-infer path at once; gRPC: per call, unless ``[auth] open_metadata``)."""
+    """Model metadata, config, statistics and readiness, and server metadata, the same on both
+    doors: name rules (400), unknown model (404), then the pool's cached answer or a replica's
+    (503 when no replica can answer, with the pool's reason); statistics summed over the pool's
+    replicas, server metadata the pool's when its replicas are not geogate ones. API keys are
+    checked by the adapters (HTTP: for every non-infer path at once; gRPC: per call, unless
+    ``[auth] open_metadata``)."""
 
     def __init__(self, *, models: ModelLookup, catalog: ModelCatalog, pools: RegionPools) -> None:
         self.models = models

@@ -142,10 +142,6 @@ class ModelCatalog:
     async def config(self, model: str, version: str | None) -> tuple[int, dict]:
         return await self._cached(model, version, "config")
 
-    async def statistics(self, model: str, version: str | None) -> tuple[int, dict]:
-        """One replica's statistics (kept for callers that want a single replica's view)."""
-        return await self._fetch(model, version, "stats")
-
     async def pool_statistics(self, model: str | None, version: str | None) -> PoolStatistics:
         """Statistics summed over the routable replicas (`model` None: all models)."""
         ups = self._routable(model, version)[:MAX_REPLICAS_AGGREGATED]
