@@ -8,10 +8,12 @@ import json
 import urllib.error
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.upstream.pool_merge import UNHONOURED_EXTENSIONS
@@ -114,6 +116,12 @@ def test_server_metadata_statistics_and_version_texts_are_the_tritons(two_triton
         assert sum(_n(r["inference_stats"]["success"].get("count")) for r in all_models["model_stats"]) == 10
     finally:
         client.close()
+    with grpc.insecure_channel(gw.grpc) as channel:  # how many replicas: in the initial metadata
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelStatistics.with_call(service_pb2.ModelStatisticsRequest(name="demo"))
+        meta = dict(call.initial_metadata())
+        assert meta["geogate-replicas-aggregated"] == "2" and meta["geogate-replicas-asked"] == "2"
+        assert sum(s.inference_stats.success.count for s in response.model_stats) == 10
 
     # --- a version Triton cannot read: Triton's own text (gRPC: the same code and message as a Triton's;
     # HTTP: 400 with that text, where Triton's HTTP front only says 404 "Not Found" (its route wants digits))
