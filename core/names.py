@@ -16,6 +16,16 @@ Rules
 - version: a positive integer in canonical decimal form (``"1"``, ``"42"``; not ``"0"``,
   ``"01"``, ``"+1"``, ``"1.0"``, ``" 1"``), at most MAX_VERSION_DIGITS digits (fits int64),
   which is exactly what Triton accepts as a version directory.
+
+Triton's own texts where Triton refuses a version too (so a client sees what it would see from
+Triton directly; Triton parses a version with ``std::stol``, core's ``ParseModelVersion``):
+- nothing a number can be read from ("abc", "..", or past int64): "failed to get model version
+  from specified version string 'abc' (details: stol), version should be an integral value > 0";
+- a negative number: "invalid model version specified '-1' , version should be an integral
+  value > 0".
+Versions Triton would read leniently ("+1", "01", " 1", "1.0": stol stops at the first
+non-digit) keep the stricter rule above with geogate's reason; every text shows at most
+SHOWN_VERSION_CHARS characters of the client's value.
 """
 
 from __future__ import annotations
@@ -27,6 +37,10 @@ MAX_MODEL_NAME_LEN = 128
 MAX_VERSION_DIGITS = 18  # < 2**63: fits Triton's int64 version numbers
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
+# What std::stol reads: leading C-locale whitespace, an optional sign, then ASCII digits.
+_STOL_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
+_INT64_MAX = 2**63 - 1
+SHOWN_VERSION_CHARS = 64  # a client's version echoed in a reason is cut here (logs, headers)
 # Characters named in reasons because they are what a traversal attempt uses.
 _PATH_CHARS = {"/": "'/'", "\\": "'\\\\'", "\x00": "NUL"}
 
@@ -74,11 +88,29 @@ def version_problem(version: object) -> str:
     problem = _non_empty_str_problem(version, "model version")
     if problem:
         return problem
+    triton = _triton_version_problem(version)
+    if triton:
+        return triton
     if len(version) > MAX_VERSION_DIGITS:
         return f"model version {_shown(version)} is too long (at most {MAX_VERSION_DIGITS} digits)"
     if _VERSION_RE.fullmatch(version) is None:
         return (f"model version {_shown(version)} is not a positive integer "
                 "(digits only, no sign, no leading zeros, not 0)")
+    return ""
+
+
+def _triton_version_problem(version: str) -> str:
+    """Triton's text when Triton itself refuses `version` ("" when std::stol reads a number >= 0)."""
+    shown = version if len(version) <= SHOWN_VERSION_CHARS else version[:SHOWN_VERSION_CHARS] + "..."
+    m = _STOL_RE.match(version)
+    # (more than 19 digits cannot fit; int() is not even tried on those: CPython caps its length)
+    if m is None or len(m.group(2).lstrip("0")) > 19 or \
+            not -_INT64_MAX - 1 <= int(m.group(1) + m.group(2)) <= _INT64_MAX:
+        # std::stol threw invalid_argument / out_of_range; libstdc++'s what() is "stol"
+        return (f"failed to get model version from specified version string '{shown}' (details: stol), "
+                "version should be an integral value > 0")
+    if m.group(1) == "-" and int(m.group(2)) > 0:
+        return f"invalid model version specified '{shown}' , version should be an integral value > 0"
     return ""
 
 

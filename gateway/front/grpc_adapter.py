@@ -35,9 +35,6 @@ from gateway.front import deadline as dl
 from gateway.front.auth import AuthDecision, Authenticator, grpc_abort
 from gateway.front.pipeline import (
     NOT_ON_GATEWAY,
-    SERVER_EXTENSIONS,
-    SERVER_NAME,
-    SERVER_VERSION,
     InferAnswer,
     InferencePipeline,
     ModelDocument,
@@ -241,8 +238,8 @@ class GrpcFront:
         decision = await self._metadata_guard(context, None)
         if decision is not None:
             decision.release()
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                                  extensions=SERVER_EXTENSIONS)
+        return json_format.ParseDict(await self.queries.server_metadata(), service_pb2.ServerMetadataResponse(),
+                                     ignore_unknown_fields=True)
 
     async def model_ready(self, request, context):
         version = request.version or None
@@ -272,12 +269,20 @@ class GrpcFront:
         return service_pb2.ModelConfigResponse(config=cfg)
 
     async def model_statistics(self, request, context):
-        if not request.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "statistics for all models are not "
-                                "aggregated by the gateway; ask for one model")
-        body = await self._proxied(context, request.name, request.version or None,
-                                   self.queries.catalog.statistics)
-        return json_format.ParseDict(body, service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True)
+        """Summed over the pool's replicas (all models when no name); the initial metadata's
+        geogate-replicas-aggregated says over how many."""
+        name = request.name or None
+        version = (request.version or None) if name else None
+        decision = await self._metadata_guard(context, name, version)
+        if decision is not None:
+            decision.release()
+        doc = await self.queries.statistics(name, version, PROTOCOL_GRPC)
+        if doc.headers:
+            await context.send_initial_metadata(tuple(doc.headers.items()))
+        if doc.status != 200:
+            code = grpc.StatusCode.UNAVAILABLE if doc.status == 503 and doc.body is None else http_to_grpc(doc.status)
+            await context.abort(code, doc.message)
+        return json_format.ParseDict(doc.body, service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     def _unimplemented(self, what: str):
         message = NOT_ON_GATEWAY.format(what=what)

@@ -35,9 +35,6 @@ from gateway.front import deadline as dl
 from gateway.front.auth import AuthDecision, Authenticator
 from gateway.front.pipeline import (
     NOT_ON_GATEWAY,
-    SERVER_EXTENSIONS,
-    SERVER_NAME,
-    SERVER_VERSION,
     InferAnswer,
     InferencePipeline,
     ModelDocument,
@@ -80,11 +77,13 @@ def refusal_response(decision: AuthDecision, headers: dict | None = None) -> web
 
 
 def document_response(doc: ModelDocument) -> web.Response:
+    headers = doc.headers or None
     if doc.status == 200:
-        return json_response(doc.body) if doc.body is not None else web.Response(status=200)
+        return json_response(doc.body, headers=headers) if doc.body is not None else \
+            web.Response(status=200, headers=headers)
     if doc.body is not None:  # a replica's own answer
-        return json_response(doc.body, doc.status)
-    return error_response(doc.message, doc.status)
+        return json_response(doc.body, doc.status, headers)
+    return error_response(doc.message, doc.status, headers)
 
 
 def model_of_path(path: str) -> tuple[str | None, str | None]:
@@ -332,7 +331,7 @@ class HttpFront:
         return error_response(reason, 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": SERVER_EXTENSIONS})
+        return json_response(await self.queries.server_metadata())
 
     async def _document(self, request: web.Request, fetch) -> web.Response:
         mi = request.match_info
@@ -345,10 +344,9 @@ class HttpFront:
         return await self._document(request, self.queries.catalog.config)
 
     async def stats(self, request: web.Request) -> web.Response:
-        if "model" not in request.match_info:
-            return error_response("statistics for all models are not aggregated by the gateway; "
-                                  "ask for one model: /v2/models/{model}/stats", 400)
-        return await self._document(request, self.queries.catalog.statistics)
+        """Summed over the pool's replicas; geogate-replicas-aggregated says over how many."""
+        mi = request.match_info
+        return document_response(await self.queries.statistics(mi.get("model"), mi.get("version"), PROTOCOL_HTTP))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         mi = request.match_info

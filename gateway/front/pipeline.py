@@ -58,6 +58,9 @@ SHED_RETRY_AFTER_S = 1  # an overloaded worker tells clients to come back this s
 SERVER_NAME = "geogate"
 SERVER_VERSION = "0.1.0"
 SERVER_EXTENSIONS = ["binary_tensor_data"]
+# Statistics answers say how many replicas they sum (README, "API"): those that answered, those asked.
+REPLICAS_AGGREGATED_HEADER = "geogate-replicas-aggregated"
+REPLICAS_ASKED_HEADER = "geogate-replicas-asked"
 NOT_ON_GATEWAY = ("the {what} is not available on the geogate gateway; use the replicas' own API "
                   "(or `geogate models ...` for model versions)")
 
@@ -255,13 +258,16 @@ class ModelDocument:
     status: int
     body: dict | None = None
     message: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # response headers / initial metadata
 
 
 class ModelQueries:
-    """Model metadata, config, statistics and readiness, the same on both doors: name rules
-    (400), unknown model (404), then the pool's cached answer or a replica's (503 when no
-    replica can answer, with the pool's reason). API keys are checked by the adapters (HTTP:
-    for every non-infer path at once; gRPC: per call, unless ``[auth] open_metadata``)."""
+    """Model metadata, config, statistics and readiness, and server metadata, the same on both
+    doors: name rules (400), unknown model (404), then the pool's cached answer or a replica's
+    (503 when no replica can answer, with the pool's reason); statistics summed over the pool's
+    replicas, server metadata the pool's when its replicas are not geogate ones. API keys are
+    checked by the adapters (HTTP: for every non-infer path at once; gRPC: per call, unless
+    ``[auth] open_metadata``)."""
 
     def __init__(self, *, models: ModelLookup, catalog: ModelCatalog, pools: RegionPools) -> None:
         self.models = models
@@ -292,6 +298,35 @@ class ModelQueries:
         if status != 200:
             return ModelDocument(status, body, str(body.get("error", f"HTTP {status}")))
         return ModelDocument(200, body)
+
+    async def server_metadata(self) -> dict:
+        """The pool's replicas' name, version and extensions when they are not geogate replicas
+        (gateway.upstream.pool_merge), else the gateway's own."""
+        pool = await self.catalog.server_metadata()
+        if pool is not None:
+            return pool
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(SERVER_EXTENSIONS)}
+
+    async def statistics(self, model: str | None, version: str | None, protocol: str) -> ModelDocument:
+        """Statistics summed over the pool's routable replicas (`model` None: all models), with
+        REPLICAS_AGGREGATED_HEADER / REPLICAS_ASKED_HEADER saying how many it covers."""
+        if model is not None:
+            refused = self.refusal(model, version)
+            if refused is not None:
+                return refused
+        got = await self.catalog.pool_statistics(model, version)
+        headers = {REPLICAS_AGGREGATED_HEADER: str(got.replicas), REPLICAS_ASKED_HEADER: str(got.asked)}
+        if got.status == 200:
+            return ModelDocument(200, got.body, headers=headers)
+        if got.status == 0:
+            if model is None:
+                reason = (f"none of the {got.asked} routable replicas answered" if got.asked
+                          else "no replica of the region is routable")
+                return ModelDocument(503, message=f"no statistics: {reason}", headers=headers)
+            cands = self.pools.candidates(model, version, protocol, time.monotonic())
+            return ModelDocument(503, message=f"no replica can serve model '{model}': "
+                                              f"{cands.reason or 'no replica answered'}", headers=headers)
+        return ModelDocument(got.status, got.body, str(got.body.get("error", f"HTTP {got.status}")), headers)
 
     def ready(self, model: str, version: str | None, protocol: str) -> ModelDocument:
         refused = self.refusal(model, version)

@@ -154,8 +154,12 @@ class GrpcUpstream:
 
     async def get_json(self, path: str, timeout_s: float) -> tuple[int, dict | None]:
         """The HTTP-form JSON of /v2/models/{m}[/versions/{v}][/config|/stats] via gRPC."""
-        parts = path.strip("/").split("/")  # v2 models M [versions V] [config|stats]
-        model = parts[2] if len(parts) > 2 else ""
+        if path.rstrip("/") == "/v2":  # server metadata
+            status, resp = await self._unary(self.stub.ServerMetadata, service_pb2.ServerMetadataRequest(), timeout_s)
+            return (200, json_format.MessageToDict(resp, preserving_proto_field_name=True)) if status == 200 \
+                else (status, resp)
+        parts = path.strip("/").split("/")  # v2 models M [versions V] [config|stats]; v2 models stats: all
+        model = parts[2] if len(parts) > 2 and parts[2:] != ["stats"] else ""
         version = parts[4] if len(parts) > 4 and parts[3] == "versions" else ""
         tail = parts[-1] if parts[-1] in ("config", "stats") else ""
         if tail == "config":

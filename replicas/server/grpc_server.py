@@ -151,45 +151,56 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator, context
                                ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        """Requests of a stream run concurrently; responses come back as they finish (with `id`)."""
-        results: asyncio.Queue = asyncio.Queue(STREAM_QUEUE_LIMIT)
+        """As Triton does for a non-decoupled model: one response per request, in the order the
+        requests came, each with the request's `id`; a failed request is a response with
+        `error_message` (the stream goes on). Requests run concurrently (the batcher may group
+        them); at most STREAM_QUEUE_LIMIT are in flight per stream, beyond that the stream stops
+        reading and HTTP/2 flow control holds the client back."""
+        in_order: asyncio.Queue = asyncio.Queue()  # bounded by `room`
+        room = asyncio.Semaphore(STREAM_QUEUE_LIMIT)
         rid = request_id_of(context)
 
-        async def one(req) -> None:
+        async def one(req) -> service_pb2.ModelStreamInferResponse:
             try:
                 _, response = await self.service.infer(
                     "grpc", req.model_name, req.model_version, lambda sig: decode_grpc(req, sig),
-                    encode_grpc, rid)
-                await results.put(service_pb2.ModelStreamInferResponse(infer_response=response))
+                    encode_grpc, rid or req.id)
             except InferError as exc:
-                await results.put(service_pb2.ModelStreamInferResponse(
+                return service_pb2.ModelStreamInferResponse(
                     error_message=exc.message,
                     infer_response=service_pb2.ModelInferResponse(id=req.id, model_name=req.model_name,
-                                                                  model_version=req.model_version)))
+                                                                  model_version=req.model_version))
+            return service_pb2.ModelStreamInferResponse(infer_response=response)
 
         async def reader() -> None:
-            tasks: set[asyncio.Task] = set()
             try:
-                async for req in request_iterator:
-                    task = asyncio.create_task(one(req))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
+                while True:
+                    await room.acquire()  # no more than STREAM_QUEUE_LIMIT requests read ahead
+                    try:
+                        req = await anext(request_iterator)
+                    except StopAsyncIteration:
+                        return
+                    in_order.put_nowait(asyncio.create_task(one(req)))
             finally:
-                for t in tasks:
-                    t.cancel()
-                await results.put(None)
+                in_order.put_nowait(None)
 
         reader_task = asyncio.create_task(reader())
+        pending: asyncio.Task | None = None
         try:
             while True:
-                item = await results.get()
-                if item is None:
+                pending = await in_order.get()
+                if pending is None:
                     break
-                yield item
+                response = await pending
+                room.release()
+                yield response
+            await reader_task  # a broken request stream ends the call with its error
         finally:
+            # the client went away (or the call failed): nothing of this stream keeps running
             reader_task.cancel()
+            for task in [pending, *(in_order.get_nowait() for _ in range(in_order.qsize()))]:
+                if task is not None:
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task
 

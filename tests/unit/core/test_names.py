@@ -58,10 +58,10 @@ def test_good_versions(version):
 
 
 @pytest.mark.parametrize(("version", "words"), [
-    ("", "empty"), ("0", "positive integer"), ("01", "leading zeros"), ("-1", "positive integer"),
+    ("", "empty"), ("0", "positive integer"), ("01", "leading zeros"), ("-1", "integral value > 0"),
     ("+1", "no sign"), ("1.0", "positive integer"), (" 1", "positive integer"), ("1 ", "positive integer"),
-    ("..", "positive integer"), ("1/2", "positive integer"), ("\u0661", "positive integer"),  # Arabic-Indic one
-    ("²", "positive integer"), ("1" * 19, "too long"), (1, "must be a string"), (None, "must be a string"),
+    ("..", "integral value > 0"), ("1/2", "positive integer"), ("\u0661", "integral value > 0"),  # Arabic-Indic one
+    ("²", "integral value > 0"), ("1" * 19, "too long"), (1, "must be a string"), (None, "must be a string"),
 ])
 def test_bad_versions_have_reasons(version, words):
     problem = version_problem(version)
@@ -74,7 +74,7 @@ def test_model_ref():
     assert model_ref_problem("demo", None) == ""
     assert model_ref_problem("demo", "3") == ""
     assert "'/'" in model_ref_problem("de/mo", "3")
-    assert "positive integer" in model_ref_problem("demo", "../1")
+    assert "integral value > 0" in model_ref_problem("demo", "../1")  # Triton's text: stol reads no number
 
 
 # ---------------------------------------------------------------------------- vs replicas.releases.manifest
@@ -123,3 +123,30 @@ def test_store_and_gateway_agree_on_names(name):
     except ValueError:
         theirs = False
     assert ok == theirs, name
+
+
+# Triton's texts (core's ParseModelVersion: std::stol, then "< 0"), where Triton refuses the version too.
+STOL_FAILED = ("failed to get model version from specified version string '{}' (details: stol), "
+               "version should be an integral value > 0")
+
+
+@pytest.mark.parametrize(("version", "expected"), [
+    ("abc", STOL_FAILED.format("abc")),
+    ("..", STOL_FAILED.format("..")),
+    ("9" * 19, STOL_FAILED.format("9" * 19)),  # past int64: out_of_range
+    ("-1", "invalid model version specified '-1' , version should be an integral value > 0"),
+    ("-42", "invalid model version specified '-42' , version should be an integral value > 0"),
+])
+def test_versions_triton_refuses_get_tritons_text(version, expected):
+    assert version_problem(version) == expected
+
+
+@pytest.mark.parametrize("version", ["+1", "01", " 1", "1.0", "1abc", "0", "-0", "1" * 19])
+def test_versions_triton_reads_leniently_keep_our_rule(version):
+    problem = version_problem(version)
+    assert problem and "integral value" not in problem
+
+
+def test_huge_version_is_cut_in_the_text():
+    problem = version_problem("7" * 10_000)  # longer than CPython converts to int at all
+    assert problem.startswith("failed to get model version") and len(problem) < 300
