@@ -241,3 +241,30 @@ def test_a_replica_dying_mid_stream(tmp_path, procs):
     finally:
         client.stop_stream()
         client.close()
+
+
+def test_stream_over_geogate_replicas(tmp_path, procs):
+    """The geogate ORT replica answers ModelStreamInfer too (one response per request), so a
+    stream through the gateway works over a pool of them (or one mixed with Tritons)."""
+    from tests.gateway_procs import GatewayProc, demo_repository, replica_urls, start_replicas
+
+    reps = start_replicas(procs, demo_repository(tmp_path), 2, faults=False)
+    gw = GatewayProc(tmp_path, replicas=replica_urls(reps, ("grpc",)))
+    procs.append(gw)
+    gw.wait_ready()
+    client = grpcclient.InferenceServerClient(gw.grpc)
+    got = Collector()
+    client.start_stream(callback=got)
+    try:
+        for i in range(30):
+            inp, _ = demo_input(i)
+            client.async_stream_infer("demo", [inp], request_id=str(i))
+        items = got.take(30)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(err is None for _, err in items), [str(e) for _, e in items if e is not None][:3]
+    answers = {r.get_response().id: r.as_numpy("OUTPUT0") for r, _ in items}
+    assert sorted(answers, key=int) == [str(i) for i in range(30)]
+    for rid, out in answers.items():
+        assert np.allclose(out, reference_outputs("tiny", 1, demo_input(int(rid))[1]), atol=1e-5)
