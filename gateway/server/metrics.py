@@ -85,6 +85,9 @@ class GatewayMetrics:
         self.peer_healthy = Gauge(
             "geogate_peer_region_healthy", "1 if this gateway sees the peer region's gateway as able to serve",
             ["region", "peer"], registry=r, multiprocess_mode="livemax")
+        self.stream_relayed = Counter(
+            "geogate_stream_responses_relayed", "Responses relayed to clients on streams (generate_stream events)",
+            ["region", "protocol"], registry=r)
         self._req: dict[tuple, object] = {}
         self._lat: dict[tuple, object] = {}
         self._att: dict[tuple, object] = {}
@@ -125,6 +128,11 @@ class GatewayMetrics:
         self.in_flight_now[protocol] += delta
         if self._multiprocess:
             self._inflight[protocol].inc(delta)
+
+    def stream_responses(self, protocol: str, count: int) -> None:
+        """`count` responses relayed on one stream (added once, when the stream ends)."""
+        if count:
+            self.stream_relayed.labels(self.region, protocol).inc(count)
 
     # ------------------------------------------------------------------ rare events
 
