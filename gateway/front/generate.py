@@ -361,16 +361,15 @@ class GenerateFront:
         resp = web.StreamResponse(status=opened.status, headers=meta)
         outcome, error = Outcome.SUCCESS, ""
         events = 0
-        tail = b""
+        last = b""  # the previous chunk's last byte: an event's blank line may straddle two chunks
         chunk = opened.first
         try:
             async with asyncio.timeout(max(0.0, call.deadline_s - time.monotonic())):
                 await resp.prepare(request)
                 while chunk:
                     await resp.write(chunk)
-                    scan = tail + chunk
-                    events += scan.count(SSE_EVENT_END)
-                    tail = scan[-1:]
+                    events += chunk.count(SSE_EVENT_END) + (last == b"\n" and chunk[:1] == b"\n")
+                    last = chunk[-1:]
                     chunk = await self._next_chunk(opened, request)
             opened.release()
             await resp.write_eof()
@@ -402,18 +401,17 @@ class GenerateFront:
         return resp
 
     async def _next_chunk(self, opened: OpenStream, request: web.BaseRequest) -> bytes:
-        read = asyncio.ensure_future(opened.next_chunk())
-        try:
-            while True:
-                done, _ = await asyncio.wait((read,), timeout=CLIENT_CHECK_INTERVAL_S)
-                if done:
-                    return read.result()
+        """The replica's next chunk; _ClientGone if the client left while the replica was silent.
+        (A timer, not a task, per chunk: interrupting the read loses nothing, the bytes stay in
+        the response's buffer; the deadline's own timeout nests around this one.)"""
+        while True:
+            try:
+                async with asyncio.timeout(CLIENT_CHECK_INTERVAL_S):
+                    return await opened.next_chunk()
+            except TimeoutError:
                 transport = request.transport
                 if transport is None or transport.is_closing():
-                    raise _ClientGone
-        finally:
-            if not read.done():
-                read.cancel()
+                    raise _ClientGone from None
 
     # ------------------------------------------------------------------ bookkeeping
 
