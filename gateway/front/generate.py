@@ -395,6 +395,12 @@ class GenerateFront:
         except asyncio.CancelledError:
             opened.abort()
             raise
+        except Exception as exc:  # a gateway bug after the answer began: no second answer can follow
+            opened.abort()
+            outcome, error = Outcome.SERVER_ERROR, f"internal gateway error mid-stream: {type(exc).__name__}"
+            log.exception("generate_stream %s for model %r: %s after %d events; stream closed",
+                          call.request_id, call.model, error, events)
+            _close_client(request)
         finally:
             self.metrics.stream_responses(PROTOCOL_HTTP, events)
         self._served(call, up, outcome, opened.status, attempts, t0, error)

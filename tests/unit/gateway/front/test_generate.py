@@ -14,11 +14,13 @@ import pytest
 from aiohttp import web
 
 from gateway.front.access_log import AccessLog
+from gateway.front.auth import Authenticator
 from gateway.front.generate import GenerateFront, check_generate_body, split_generate_path
 from gateway.front.http_adapter import HttpLimits
 from gateway.front.pipeline import PipelineSettings
 from gateway.front.request_checks import RequestError
 from gateway.upstream.http_stream import HttpStreamClient
+from tests.auth_keys import make_key
 from tests.unit.gateway.routing.test_forwarder import Region, wait_until
 
 EVENT = b'data: {"model_name":"m","model_version":"1","text_output":"%d"}\n\n'
@@ -82,11 +84,11 @@ async def one_then_silent(replica, request):
 
 
 class World:
-    def __init__(self, replicas: list[Replica]) -> None:
+    def __init__(self, replicas: list[Replica], auth: Authenticator | None = None) -> None:
         self.replicas = replicas
         self.region = Region({r.url: ["unused"] for r in replicas}, "max_attempts = 3")
         cfg = self.region.cfg
-        self.front = GenerateFront(PipelineSettings.from_config(cfg, "r1"), auth=None, models=_AllKnown(),
+        self.front = GenerateFront(PipelineSettings.from_config(cfg, "r1"), auth=auth, models=_AllKnown(),
                                    forwarder=self.region.forwarder, metrics=self.region.metrics,
                                    load=self.region.load, access_log=AccessLog(enabled=False),
                                    client=HttpStreamClient(), limits=HttpLimits(cfg))
@@ -127,9 +129,9 @@ class _AllKnown:
 async def world_of():
     worlds: list[World] = []
 
-    async def make(*behaviours) -> World:
+    async def make(*behaviours, auth: Authenticator | None = None) -> World:
         replicas = [await Replica(b).start() for b in behaviours]
-        w = await World(replicas).start()
+        w = await World(replicas, auth).start()
         worlds.append(w)
         return w
 
@@ -178,6 +180,26 @@ async def test_a_client_leaving_while_the_replica_is_silent_closes_the_replicas_
     assert time.monotonic() - t0 < 5.0
     await wait_until(lambda: w.region.counter("geogate_requests_total", outcome="cancelled") == 1)
     w.region.assert_whole()
+
+
+async def test_api_keys_and_request_rules_are_checked_before_any_replica_is_asked(world_of):
+    key, entry = make_key("team-a", models=["m"])
+    w = await world_of(three_events, auth=Authenticator(table={"keys": [entry]}))
+    url = w.base + "/v2/models/m/generate_stream"
+    async with aiohttp.ClientSession() as s:
+        for headers, body, status, words in (
+                ({}, b'{"text_input": "x"}', 401, "missing API key"),
+                ({"x-api-key": key}, b"[1]", 400, "JSON object"),
+                ({"x-api-key": key, "geogate-timeout-ms": "-5"}, b"{}", 400, "geogate-timeout-ms"),
+                ({"x-api-key": key}, b"{}", 200, "")):
+            async with s.post(url, data=body, headers=headers) as resp:
+                text = await resp.text()
+                assert resp.status == status, text
+                assert words in text
+        async with s.post(w.base + "/v2/models/other/generate", data=b"{}", headers={"x-api-key": key}) as resp:
+            assert resp.status == 403 and resp.headers["geogate-attempts"] == "0"
+    assert w.replicas[0].requests == 1  # only the good request reached it
+    assert w.region.counter("geogate_rejected_requests_total", status="400") == 2
 
 
 def test_generate_paths_and_bodies():
