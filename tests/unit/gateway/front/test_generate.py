@@ -23,6 +23,7 @@ from gateway.upstream.http_stream import HttpStreamClient
 from tests.auth_keys import make_key
 from tests.unit.gateway.routing.test_forwarder import Region, wait_until
 
+PER_TRY_MS = 300  # time to the first byte each replica is given
 EVENT = b'data: {"model_name":"m","model_version":"1","text_output":"%d"}\n\n'
 
 
@@ -39,6 +40,7 @@ class Replica:
     async def start(self) -> Replica:
         app = web.Application()
         app.router.add_post("/v2/models/m/generate_stream", self.handle)
+        app.router.add_post("/v2/models/m/generate", self.handle)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -66,6 +68,13 @@ async def three_events(replica, request):
     return resp
 
 
+async def hangs(replica, request):
+    """Never answers: the gateway's per-try timeout (or deadline) ends the attempt and closes
+    the connection."""
+    await wait_until(lambda: request.transport is None or request.transport.is_closing())
+    raise asyncio.CancelledError
+
+
 async def busy(replica, request):
     return web.json_response({"error": "busy"}, status=503)
 
@@ -86,7 +95,8 @@ async def one_then_silent(replica, request):
 class World:
     def __init__(self, replicas: list[Replica], auth: Authenticator | None = None) -> None:
         self.replicas = replicas
-        self.region = Region({r.url: ["unused"] for r in replicas}, "max_attempts = 3")
+        self.region = Region({r.url: ["unused"] for r in replicas},
+                             f"max_attempts = 3\nper_try_timeout_ms = {PER_TRY_MS}")
         cfg = self.region.cfg
         self.front = GenerateFront(PipelineSettings.from_config(cfg, "r1"), auth=auth, models=_AllKnown(),
                                    forwarder=self.region.forwarder, metrics=self.region.metrics,
@@ -151,6 +161,26 @@ async def test_a_replica_failing_before_the_first_byte_is_retried_on_another(wor
                 assert await resp.read() == b"".join(EVENT % i for i in range(3))
     assert w.replicas[0].requests >= 1  # it was tried, and its 503 retried
     w.region.assert_whole()
+
+
+async def test_a_replica_silent_past_the_per_try_timeout_is_retried_and_the_deadline_holds(world_of):
+    w = await world_of(hangs, three_events)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(w.base + "/v2/models/m/generate", data=b"{}") as resp:
+                assert resp.status == 200 and resp.headers["geogate-replica"] == w.replicas[1].url
+    assert w.replicas[0].requests >= 1
+    w.region.assert_whole()
+    # the client's deadline shorter than one try: a silent replica means a 504 in time
+    alone = await world_of(hangs)
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        async with s.post(alone.base + "/v2/models/m/generate_stream", data=b"{}",
+                          headers={"geogate-timeout-ms": "100"}) as resp:
+            assert resp.status == 504 and "deadline of 100 ms" in (await resp.json())["error"]
+        assert time.monotonic() - t0 < PER_TRY_MS / 1000
+    await wait_until(lambda: alone.region.counter("geogate_requests_total", outcome="deadline_client") == 1)
+    alone.region.assert_whole()
 
 
 async def test_a_replica_breaking_the_stream_after_the_first_byte_ends_the_clients_stream(world_of):
