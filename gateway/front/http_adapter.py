@@ -46,6 +46,7 @@ from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.types import PROTOCOL_HTTP, InferCall
 
 if TYPE_CHECKING:
+    from gateway.front.generate import GenerateFront
     from gateway.server.region_state import RegionState
 
 log = logging.getLogger("geogate.gateway.http")
@@ -56,7 +57,7 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/regi
 LINGERING_MAX_S = 2.0  # aiohttp's default (10 s) would let a slow sender hold a refused connection
 # Paths of the client API with their methods: any other method on them is 405, not 404.
 KNOWN_PATHS = (
-    (re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer"), "POST"),
+    (re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/(infer|generate|generate_stream)"), "POST"),
     (re.compile(r"/v2(/health/(live|ready)|/models/stats|/models/[^/]+(/versions/[^/]+)?(/ready|/config|/stats)?)?"),
      "GET, HEAD"),
     (re.compile(r"/geogate/v1/region"), "GET, HEAD"),
@@ -202,8 +203,10 @@ def http_answer(answer: InferAnswer) -> web.Response:
 
 class HttpFront:
     def __init__(self, cfg: Config, *, pipeline: InferencePipeline, queries: ModelQueries, state: RegionState,
-                 auth: Authenticator | None, region_summary: Callable[[], dict]) -> None:
+                 auth: Authenticator | None, region_summary: Callable[[], dict],
+                 generate: GenerateFront | None = None) -> None:
         self.pipeline = pipeline
+        self.generate = generate  # Triton's generate extension (gateway.front.generate); None: not served
         self.queries = queries
         self.state = state  # readiness, draining
         self.auth = auth  # None: no client authentication ([auth] keys_file not set)
@@ -236,6 +239,10 @@ class HttpFront:
         r = app.router
         r.add_post("/v2/models/{model}/infer", self.infer)
         r.add_post("/v2/models/{model}/versions/{version}/infer", self.infer)
+        if self.generate is not None:
+            for tail in ("generate", "generate_stream"):
+                r.add_post(f"/v2/models/{{model}}/{tail}", self.generate_route)
+                r.add_post(f"/v2/models/{{model}}/versions/{{version}}/{tail}", self.generate_route)
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
         r.add_get("/v2", self.server_metadata)
@@ -275,6 +282,7 @@ class HttpFront:
         proxied request; the infer URL is simple enough to split by hand.)"""
         app_handle = runner.server.request_handler  # the Application's own _handle
         guards, state, pipeline, limits = self.guards, self.state, self.pipeline, self.infer_limits
+        generate = self.generate
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             guard = guards.get(request.transport)
@@ -283,6 +291,11 @@ class HttpFront:
                     if "Expect" in request.headers:  # curl / perf_analyzer wait for this
                         await _continue(request)
                     resp = http_answer(await pipeline.infer(HttpInferRequest(request, target[0], target[1], limits)))
+                elif generate is not None and request.method == "POST" and \
+                        (gen := generate.target(request.path)) is not None:
+                    if "Expect" in request.headers:
+                        await _continue(request)
+                    resp = await generate.handle(request, *gen)
                 elif self.auth is None or request.path in OPEN_PATHS or \
                         (self.open_metadata and request.path.startswith("/v2")):
                     resp = await app_handle(request)
@@ -313,6 +326,13 @@ class HttpFront:
             return await app_handle(request)
         finally:
             decision.release()
+
+    async def generate_route(self, request: web.Request) -> web.StreamResponse:
+        """generate / generate_stream through the router (the fast path goes to it directly)."""
+        assert self.generate is not None
+        mi = request.match_info
+        return await self.generate.handle(request, mi["model"], mi.get("version"),
+                                          request.path.endswith("_stream"))
 
     async def infer(self, request: web.Request) -> web.Response:
         mi = request.match_info

@@ -236,7 +236,7 @@ class Forwarder:
 
     # ------------------------------------------------------------------ the loop
 
-    def _admit(self, call: InferCall) -> tuple[Reply | None, str, str]:
+    def admit(self, call: InferCall) -> tuple[Reply | None, str, str]:
         """(refusal or None, peer region to try first or "", why) for one request."""
         guard = self.overload
         # From a peer gateway: the API key (if any) is the peer's, so only a class the peer sent
@@ -257,7 +257,7 @@ class Forwarder:
     async def forward(self, call: InferCall) -> ForwardResult:
         spill_to = spill_why = ""
         if self.overload is not None:
-            refused, spill_to, spill_why = self._admit(call)
+            refused, spill_to, spill_why = self.admit(call)
             if refused is not None:
                 return ForwardResult(refused, 0, None)
         self.budget.record_request()

@@ -27,12 +27,14 @@ from gateway.front.access_log import AccessLog
 from gateway.front.admin_auth import AdminCredentials, admin_credentials_from_config
 from gateway.front.api_keys import KeysFileError
 from gateway.front.auth import Authenticator
+from gateway.front.generate import GenerateFront
 from gateway.front.grpc_adapter import GrpcFront
-from gateway.front.http_adapter import HttpFront
+from gateway.front.http_adapter import HttpFront, HttpLimits
 from gateway.front.pipeline import InferencePipeline, ModelQueries, PipelineSettings
 from gateway.front.stream_relay import StreamServices, StreamSettings
 from gateway.server.metrics import GatewayMetrics
 from gateway.server.region_state import RegionState
+from gateway.upstream.http_stream import HttpStreamClient
 from replicas.releases.resolver import VersionResolver, resolver_for_gateway
 
 log = logging.getLogger("geogate.gateway")
@@ -51,6 +53,7 @@ class Worker:
     state: RegionState
     pipeline: InferencePipeline
     http_front: HttpFront
+    generate: GenerateFront
     grpc_front: GrpcFront
     admin: AdminListener
     server_tls: ServerTls | None
@@ -90,21 +93,26 @@ def build_worker(cfg: Config, region: RegionSection, *, worker: int = 0, workers
     access_log = AccessLog.from_config(cfg.gateway, base_dir=cfg.base_dir, worker=worker, workers=workers)
     state = RegionState(cfg, region, metrics=metrics, access_log=access_log, resolver=make_resolver(cfg, region),
                         links=links, worker=worker, workers=workers)
-    pipeline = InferencePipeline(PipelineSettings.from_config(cfg, region.name), auth=auth, models=state,
+    settings = PipelineSettings.from_config(cfg, region.name)
+    pipeline = InferencePipeline(settings, auth=auth, models=state,
                                  catalog=state.catalog, forwarder=state.forwarder, metrics=metrics, load=state.load,
                                  access_log=access_log)
     queries = ModelQueries(models=state, catalog=state.catalog, pools=state.pools)
     admin = AdminListener(readiness=state.readiness, region_summary=lambda: region_summary(state),
                           exposition=metrics.exposition, credentials=admin_credentials,
                           open_metrics=cfg.admin.open_metrics)
+    generate = GenerateFront(settings, auth=auth, models=state, forwarder=state.forwarder, metrics=metrics,
+                             load=state.load, access_log=access_log, client=HttpStreamClient(tls=links.upstream),
+                             limits=HttpLimits(cfg))
     http_front = HttpFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth,
-                           region_summary=admin.public_summary)
+                           region_summary=admin.public_summary, generate=generate)
     streams = StreamServices(StreamSettings(region=region.name, max_elements=cfg.limits.max_tensor_elements,
                                             max_attempts=cfg.gateway.max_attempts),
                              auth=auth, models=state, catalog=state.catalog, pools=state.pools,
                              overload=state.overload, metrics=metrics)
     grpc_front = GrpcFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth, streams=streams)
-    return Worker(cfg, region, state, pipeline, http_front, grpc_front, admin, server_tls, auth, admin_credentials)
+    return Worker(cfg, region, state, pipeline, http_front, generate, grpc_front, admin, server_tls, auth,
+                  admin_credentials)
 
 
 def build_admin_app(w: Worker) -> web.Application:

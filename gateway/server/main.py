@@ -130,6 +130,7 @@ async def serve(cfg, region, *, worker: int = 0, workers: int = 1) -> int:
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
+    await w.generate.close()
     await state.close()
     log.info(report.describe(worker))
     return 0

@@ -85,18 +85,19 @@ class GatewayMetrics:
         self.peer_healthy = Gauge(
             "geogate_peer_region_healthy", "1 if this gateway sees the peer region's gateway as able to serve",
             ["region", "peer"], registry=r, multiprocess_mode="livemax")
-        # gRPC ModelStreamInfer (gateway.front.stream_relay)
+        # Streams: gRPC ModelStreamInfer (gateway.front.stream_relay), HTTP generate_stream
+        # (gateway.front.generate)
         self.streams_open = Gauge(
             "geogate_streams_open", "Client ModelStreamInfer streams open", ["region"], registry=r,
             multiprocess_mode="livesum")
-        self.stream_responses = Counter(
-            "geogate_stream_responses_relayed", "Responses relayed to clients on ModelStreamInfer streams",
-            ["region"], registry=r)
+        self.stream_relayed = Counter(
+            "geogate_stream_responses_relayed", "Responses relayed to clients on streams (ModelStreamInfer "
+            "responses, generate_stream events)", ["region", "protocol"], registry=r)
         self.stream_refusals = Counter(
             "geogate_stream_requests_refused", "Requests on ModelStreamInfer streams answered with an error "
             "by the gateway (refused, or their replica failed mid-answer)", ["region", "reason"], registry=r)
         self._streams_open = self.streams_open.labels(region)
-        self._stream_responses = self.stream_responses.labels(region)
+        self._grpc_stream_responses = self.stream_relayed.labels(region, "grpc")
         self._req: dict[tuple, object] = {}
         self._lat: dict[tuple, object] = {}
         self._att: dict[tuple, object] = {}
@@ -139,7 +140,13 @@ class GatewayMetrics:
             self._inflight[protocol].inc(delta)
 
     def stream_response(self) -> None:
-        self._stream_responses.inc()
+        """One ModelStreamInfer response relayed (hot path: a bound child)."""
+        self._grpc_stream_responses.inc()
+
+    def stream_responses(self, protocol: str, count: int) -> None:
+        """`count` responses relayed on one stream (added once, when the stream ends)."""
+        if count:
+            self.stream_relayed.labels(self.region, protocol).inc(count)
 
     # ------------------------------------------------------------------ rare events
 

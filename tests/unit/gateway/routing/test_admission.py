@@ -277,26 +277,26 @@ def test_forwarder_admission_step():
     def call(priority="", hops=0, key=None):
         return InferCall("http", "demo", None, None, "rid", 1e9, hops=hops, priority=priority, key_priority=key)
 
-    refused, _, _ = Forwarder._admit(fwd, call("urgent"))
+    refused, _, _ = Forwarder.admit(fwd, call("urgent"))
     assert refused.http_status == 400 and refused.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown priority 'urgent'" in refused.message
     _load(guard, tracker, clock, url, 6)  # overloaded, spilling to us-east
-    refused, peer, _ = Forwarder._admit(fwd, call("sheddable"))
+    refused, peer, _ = Forwarder.admit(fwd, call("sheddable"))
     assert (refused.http_status, refused.grpc_code) == (429, grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert refused.retry_after_s == 1
     assert "sheddable request refused" in refused.message
     c = call("critical")
-    refused, peer, why = Forwarder._admit(fwd, c)
+    refused, peer, why = Forwarder.admit(fwd, c)
     assert refused is None and peer == "us-east" and "us-east" in why
     assert c.priority == "critical"  # the class a peer would be told
     # an API key capped at standard cannot send critical
     c = call("critical", key="standard")
-    Forwarder._admit(fwd, c)
+    Forwarder.admit(fwd, c)
     assert c.priority == "standard"
     # from a peer without a class: admitted as the peer decided, never sent on
-    assert Forwarder._admit(fwd, call("", hops=1, key="sheddable")) == (None, "", "")
+    assert Forwarder.admit(fwd, call("", hops=1, key="sheddable")) == (None, "", "")
     # ... with one: judged here, but never spilled again
-    refused, peer, _ = Forwarder._admit(fwd, call("critical", hops=1))
+    refused, peer, _ = Forwarder.admit(fwd, call("critical", hops=1))
     assert refused is None and peer == ""
 
     local, a, b = Target(TARGET_LOCAL, "eu-west"), Target(TARGET_PEER, "us-east"), Target(TARGET_PEER, "ap-south")
