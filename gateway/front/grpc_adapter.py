@@ -43,6 +43,7 @@ from gateway.front.pipeline import (
     ModelQueries,
 )
 from gateway.front.request_checks import RequestError, check_grpc
+from gateway.routing.sequences import sequence_from_grpc
 from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.proto_peek import InferRequestPeek, ProtoError, peek_infer_request
 from gateway.upstream.types import PROTOCOL_GRPC, InferCall
@@ -111,7 +112,8 @@ class GrpcInferRequest:
     def call(self, model: str, requested: str | None, version: str | None, request_id: str, deadline: dl.Deadline,
              hops: int, started_s: float) -> InferCall:
         return InferCall(PROTOCOL_GRPC, model, requested, version, request_id, deadline.at_s, hops=hops,
-                         client_deadline=deadline.client, started_s=started_s, raw=self.raw, peek=self.peek)
+                         client_deadline=deadline.client, started_s=started_s, raw=self.raw, peek=self.peek,
+                         sequence=sequence_from_grpc(self.peek))
 
     def client_ip(self) -> str:
         return grpc_peer_ip(self.context.peer())
