@@ -1,0 +1,205 @@
+"""Sequences (stateful models) through the gateway with 2 and 3 real Tritons running a
+sequence-batcher accumulator (tests/triton_models/sequence_accumulator.py: uint64 and string
+sequence ids): 8 concurrent sequence clients over HTTP and gRPC get the answers of a
+single-server run; a Triton killed mid-sequence loses exactly its sequences (a clear 503 /
+UNAVAILABLE), the others go on untouched, and a new START of a lost sequence succeeds."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from gateway.routing.sequences import rank
+from tests.e2e.test_triton_gateway import TritonGatewayProc, all_healthy, both_urls, wait_for
+from tests.procs import TritonProc
+from tests.triton_models.sequence_accumulator import INT_MODEL, STRING_MODEL, write_accumulators
+
+STEPS = 8
+CLIENTS = 8
+
+
+class SeqClient:
+    """One sequence's client (tritonclient HTTP or gRPC) at one address."""
+
+    def __init__(self, protocol: str, address: str, model: str, seq_id: int | str) -> None:
+        self.protocol, self.model, self.seq_id = protocol, model, seq_id
+        self.mod = httpclient if protocol == "http" else grpcclient
+        self.client = self.mod.InferenceServerClient(address)
+
+    def step(self, value: int, *, start: bool = False, end: bool = False) -> int:
+        inp = self.mod.InferInput("INPUT", [1, 1], "INT32")
+        inp.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+        inputs = [inp]
+        if self.model == STRING_MODEL:
+            key = self.mod.InferInput("KEY", [1, 1], "BYTES")
+            key.set_data_from_numpy(np.array([[str(self.seq_id).encode()]], dtype=object))
+            inputs.append(key)
+        res = self.client.infer(self.model, inputs, sequence_id=self.seq_id, sequence_start=start,
+                                sequence_end=end)
+        return int(res.as_numpy("OUTPUT").reshape(-1)[0])
+
+    def run(self, values: list[int], barrier: threading.Barrier | None = None) -> list[int]:
+        out = []
+        for i, v in enumerate(values):
+            if barrier is not None:
+                barrier.wait(timeout=60)  # every client's step i before anyone's step i + 1
+            out.append(self.step(v, start=i == 0, end=i == len(values) - 1))
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def sequences() -> list[tuple[str, str, int | str]]:
+    """CLIENTS sequences: both protocols, both id kinds (one uint64 id above 2**63 over HTTP;
+    tritonclient's gRPC client sends ids as int64)."""
+    out: list[tuple[str, str, int | str]] = []
+    for i in range(CLIENTS // 4):
+        out += [("http", INT_MODEL, 2**63 + 11 + i if i == 0 else 100 + i), ("grpc", INT_MODEL, 200 + i),
+                ("http", STRING_MODEL, f"http-seq-{i}"), ("grpc", STRING_MODEL, f"grpc-seq-{i}")]
+    return out
+
+
+def metric_total(gw: TritonGatewayProc, name: str) -> float:
+    with urllib.request.urlopen(f"http://{gw.admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def address(proto: str, gw: TritonGatewayProc) -> str:
+    return gw.http if proto == "http" else gw.grpc
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    path = tmp_path / "repo"
+    write_accumulators(path)
+    return path
+
+
+def start_world(procs: list, tmp_path: Path, repo: Path, n: int) -> tuple[list[TritonProc], TritonGatewayProc]:
+    tritons = [TritonProc(str(repo), load=(INT_MODEL, STRING_MODEL)) for _ in range(n)]
+    procs.extend(tritons)
+    for t in tritons:
+        t.wait_ready()
+    gw = TritonGatewayProc(tmp_path, both_urls(tritons))
+    procs.append(gw)
+    gw.wait_ready()
+    wait_for(lambda: all_healthy(gw, 2 * n), f"all {2 * n} Triton upstreams healthy", procs=[gw])
+    return tritons, gw
+
+
+def single_server_answers(triton: TritonProc, plan: list[tuple[str, str, int | str, list[int]]]) -> list[list[int]]:
+    answers = []
+    for proto, model, sid, values in plan:
+        c = SeqClient(proto, triton.http_url if proto == "http" else triton.grpc_url, model, sid)
+        try:
+            answers.append(c.run(values))
+        finally:
+            c.close()
+    return answers
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_concurrent_sequences_match_a_single_server_run(procs, tmp_path, repo, n):
+    tritons, gw = start_world(procs, tmp_path, repo, n)
+    rng = np.random.default_rng(n)
+    plan = [(p, m, sid, [int(v) for v in rng.integers(1, 100, STEPS)]) for p, m, sid in sequences()]
+    expected = single_server_answers(tritons[-1], plan)
+    assert expected == [list(np.cumsum(values)) for *_, values in plan]
+    barrier = threading.Barrier(len(plan))
+    clients = [SeqClient(p, address(p, gw), m, sid) for p, m, sid, _ in plan]
+    try:
+        with ThreadPoolExecutor(len(plan)) as pool:
+            got = list(pool.map(lambda cv: cv[0].run(cv[1], barrier), zip(clients, [v for *_, v in plan], strict=True)))
+    finally:
+        for c in clients:
+            c.close()
+    assert got == expected
+    assert metric_total(gw, "geogate_sequences_pinned_total") == len(plan)
+    assert metric_total(gw, "geogate_sequences_lost_total") == 0
+
+
+def holder(proto: str, model: str, sid: int | str, tritons: list[TritonProc]) -> TritonProc:
+    """The Triton the gateway places the sequence on (the same rendezvous ranking it uses)."""
+    urls = {f"http://{t.http_url}" if proto == "http" else f"grpc://{t.grpc_url}": t for t in tritons}
+    members = [SimpleNamespace(url=u, state=SimpleNamespace(weight=1)) for u in urls]
+    return urls[rank(model, sid, members)[0].url]
+
+
+def lost_error(exc: InferenceServerException, proto: str) -> bool:
+    text = str(exc)
+    status = "503" if proto == "http" else "UNAVAILABLE"
+    return status in str(exc.status()) and "lost: replica" in text and "restart the sequence" in text
+
+
+def test_killed_replica_loses_only_its_sequences_and_a_new_start_succeeds(procs, tmp_path, repo):
+    tritons, gw = start_world(procs, tmp_path, repo, 3)
+    victim = tritons[0]
+    # Per protocol and id kind: one sequence on the victim, one elsewhere.
+    plan: list[tuple[str, str, int | str]] = []
+    for proto in ("http", "grpc"):
+        for model in (INT_MODEL, STRING_MODEL):
+            # Correlation ids are per model, whatever the protocol: no id used twice.
+            ids = ((i if proto == "http" else 1000 + i) if model == INT_MODEL else f"{proto}-k-{i}"
+                   for i in range(1, 1000))
+            on, off = None, None
+            for sid in ids:
+                on_victim = holder(proto, model, sid, tritons) is victim
+                if on_victim and on is None:
+                    on = sid
+                elif not on_victim and off is None:
+                    off = sid
+                if on is not None and off is not None:
+                    break
+            plan += [(proto, model, on), (proto, model, off)]
+    doomed = [holder(p, m, sid, tritons) is victim for p, m, sid in plan]
+    # Every client lives in one thread (tritonclient's HTTP client is bound to its thread); the
+    # barriers' actions run once all clients are there.
+    killed = threading.Barrier(len(plan), action=victim.kill)  # SIGKILL mid-sequence
+    noticed = threading.Barrier(len(plan), action=lambda: wait_for(
+        lambda: all_healthy(gw, 4), "the dead Triton's upstreams marked unhealthy", procs=[gw]))
+
+    def scenario(spec: tuple[str, str, int | str], dead: bool):
+        proto, model, sid = spec
+        c = SeqClient(proto, address(proto, gw), model, sid)
+        try:
+            before = [c.step(1, start=True), c.step(2), c.step(3)]
+            killed.wait(timeout=60)
+            try:
+                after: int | InferenceServerException = c.step(4)
+            except InferenceServerException as exc:
+                after = exc
+            end = None if dead else c.step(5, end=True)
+            noticed.wait(timeout=60)
+            # A lost sequence started again lands on a live Triton and runs to its end.
+            again = [c.step(7, start=True), c.step(1), c.step(2, end=True)] if dead else None
+            return before, after, end, again
+        except BaseException:
+            killed.abort()  # the other clients stop waiting: this one failed
+            noticed.abort()
+            raise
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(len(plan)) as pool:
+        results = list(pool.map(scenario, plan, doomed))
+    for (proto, model, sid), dead, (before, after, end, again) in zip(plan, doomed, results, strict=True):
+        assert before == [1, 3, 6]
+        if dead:
+            assert isinstance(after, InferenceServerException) and lost_error(after, proto), (proto, sid, after)
+            assert f"sequence {sid} of model {model} lost" in str(after)
+            assert again == [7, 8, 10]
+        else:
+            assert (after, end) == (10, 15), (proto, model, sid)  # untouched: 1 + 2 + 3 + 4 (+ 5)
+    assert sum(doomed) == 4
+    assert metric_total(gw, "geogate_sequences_lost_total") == sum(doomed)
