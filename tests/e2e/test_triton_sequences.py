@@ -49,10 +49,15 @@ class SeqClient:
 
     def run(self, values: list[int], barrier: threading.Barrier | None = None) -> list[int]:
         out = []
-        for i, v in enumerate(values):
+        try:
+            for i, v in enumerate(values):
+                if barrier is not None:
+                    barrier.wait(timeout=60)  # every client's step i before anyone's step i + 1
+                out.append(self.step(v, start=i == 0, end=i == len(values) - 1))
+        except BaseException:
             if barrier is not None:
-                barrier.wait(timeout=60)  # every client's step i before anyone's step i + 1
-            out.append(self.step(v, start=i == 0, end=i == len(values) - 1))
+                barrier.abort()  # the others stop waiting for this one
+            raise
         return out
 
     def close(self) -> None:
