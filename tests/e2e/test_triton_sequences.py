@@ -6,20 +6,24 @@ UNAVAILABLE), the others go on untouched, and a new START of a lost sequence suc
 
 from __future__ import annotations
 
+import json
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.routing.sequences import rank
 from tests.e2e.test_triton_gateway import TritonGatewayProc, all_healthy, both_urls, wait_for
+from tests.gateway_procs import http_call
 from tests.procs import TritonProc
 from tests.triton_models.sequence_accumulator import INT_MODEL, STRING_MODEL, write_accumulators
 
@@ -132,6 +136,28 @@ def test_concurrent_sequences_match_a_single_server_run(procs, tmp_path, repo, n
     assert got == expected
     assert metric_total(gw, "geogate_sequences_pinned_total") == len(plan)
     assert metric_total(gw, "geogate_sequences_lost_total") == 0
+    assert_bad_parameters_refused(gw)
+
+
+def assert_bad_parameters_refused(gw: TritonGatewayProc) -> None:
+    """Malformed sequence parameters: 400 / INVALID_ARGUMENT from the gateway, with the reason."""
+    tensor = {"name": "INPUT", "datatype": "INT32", "shape": [1, 1], "data": [1]}
+    for params, word in (({"sequence_id": 5, "sequence_start": "yes"}, "sequence_start"),
+                         ({"sequence_id": 1.5}, "sequence_id")):
+        body = json.dumps({"inputs": [tensor], "parameters": params}).encode()
+        status, _, answer = http_call(f"http://{gw.http}/v2/models/{INT_MODEL}/infer", body,
+                                      {"Content-Type": "application/json"})
+        assert status == 400 and word in json.loads(answer)["error"], answer
+    req = service_pb2.ModelInferRequest(model_name=INT_MODEL)
+    inp = req.inputs.add(name="INPUT", datatype="INT32", shape=[1, 1])
+    inp.contents.int_contents.append(1)
+    req.parameters["sequence_id"].int64_param = 5
+    req.parameters["sequence_start"].int64_param = 1
+    with grpc.insecure_channel(gw.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'sequence_start' must be a bool" in info.value.details()
 
 
 def holder(proto: str, model: str, sid: int | str, tritons: list[TritonProc]) -> TritonProc:
