@@ -23,8 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.routing.sequences import rank
 from tests.e2e.test_triton_gateway import TritonGatewayProc, all_healthy, both_urls, wait_for
-from tests.gateway_procs import http_call
-from tests.procs import TritonProc
+from tests.gateway_procs import FAST_HEALTH, RegionGatewayProc, get_json, http_call, one_region_toml
+from tests.procs import GEOGATE, TritonProc, free_port
 from tests.triton_models.sequence_accumulator import INT_MODEL, STRING_MODEL, write_accumulators
 
 STEPS = 8
@@ -158,6 +158,59 @@ def assert_bad_parameters_refused(gw: TritonGatewayProc) -> None:
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'sequence_start' must be a bool" in info.value.details()
+
+
+class TritonWorkersGatewayProc(RegionGatewayProc):
+    """`geogate gateway --workers N` over a ``kind = "triton"`` pool."""
+
+    def __init__(self, tmp_path: Path, replicas: list[str], workers: int) -> None:
+        self.http_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
+        members = f"replicas = {json.dumps(replicas)}"
+        self.config_path = tmp_path / f"gw-workers-{self.http_port}.toml"
+        self.config_path.write_text(f"""[deployment]
+name = "triton-workers"
+{FAST_HEALTH}
+{one_region_toml(self, pool="tri", kind="triton", members=members)}""")
+        super().__init__([*GEOGATE, "gateway", "--config", str(self.config_path), "--region", "r1",
+                          "--workers", str(workers)], name=f"gw-workers-{self.http_port}")
+
+
+def test_two_gateway_workers_agree_on_every_sequence(procs, tmp_path, repo):
+    """Each step on a fresh connection, so on either worker: the hash alone keeps every
+    sequence on its Triton (the workers share no memory)."""
+    tritons = [TritonProc(str(repo), load=(INT_MODEL, STRING_MODEL)) for _ in range(2)]
+    procs.extend(tritons)
+    for t in tritons:
+        t.wait_ready()
+    gw = TritonWorkersGatewayProc(tmp_path, both_urls(tritons), workers=2)
+    procs.append(gw)
+    gw.wait_ready()
+    ready: set = set()  # workers seen answering with both Tritons healthy (each probes on its own)
+
+    def every_worker_sees_both() -> bool:
+        region = get_json(f"http://{gw.http}/geogate/v1/region")  # a new connection: either worker
+        if region["replicas"]["healthy"] == 4:
+            ready.add(region["worker"])
+        return len(ready) == 2
+
+    wait_for(every_worker_sees_both, "both workers answering, each with all 4 upstreams healthy", procs=[gw])
+    plan = [(p, m, sid, [3, 1, 4, 1, 5, 9]) for p, m, sid in sequences()]
+
+    def run(spec) -> list[int]:
+        proto, model, sid, values = spec
+        out = []
+        for i, v in enumerate(values):
+            c = SeqClient(proto, address(proto, gw), model, sid)  # a new connection per step
+            try:
+                out.append(c.step(v, start=i == 0, end=i == len(values) - 1))
+            finally:
+                c.close()
+        return out
+
+    with ThreadPoolExecutor(len(plan)) as pool:
+        got = list(pool.map(run, plan))
+    assert got == [[3, 4, 8, 9, 14, 23]] * len(plan)
+    assert metric_total(gw, "geogate_sequences_pinned_total") == len(plan)
 
 
 def holder(proto: str, model: str, sid: int | str, tritons: list[TritonProc]) -> TritonProc:
