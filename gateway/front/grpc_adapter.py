@@ -42,6 +42,7 @@ from gateway.front.pipeline import (
 )
 from gateway.front.request_checks import RequestError, check_grpc
 from gateway.front.stream_relay import StreamRelay, StreamServices
+from gateway.routing.sequences import sequence_from_grpc
 from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.proto_peek import InferRequestPeek, ProtoError, peek_infer_request
 from gateway.upstream.types import PROTOCOL_GRPC, InferCall
@@ -110,7 +111,8 @@ class GrpcInferRequest:
     def call(self, model: str, requested: str | None, version: str | None, request_id: str, deadline: dl.Deadline,
              hops: int, started_s: float) -> InferCall:
         return InferCall(PROTOCOL_GRPC, model, requested, version, request_id, deadline.at_s, hops=hops,
-                         client_deadline=deadline.client, started_s=started_s, raw=self.raw, peek=self.peek)
+                         client_deadline=deadline.client, started_s=started_s, raw=self.raw, peek=self.peek,
+                         sequence=sequence_from_grpc(self.peek))
 
     def client_ip(self) -> str:
         return grpc_peer_ip(self.context.peer())

@@ -42,6 +42,7 @@ from gateway.front.pipeline import (
 )
 from gateway.front.request_checks import RequestError, ValidatedHeaders, check_coding
 from gateway.front.slow_clients import GuardedSockSite, GuardLimits, ListenerLog, sweep_slow_clients
+from gateway.routing.sequences import sequence_from_http
 from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.types import PROTOCOL_HTTP, InferCall
 
@@ -166,7 +167,8 @@ class HttpInferRequest:
         return InferCall(PROTOCOL_HTTP, model, requested, version, request_id, deadline.at_s, hops=hops,
                          client_deadline=deadline.client, started_s=started_s, body=self.body, header=self.header,
                          header_len=headers.get(HEADER_LENGTH), content_encoding=headers.get("Content-Encoding"),
-                         accept_encoding=headers.get("Accept-Encoding"))
+                         accept_encoding=headers.get("Accept-Encoding"),
+                         sequence=sequence_from_http(self.header.get("parameters") if self.header else None))
 
     def client_ip(self) -> str:
         return self.request.remote or ""

@@ -36,6 +36,7 @@ from gateway.front.auth import Authenticator
 from gateway.front.request_checks import RequestError, check_grpc
 from gateway.routing.admission import PriorityError
 from gateway.routing.balancer import pick_p2c
+from gateway.routing.sequences import SequenceRouter, sequence_from_grpc
 from gateway.upstream.catalog import ModelCatalog
 from gateway.upstream.grpc_stream import StreamRequest, UpstreamStream, error_response
 from gateway.upstream.pool import RegionPools
@@ -65,7 +66,8 @@ class StreamServices:
     """What every client stream of a worker shares (built by the composition root)."""
 
     def __init__(self, settings: StreamSettings, *, auth: Authenticator | None, models: ModelLookup,
-                 catalog: ModelCatalog, pools: RegionPools, overload, metrics: GatewayMetrics) -> None:
+                 catalog: ModelCatalog, pools: RegionPools, overload, metrics: GatewayMetrics,
+                 sequences: SequenceRouter) -> None:
         self.settings = settings
         self.auth = auth
         self.models = models
@@ -73,6 +75,7 @@ class StreamServices:
         self.pools = pools
         self.overload = overload  # gateway.routing.admission.OverloadGuard or None
         self.metrics = metrics
+        self.sequences = sequences  # requests of sequences go where their sequence lives
         self.rng = random.Random()
         self._decoupled: dict[tuple[str, str], bool] = {}
 
@@ -149,6 +152,9 @@ class StreamRelay:
         bad = model_ref_problem(model, requested)
         if bad:
             return await self._refuse(bad, model, rid)
+        seq = sequence_from_grpc(peek)
+        if seq is not None and seq.error:
+            return await self._refuse(seq.error, model, rid)
         decision = None
         if s.auth is not None:
             decision = s.auth.authorize_headers(self.metadata, model)
@@ -161,7 +167,7 @@ class StreamRelay:
             version = s.models.resolve_version(model, requested)
             specs = s.catalog.fresh_specs(model, version) or await s.catalog.specs(model, version)
             check_grpc(model, peek, specs, s.settings.max_elements, raw)
-            if s.overload is not None:
+            if s.overload is not None and (seq is None or seq.start):  # a step after START is never refused
                 priority = s.overload.classify(self.metadata.get(PRIORITY_HEADER),
                                                decision.priority if decision is not None else None)
                 admitted = s.overload.check(priority, may_spill=False)
@@ -175,8 +181,20 @@ class StreamRelay:
         if version and version != peek.model_version:
             raw = with_model_version(raw, version)
         req = StreamRequest(rid, model, raw, decoupled, version=version,
-                            release=decision.release if decision is not None else None)
-        await self._route(req)
+                            release=decision.release if decision is not None else None,
+                            sequence_id=seq.id if seq is not None else None)
+        if seq is None:
+            return await self._route(req)
+        up, why = await s.sequences.place(model, version, "grpc", seq)
+        if up is None:
+            if req.release is not None:
+                req.release()
+            return await self._refuse(why, model, rid, reason="sequence-lost")
+        req.tried.append(up)
+        stream = self._stream_to(up)
+        await stream.send(req)
+        if self.client_done:
+            await stream.half_close()
 
     async def _route(self, req: StreamRequest) -> None:
         """To the cheapest routable gRPC replica it has not tried yet."""
@@ -227,6 +245,14 @@ class StreamRelay:
             self.s.pools.detector.record(up.state, outcome, up.pool.states, time.monotonic())
         log.warning("stream to replica %s ended (%s): %d requests unanswered", up.state.url, why, len(left))
         for req in left:
+            if req.sequence_id is not None:  # its state lives on that replica: never elsewhere
+                if req.release is not None:
+                    req.release()
+                self.s.metrics.stream_refused("sequence-lost")
+                await self.out.put(error_response(self.s.sequences.lost_on_stream(req.model, req.sequence_id,
+                                                                                  up.state.url, why),
+                                                  model=req.model, request_id=req.request_id))
+                continue
             if req.relayed == 0 and not client_deadline:
                 await self._route(req)  # nothing of it reached the client: another replica answers it whole
                 continue

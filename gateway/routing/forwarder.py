@@ -18,7 +18,12 @@
 
 Hedging (``hedge_after_percentile`` > 0): when an attempt has not answered after the recent
 latency at that percentile, a second attempt goes to another replica (budget permitting) and
-the first good answer wins. The deadline bounds everything: an answer never comes later than
+the first good answer wins.
+
+Sequences (a request with Triton's ``sequence_id``): gateway.routing.sequences places them on
+the replica holding the sequence, with one attempt (a START that could not connect excepted),
+no hedge, and never in another region; a START may be shed under overload but never spilled,
+later steps are admitted as critical. The deadline bounds everything: an answer never comes later than
 the client's deadline (504 / DEADLINE_EXCEEDED instead).
 
 Attribution (health.outcomes): an attempt whose limit was the CLIENT's remaining time (the
@@ -40,10 +45,11 @@ import grpc
 
 from core.config import GatewaySection
 from core.kserve import REQUEST_ID_HEADER
-from gateway.routing.admission import OUTCOME_SHED, PriorityError
+from gateway.routing.admission import CRITICAL, OUTCOME_SHED, PriorityError
 from gateway.routing.balancer import pick_p2c
 from gateway.routing.load_window import LoadWindow
 from gateway.routing.retry_budget import RetryBudget
+from gateway.routing.sequences import SequenceRouter
 from gateway.routing.targets import TARGET_PEER, Target
 from gateway.upstream.peer_links import PeerLinks
 from gateway.upstream.pool import RegionPools, Upstream
@@ -111,8 +117,10 @@ class ForwardResult:
 class Forwarder:
     def __init__(self, pools: RegionPools, gw: GatewaySection, metrics: GatewayMetrics,
                  router, load: LoadWindow, peers: PeerLinks | None = None, *,
-                 capacity=None, overload=None) -> None:
+                 capacity=None, overload=None, sequences: SequenceRouter | None = None) -> None:
         self.pools = pools
+        # Requests of sequences (stateful models) go where their sequence lives.
+        self.sequences = sequences if sequences is not None else SequenceRouter(pools, metrics)
         self.peers = peers
         # gateway.routing.capacity CapacityTracker (observe after each attempt) and gateway.routing.admission
         # OverloadGuard (check once per request); None: capacity handling is off.
@@ -254,7 +262,31 @@ class Forwarder:
             return shed_reply(d.reason, d.retry_after_s), "", ""
         return None, d.peer, d.reason
 
+    async def _forward_sequence(self, call: InferCall) -> ForwardResult:
+        """One request of a sequence: malformed parameters 400; a START admitted (never
+        spilled: a sequence stays in the region that started it), later steps admitted as
+        critical (refusing one would lose the sequence); then gateway.routing.sequences."""
+        seq = call.sequence
+        assert seq is not None
+        if seq.error:
+            return ForwardResult(Reply(Outcome.CLIENT_ERROR, 400, grpc.StatusCode.INVALID_ARGUMENT,
+                                       message=seq.error), 0, None)
+        guard = self.overload
+        if guard is not None:
+            try:
+                cls = guard.classify(call.priority, call.key_priority) if seq.start else CRITICAL
+            except PriorityError as exc:
+                return ForwardResult(Reply(Outcome.CLIENT_ERROR, 400, grpc.StatusCode.INVALID_ARGUMENT,
+                                           message=str(exc)), 0, None)
+            d = guard.check(cls, may_spill=False)
+            if d.outcome == OUTCOME_SHED:
+                return ForwardResult(shed_reply(d.reason, d.retry_after_s), 0, None)
+        reply, attempts, up = await self.sequences.route(call, self._attempt)
+        return ForwardResult(reply, attempts, up)
+
     async def forward(self, call: InferCall) -> ForwardResult:
+        if call.sequence is not None:
+            return await self._forward_sequence(call)
         spill_to = spill_why = ""
         if self.overload is not None:
             refused, spill_to, spill_why = self.admit(call)

@@ -109,7 +109,7 @@ def build_worker(cfg: Config, region: RegionSection, *, worker: int = 0, workers
     streams = StreamServices(StreamSettings(region=region.name, max_elements=cfg.limits.max_tensor_elements,
                                             max_attempts=cfg.gateway.max_attempts),
                              auth=auth, models=state, catalog=state.catalog, pools=state.pools,
-                             overload=state.overload, metrics=metrics)
+                             overload=state.overload, metrics=metrics, sequences=state.forwarder.sequences)
     grpc_front = GrpcFront(cfg, pipeline=pipeline, queries=queries, state=state, auth=auth, streams=streams)
     return Worker(cfg, region, state, pipeline, http_front, generate, grpc_front, admin, server_tls, auth,
                   admin_credentials)

@@ -76,6 +76,12 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "geogate_in_flight_requests", "Client requests being served", ["region", "protocol"],
             registry=r, multiprocess_mode="livesum")
+        self.sequences_pinned = Counter(
+            "geogate_sequences_pinned", "Sequence STARTs routed to a replica (stateful models)",
+            ["region", "model"], registry=r)
+        self.sequences_lost = Counter(
+            "geogate_sequences_lost", "Sequence requests answered 'sequence lost' (their replica is gone)",
+            ["region", "model"], registry=r)
         self.rejected = Counter(
             "geogate_rejected_requests", "Requests answered by the gateway itself with an error",
             ["region", "protocol", "status"], registry=r)
@@ -154,7 +160,7 @@ class GatewayMetrics:
         self._streams_open.inc(delta)
 
     def stream_refused(self, reason: str) -> None:
-        """reason: refused (by the gateway's checks) | no-replica | replica-failed."""
+        """reason: refused (by the gateway's checks) | no-replica | replica-failed | sequence-lost."""
         self.stream_refusals.labels(self.region, reason).inc()
 
     def cross_region_request(self, to_region: str, outcome: str) -> None:
@@ -178,6 +184,12 @@ class GatewayMetrics:
     def reject(self, protocol: str, status: str) -> None:
         self.answered[protocol] += 1
         self.rejected.labels(self.region, protocol, status).inc()
+
+    def sequence_pinned(self, model: str) -> None:
+        self.sequences_pinned.labels(self.region, model).inc()
+
+    def sequence_lost(self, model: str) -> None:
+        self.sequences_lost.labels(self.region, model).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The /metrics answer (blocking file reads in multiprocess mode: call it off the loop)."""

@@ -20,6 +20,7 @@ from core.tls import LinkTls
 from gateway.front.access_log import AccessLog
 from gateway.routing.forwarder import Forwarder
 from gateway.routing.load_window import LoadWindow
+from gateway.routing.sequences import SequenceRouter
 from gateway.routing.targets import Router
 from gateway.server.metrics import GatewayMetrics
 from gateway.upstream.catalog import ModelCatalog
@@ -67,7 +68,8 @@ class RegionState:
         self.capacity = self.capacity_control.tracker if self.capacity_control else None
         self.overload = self.capacity_control.guard if self.capacity_control else None
         self.forwarder = Forwarder(self.pools, cfg.gateway, self.metrics, self.router, self.load, self.peers,
-                                   capacity=self.capacity, overload=self.overload)
+                                   capacity=self.capacity, overload=self.overload,
+                                   sequences=SequenceRouter(self.pools, self.metrics, config_of=self.catalog.config))
         self.forwarder.on_cross_region = self._on_cross_region
         self._last_cross_event: dict[str, float] = {}
         self._ready_cache: dict[tuple[str, str], tuple[float, bool]] = {}

@@ -43,6 +43,7 @@ class StreamRequest:
     raw: bytes  # what goes upstream (the client's bytes, model_version appended if resolved)
     decoupled: bool
     version: str | None = None  # as resolved (routing needs it when the request is sent again)
+    sequence_id: int | str | None = None  # a request of a sequence: never sent to another replica
     relayed: int = 0  # responses already sent to the client
     tried: list = field(default_factory=list)  # upstreams it went to (gateway.upstream.pool.Upstream)
     release: Callable[[], None] | None = None  # frees the API key's slot when done

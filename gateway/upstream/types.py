@@ -14,6 +14,18 @@ PROTOCOL_HTTP = "http"
 PROTOCOL_GRPC = "grpc"
 
 
+@dataclass(frozen=True, slots=True)
+class SequenceParams:
+    """Triton's sequence parameters of one request (gateway.routing.sequences reads them):
+    ``sequence_id`` (an unsigned integer or a non-empty string), ``sequence_start`` and
+    ``sequence_end``; ``error`` says why they are malformed (answered 400 / INVALID_ARGUMENT)."""
+
+    id: int | str
+    start: bool = False
+    end: bool = False
+    error: str = ""
+
+
 @dataclass(slots=True)
 class InferCall:
     protocol: str  # the CLIENT's protocol: "http" | "grpc"
@@ -43,6 +55,8 @@ class InferCall:
     # gRPC form: the serialized ModelInferRequest and what proto_peek read from it
     raw: bytes = b""
     peek: InferRequestPeek | None = None
+    # A stateful model's sequence (sequence_id non-zero / non-empty); None: not part of one.
+    sequence: SequenceParams | None = None
 
 
 @dataclass(slots=True)
