@@ -1,5 +1,5 @@
 """Sequences (stateful models) through the gateway with 2 and 3 real Tritons running a
-sequence-batcher accumulator (tests/triton_models/sequence_accumulator.py: uint64 and string
+sequence-batcher accumulator (loadtests/sequence_models.py: uint64 and string
 sequence ids): 8 concurrent sequence clients over HTTP and gRPC get the answers of a
 single-server run; a Triton killed mid-sequence loses exactly its sequences (a clear 503 /
 UNAVAILABLE), the others go on untouched, and a new START of a lost sequence succeeds."""
@@ -22,10 +22,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.routing.sequences import rank
+from loadtests.sequence_models import INT_MODEL, STRING_MODEL, write_accumulators
 from tests.e2e.test_triton_gateway import TritonGatewayProc, all_healthy, both_urls, wait_for
 from tests.gateway_procs import FAST_HEALTH, RegionGatewayProc, get_json, http_call, one_region_toml
 from tests.procs import GEOGATE, TritonProc, free_port
-from tests.triton_models.sequence_accumulator import INT_MODEL, STRING_MODEL, write_accumulators
 
 STEPS = 8
 CLIENTS = 8
