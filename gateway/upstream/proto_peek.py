@@ -334,7 +334,8 @@ def peek_stream_response(raw: bytes) -> ResponsePeek:
 
 def _peek_infer_response(buf: memoryview, pos: int, end: int) -> tuple[str, bool | None]:
     rid = ""
-    final: bool | None = None
+    ints: dict[str, int] = {}
+    others: dict[str, bool | str] = {}
     while pos < end:
         key, pos = _varint(buf, pos, end)
         fno, wire = key >> 3, key & 7
@@ -344,36 +345,9 @@ def _peek_infer_response(buf: memoryview, pos: int, end: int) -> tuple[str, bool
             pos = e
         elif fno == 4 and wire == WIRE_LEN:  # parameters map entry
             s, e = _len_field(buf, pos, end)
-            name, value = _bool_parameter(buf, s, e)
-            if name == FINAL_RESPONSE_PARAMETER:
-                final = value
+            _peek_parameter_entry(buf, s, e, ints, others)
             pos = e
         else:
             pos = _skip(buf, pos, end, wire, fno)
-    return rid, final
-
-
-def _bool_parameter(buf: memoryview, pos: int, end: int) -> tuple[str, bool | None]:
-    name = ""
-    value: bool | None = None
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        fno, wire = key >> 3, key & 7
-        if fno == 1 and wire == WIRE_LEN:
-            s, e = _len_field(buf, pos, end)
-            name = _str(buf, s, e)
-            pos = e
-        elif fno == 2 and wire == WIRE_LEN:
-            s, e = _len_field(buf, pos, end)
-            p = s
-            while p < e:
-                k2, p = _varint(buf, p, e)
-                if k2 >> 3 == 1 and k2 & 7 == WIRE_VARINT:
-                    v, p = _varint(buf, p, e)
-                    value = bool(v)
-                else:
-                    p = _skip(buf, p, e, k2 & 7, k2 >> 3)
-            pos = e
-        else:
-            pos = _skip(buf, pos, end, wire, fno)
-    return name, value
+    final = others.get(FINAL_RESPONSE_PARAMETER)
+    return rid, final if isinstance(final, bool) else None
