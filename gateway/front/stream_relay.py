@@ -125,8 +125,14 @@ class StreamRelay:
     # ------------------------------------------------------------------ client -> replicas
 
     async def _read_client(self, requests: AsyncIterator[bytes]) -> None:
-        async for raw in requests:
-            await self._submit(raw)
+        try:
+            async for raw in requests:
+                await self._submit(raw)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            raise  # the client went away: run() ends and cancels everything
+        except Exception as exc:  # a gateway bug: the client gets the reason, not a stream that hangs
+            log.exception("ModelStreamInfer stream %s failed inside the gateway", self.request_id)
+            await self.out.put(error_response(f"internal gateway error: {type(exc).__name__}"))
         self.client_done = True
         # Half-close every upstream stream and wait for each to end (a failed one may have
         # handed its requests to a stream opened meanwhile: loop until none is left).
