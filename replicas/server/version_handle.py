@@ -42,13 +42,17 @@ class VersionHandle:
         self.stats = VersionStats()
         self._metrics = metrics
         self._batch_hist = metrics.batch_size.labels(model, self.version_str)
-        self._queue_gauge = metrics.queue_depth.labels(model, self.version_str)
-        self._inflight_gauge = metrics.inflight.labels(model, self.version_str)
         batching = config.HasField("dynamic_batching")
         self.scheduler = Scheduler(
             runner, batching=batching, max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds if batching else 0,
-            slots=runner.count, on_batch=self._on_batch, on_queue_depth=self._queue_gauge.set)
+            slots=runner.count, on_batch=self._on_batch)
+        # The queue depth is read when metrics are scraped, not pushed to the gauge twice per batch
+        # (each push takes the gauge's lock, on the loop and on a batcher thread). A reload's new
+        # handle of the same version takes the gauge over (before, the last writer won).
+        scheduler = self.scheduler
+        metrics.queue_depth.labels(model, self.version_str).set_function(lambda: scheduler.queue_depth)
+        self._inflight_gauge = metrics.inflight.labels(model, self.version_str)
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
