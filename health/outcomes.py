@@ -32,6 +32,10 @@ class Outcome(enum.Enum):
     DEADLINE_CLIENT = "deadline_client"  # the client's own (shorter) deadline ran out first
     CANCELLED = "cancelled"  # the client cancelled, or the gateway did (a losing hedge)
 
+    # Members are singletons compared by identity; Enum's own __hash__ is Python code run on
+    # every set and dict lookup of the hot path (several per request).
+    __hash__ = object.__hash__
+
     @property
     def retryable(self) -> bool:
         """Another replica may well succeed (inference requests are idempotent)."""

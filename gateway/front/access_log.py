@@ -20,6 +20,7 @@ replica as ``x-request-id``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import logging.handlers
 import os
@@ -40,8 +41,14 @@ WRITER_JOIN_TIMEOUT_S = 5.0
 MAX_REQUEST_ID_CHARS = 128
 
 
+# A fresh id: this process's random prefix and a counter (unique across processes and workers
+# without a getrandom call per request).
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def request_id_from(value: str | None) -> str:

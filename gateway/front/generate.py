@@ -46,7 +46,7 @@ from core.names import cached_model_ref_problem as model_ref_problem
 from gateway.front import deadline as dl
 from gateway.front.access_log import AccessLog, request_id_from
 from gateway.front.auth import AuthDecision, Authenticator
-from gateway.front.http_adapter import JSON, HttpInferRequest, HttpLimits, error_response
+from gateway.front.http_adapter import JSON, HttpLimits, error_response, read_aiohttp_body
 from gateway.front.pipeline import SHED_RETRY_AFTER_S, ModelLookup, PipelineSettings
 from gateway.front.request_checks import RequestError, parse_hops
 from gateway.routing.balancer import pick_p2c
@@ -175,16 +175,14 @@ class GenerateFront:
             unknown = self.models.unknown_model(model, requested, hops)
             if unknown is not None:
                 return self._refuse(meta, rid, model, requested, 404, unknown.message, t0)
-            body_reader = HttpInferRequest(request, model, requested, self.limits)
             try:
-                await body_reader.read_body()
+                body = await read_aiohttp_body(request, self.limits)
             except RequestError as exc:
                 resp = self._refuse(meta, rid, model, requested, exc.status, str(exc), t0)
                 if exc.status == 408:
                     resp.force_close()
                 return resp
             version = self.models.resolve_version(model, requested)
-            body = body_reader.body
             try:
                 check_generate_body(body, headers.get("Content-Encoding"))
                 deadline = dl.http_deadline(t0, headers.get(TIMEOUT_HEADER), None, self.settings.default_timeout_ms)

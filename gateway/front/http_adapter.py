@@ -22,17 +22,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp import HttpVersion11, web
+from aiohttp import web
+from multidict import CIMultiDict
 
 from core.config import Config
 from core.kserve import HEADER_LENGTH
 from core.names import cached_model_ref_problem as model_ref_problem
 from gateway.front import deadline as dl
 from gateway.front.auth import AuthDecision, Authenticator
+from gateway.front.http_connection import ClientConnection, ClientSite, ParsedRequest
 from gateway.front.pipeline import (
     NOT_ON_GATEWAY,
     InferAnswer,
@@ -41,7 +46,7 @@ from gateway.front.pipeline import (
     ModelQueries,
 )
 from gateway.front.request_checks import RequestError, ValidatedHeaders, check_coding
-from gateway.front.slow_clients import GuardedSockSite, GuardLimits, ListenerLog, sweep_slow_clients
+from gateway.front.slow_clients import GuardLimits, ListenerLog, sweep_slow_clients
 from gateway.routing.sequences import sequence_from_http
 from gateway.upstream.model_specs import ModelSpecs
 from gateway.upstream.types import PROTOCOL_HTTP, InferCall
@@ -55,6 +60,9 @@ log = logging.getLogger("geogate.gateway.http")
 JSON = "application/json"
 # Paths that never need an API key: load balancers, peers and GeoDNS read them.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/geogate/v1/region"})
+# aiohttp's protocol of a connection sees only the requests handed to it: left to its own
+# keep-alive timer it would close a connection busy with inference it never saw.
+AIOHTTP_KEEPALIVE_S = 7 * 24 * 3600.0
 LINGERING_MAX_S = 2.0  # aiohttp's default (10 s) would let a slow sender hold a refused connection
 # Paths of the client API with their methods: any other method on them is 405, not 404.
 KNOWN_PATHS = (
@@ -112,41 +120,59 @@ class HttpLimits:
                                           max_decoded_bytes=self.max_body_bytes)
 
 
-class HttpInferRequest:
-    """An HTTP inference request as the pipeline sees it (gateway.front.pipeline.InferRequest)."""
+async def read_aiohttp_body(request: web.BaseRequest, limits: HttpLimits) -> bytes:
+    """The whole body of a request aiohttp serves (generate, unusual infer targets): the
+    connection handed it over whole already (gateway.front.http_connection); the bounds hold
+    here too for a listener without that connection."""
+    max_bytes = limits.max_body_bytes
+    cl = request.content_length
+    if cl is not None and cl > max_bytes:
+        raise RequestError(f"request body of {cl} bytes is larger than the gateway's limit of {max_bytes} bytes", 413)
+    try:
+        if request.content.is_eof():  # the usual case: the whole body came with the head
+            return await request.read()
+        async with asyncio.timeout(limits.body_timeout_s):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestError(f"request body is larger than the gateway's limit of {max_bytes} bytes", 413) from None
+    except TimeoutError:
+        raise RequestError(f"request body not received within {limits.body_timeout_ms} ms "
+                           "([limits] request_body_timeout_ms)", 408) from None
 
-    __slots__ = ("body", "header", "headers", "limits", "model", "request", "requested")
+
+async def infer_request_of(request: web.BaseRequest, model: str, requested: str | None,
+                           limits: HttpLimits) -> HttpInferRequest | RequestError:
+    """An inference request that aiohttp serves, as the pipeline's request (or why not)."""
+    try:
+        body = await read_aiohttp_body(request, limits)
+    except RequestError as exc:
+        return exc
+    return HttpInferRequest(request.headers, body, request.remote or "", model, requested, limits)
+
+
+class HttpInferRequest:
+    """An HTTP inference request as the pipeline sees it (gateway.front.pipeline.InferRequest):
+    its headers (case-insensitive) and its whole body, read by the connection within the
+    listener's size and time bounds (gateway.front.http_connection)."""
+
+    __slots__ = ("body", "header", "headers", "limits", "model", "peer", "requested")
     protocol = PROTOCOL_HTTP
 
-    def __init__(self, request: web.BaseRequest, model: str, requested: str | None, limits: HttpLimits) -> None:
-        self.request = request
-        self.headers = request.headers
+    def __init__(self, headers: Mapping[str, str], body: bytes, peer: str, model: str, requested: str | None,
+                 limits: HttpLimits) -> None:
+        self.headers = headers
+        self.body = body
+        self.peer = peer
         self.model = model
         self.requested = requested
         self.limits = limits
-        self.body = b""
         self.header: dict | None = None
 
     def target(self) -> tuple[str, str | None]:
         return self.model, self.requested
 
     async def read_body(self) -> None:
-        request, max_bytes = self.request, self.limits.max_body_bytes
-        cl = request.content_length
-        if cl is not None and cl > max_bytes:
-            raise RequestError(f"request body of {cl} bytes is larger than the gateway's limit of {max_bytes} bytes",
-                               413)
-        try:
-            if request.content.is_eof():  # the usual case: the whole body came with the head
-                self.body = await request.read()
-            else:  # still arriving: bound how long a (slow) sender may take
-                async with asyncio.timeout(self.limits.body_timeout_s):
-                    self.body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise RequestError(f"request body is larger than the gateway's limit of {max_bytes} bytes", 413) from None
-        except TimeoutError:
-            raise RequestError(f"request body not received within {self.limits.body_timeout_ms} ms "
-                               "([limits] request_body_timeout_ms)", 408) from None
+        """The connection read it whole (and refused a body over the limits with 413 / 408)."""
 
     def check(self, model: str, specs: ModelSpecs | None) -> None:
         headers = self.headers
@@ -171,7 +197,7 @@ class HttpInferRequest:
                          sequence=sequence_from_http(self.header.get("parameters") if self.header else None))
 
     def client_ip(self) -> str:
-        return self.request.remote or ""
+        return self.peer
 
 
 def http_answer(answer: InferAnswer) -> web.Response:
@@ -203,6 +229,106 @@ def http_answer(answer: InferAnswer) -> web.Response:
     return resp
 
 
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode()
+    return line
+
+
+class _HttpDate:
+    """The Date header, formatted once a second (RFC 9110: an origin server with a clock sends it)."""
+
+    __slots__ = ("line", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.line = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return self.line
+
+
+def _header_lines(headers) -> bytes:
+    # Values are the gateway's own or llhttp-read replica headers (no CR/LF); latin-1 is HTTP/1.1's charset.
+    return "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1", "replace")
+
+
+def http_answer_bytes(answer: InferAnswer, close: bool, date: bytes) -> tuple[bytes, bytes]:
+    """The pipeline's answer as an HTTP/1.1 response (head, body) for ClientConnection: the
+    same answer as ``http_answer``, written without building a response object."""
+    headers = answer.meta
+    reply = answer.reply
+    status = answer.status
+    body = b""
+    extra: list[tuple[str, str]] = []
+    content_type = JSON
+    if reply is not None and (reply.http_status == 200 or (
+            reply.body and 400 <= reply.http_status < 500 and reply.content_type
+            and reply.content_type.startswith(JSON))):
+        status, body = reply.http_status, reply.body
+        if status == 200:
+            if reply.header_len is not None:
+                extra.append((HEADER_LENGTH, reply.header_len))
+            if reply.content_encoding:
+                extra.append(("Content-Encoding", reply.content_encoding))
+        content_type = reply.content_type or JSON
+    else:
+        if answer.refusal is not None:
+            extra.extend(answer.refusal.http_headers().items())
+        if answer.retry_after_s:
+            extra.append(("Retry-After", str(answer.retry_after_s)))
+        body = orjson.dumps({"error": answer.message})
+        close = close or answer.close
+    head = b"".join((_status_line(status), _header_lines(headers), _header_lines(extra), date,
+                     b"Content-Type: ", content_type.encode("latin-1", "replace"),
+                     b"\r\nContent-Length: %d\r\n" % len(body),
+                     b"Connection: close\r\n\r\n" if close else b"\r\n"))
+    return head, body
+
+
+class HttpInferDoor:
+    """The inference requests a client connection answers itself (gateway.front.http_connection):
+    POST /v2/models/{m}[/versions/{v}]/infer; a target with percent-escapes is aiohttp's (it
+    decodes them)."""
+
+    __slots__ = ("date", "limits", "pipeline", "state")
+
+    def __init__(self, pipeline: InferencePipeline, limits: HttpLimits, state: RegionState) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self.state = state  # draining: answer, then close the connection
+        self.date = _HttpDate()
+
+    def route(self, method: bytes, url: bytes) -> tuple[str, str | None] | None:
+        if method != b"POST" or not url.startswith(b"/v2/models/") or b"%" in url:
+            return None
+        path = url.split(b"?", 1)[0] if b"?" in url else url
+        return _split_infer_path(path.decode("latin-1"))
+
+    async def answer(self, req: ParsedRequest, conn: ClientConnection) -> tuple[tuple[bytes, bytes], bool]:
+        headers = CIMultiDict([(name.decode("latin-1"), value.decode("latin-1")) for name, value in req.headers])
+        model, requested = req.target
+        answer = await self.pipeline.infer(HttpInferRequest(headers, req.body, conn.peer, model, requested,
+                                                            self.limits))
+        # Draining: answer, then close the keep-alive connection, so the client's next request
+        # opens a new one to a worker that stays (closing idle connections would race with
+        # requests already on their way).
+        close = answer.close or self.state.draining or not req.keep_alive
+        return http_answer_bytes(answer, close, self.date()), close
+
+
 class HttpFront:
     def __init__(self, cfg: Config, *, pipeline: InferencePipeline, queries: ModelQueries, state: RegionState,
                  auth: Authenticator | None, region_summary: Callable[[], dict],
@@ -220,8 +346,12 @@ class HttpFront:
         self.listener_log = ListenerLog(logging.getLogger("geogate.gateway.http.listener"))
         # one rate limit for malformed requests, whether the guard or aiohttp refuses them
         self.guard_limits = GuardLimits(limits.request_head_timeout_ms / 1000.0, limits.max_header_bytes,
-                                        malformed_log=self.listener_log.malformed)
-        self.guards: dict = {}  # transport -> SlowClientGuard, for the client listener's connections
+                                        malformed_log=self.listener_log.malformed,
+                                        body_timeout_s=self.infer_limits.body_timeout_s,
+                                        idle_timeout_s=limits.idle_timeout_ms / 1000.0,
+                                        max_body_bytes=self.max_body_bytes)
+        self.conns: dict = {}  # transport -> ClientConnection, for the client listener's connections
+        self.infer_door = HttpInferDoor(pipeline, self.infer_limits, state)
 
     # ------------------------------------------------------------------ app
 
@@ -233,7 +363,8 @@ class HttpFront:
                                             "max_line_size": lim.max_header_bytes,
                                             "max_field_size": lim.max_header_bytes,
                                             "logger": self.listener_log,
-                                            "keepalive_timeout": lim.idle_timeout_ms / 1000.0,
+                                            # idle connections are timed by ClientConnection
+                                            "keepalive_timeout": AIOHTTP_KEEPALIVE_S,
                                             # after an early answer (408, 413, 401...) the rest of the
                                             # body is read and dropped for at most this long
                                             "lingering_time": min(LINGERING_MAX_S,
@@ -268,35 +399,34 @@ class HttpFront:
         return app
 
     def client_site(self, runner: web.BaseRunner, sock, ssl_context=None) -> web.BaseSite:
-        """The client listener's site: connections guarded against slow clients."""
-        return GuardedSockSite(runner, sock, limits=self.guard_limits, guards=self.guards, ssl_context=ssl_context)
+        """The client listener's site: each connection a ClientConnection (inference answered
+        there, the rest by the app), bounded against slow clients."""
+        return ClientSite(runner, sock, door=self.infer_door, limits=self.guard_limits, conns=self.conns,
+                          ssl_context=ssl_context)
 
     def sweep_task(self) -> asyncio.Task:
-        return asyncio.get_running_loop().create_task(sweep_slow_clients(self.guards, self.guard_limits),
+        return asyncio.get_running_loop().create_task(sweep_slow_clients(self.conns, self.guard_limits),
                                                       name="slow-client-sweep")
 
     # ------------------------------------------------------------------ inference
 
     def install_fast_path(self, runner: web.AppRunner) -> None:
-        """Route inference before aiohttp's router: the listener's request handler becomes
-        `dispatch`, which hands everything but POST .../infer to the Application as usual.
-        (Profiling: route resolution and the app's handler chain were a visible share of a
-        proxied request; the infer URL is simple enough to split by hand.)"""
+        """Route what the connections hand to aiohttp before its router: the listener's request
+        handler becomes `dispatch` (API keys for every path but the open ones, generate, and
+        inference with unusual targets), which hands the rest to the Application as usual."""
         app_handle = runner.server.request_handler  # the Application's own _handle
-        guards, state, pipeline, limits = self.guards, self.state, self.pipeline, self.infer_limits
+        conns, state, pipeline, limits = self.conns, self.state, self.pipeline, self.infer_limits
         generate = self.generate
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-            guard = guards.get(request.transport)
+            conn = conns.get(request.transport)
             try:
                 if request.method == "POST" and (target := _split_infer_path(request.path)) is not None:
-                    if "Expect" in request.headers:  # curl / perf_analyzer wait for this
-                        await _continue(request)
-                    resp = http_answer(await pipeline.infer(HttpInferRequest(request, target[0], target[1], limits)))
+                    req = await infer_request_of(request, target[0], target[1], limits)
+                    resp = error_response(str(req), req.status) if isinstance(req, RequestError) else \
+                        http_answer(await pipeline.infer(req))
                 elif generate is not None and request.method == "POST" and \
                         (gen := generate.target(request.path)) is not None:
-                    if "Expect" in request.headers:
-                        await _continue(request)
                     resp = await generate.handle(request, *gen)
                 elif self.auth is None or request.path in OPEN_PATHS or \
                         (self.open_metadata and request.path.startswith("/v2")):
@@ -304,8 +434,8 @@ class HttpFront:
                 else:
                     resp = await self._authorized(request, app_handle)
             finally:
-                if guard is not None:
-                    guard.request_done()  # a refusal held for this answer, and the next head's clock
+                if conn is not None:
+                    conn.request_done()  # the connection's next request goes after this answer
             if state.draining:
                 # Draining: answer, then close the keep-alive connection (Connection: close),
                 # so the client's next request opens a new one to a worker that stays; closing
@@ -338,8 +468,10 @@ class HttpFront:
 
     async def infer(self, request: web.Request) -> web.Response:
         mi = request.match_info
-        return http_answer(await self.pipeline.infer(
-            HttpInferRequest(request, mi["model"], mi.get("version"), self.infer_limits)))
+        req = await infer_request_of(request, mi["model"], mi.get("version"), self.infer_limits)
+        if isinstance(req, RequestError):
+            return error_response(str(req), req.status)
+        return http_answer(await self.pipeline.infer(req))
 
     # ------------------------------------------------------------------ everything else
 
@@ -406,10 +538,3 @@ def _split_infer_path(path: str) -> tuple[str, str | None] | None:
     if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
         return parts[0], parts[2]
     return None
-
-
-async def _continue(request: web.BaseRequest) -> None:
-    """What aiohttp's router does for `Expect: 100-continue` (bypassed on the fast path)."""
-    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0

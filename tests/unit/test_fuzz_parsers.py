@@ -7,8 +7,8 @@ operator's file:
 - geo.dns_server: GeoDnsResponder.handle (query bytes -> response bytes)
 - core.config: parse_config (random TOML-ish text and random well-formed tables)
 - gateway.upstream.translate.decode_body: gzip/deflate bodies against a size bound (decompression bombs)
-- gateway.front.slow_clients.SlowClientGuard: pipelined requests, truncated and oversized heads and
-  random bytes in any split into packets (llhttp marks the heads; the size and order rules are ours)
+- gateway.front.http_connection.ClientConnection: pipelined requests, truncated and oversized heads and
+  random bytes in any split into packets (llhttp reads them; the size and order rules are ours)
 - gateway.upstream.http1_client._Conn: chunked keep-alive answers in any split, random answer bytes
 - replicas.releases.manifest: MANIFEST.json parsing and Ed25519 signatures (any change breaks them)
 - gateway.front.access_log: any text (surrogates included) in a log line
@@ -667,16 +667,81 @@ class _Clock:
     def call_soon(self, fn, *args):
         self.soon.append((fn, args))
 
+    def call_later(self, delay, fn, *args):
+        pass
 
-def _guard(limit: int):
+    def run_soon(self):
+        while self.soon:
+            fn, args = self.soon.pop(0)
+            fn(*args)
+
+
+class _ConnTransport(_FakeTransport):
+    eof = False
+
+    def is_closing(self):
+        return self.closed
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.eof = True
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+def _connection(limit: int, max_body: int = 1 << 20):
+    """A ClientConnection with every request handed to the (fake) aiohttp protocol."""
+    from gateway.front.http_connection import ClientConnection
     from gateway.front.request_checks import ClientErrorLog
-    from gateway.front.slow_clients import GuardLimits, SlowClientGuard
+    from gateway.front.slow_clients import GuardLimits
 
-    limits = GuardLimits(10.0, limit, ClientErrorLog(logging.getLogger("fuzz.guard")))
+    limits = GuardLimits(10.0, limit, ClientErrorLog(logging.getLogger("fuzz.connection")), max_body_bytes=max_body)
     limits.loop = _Clock()
-    guard = SlowClientGuard(_FakeInner(), limits, {})
-    guard.transport = _FakeTransport()
-    return guard
+    inner = _FakeInner()
+    conn = ClientConnection(None, lambda: inner, limits, {})
+    conn.connection_made(_ConnTransport())
+    return conn, inner
+
+
+def _answer_all(conn) -> None:
+    """aiohttp answers every request handed to it, and the loop runs what follows."""
+    while conn._busy:
+        conn.request_done()
+        conn.limits.loop.run_soon()
+
+
+def _parse_all(data: bytes) -> list[tuple]:
+    """(method, url, headers but framing ones, body) of every request in `data`."""
+    import httptools
+
+    out: list[tuple] = []
+
+    class Reader:
+        def on_message_begin(self):
+            self.url, self.headers, self.body = b"", [], b""
+
+        def on_url(self, url):
+            self.url += url
+
+        def on_header(self, name, value):
+            if name.lower() not in (b"content-length", b"transfer-encoding", b"expect"):
+                self.headers.append((name, value))
+
+        def on_body(self, body):
+            self.body += body
+
+        def on_message_complete(self):
+            out.append((parser.get_method(), self.url, self.headers, self.body))
+
+    parser = httptools.HttpRequestParser(Reader())
+    parser.feed_data(data)
+    return out
 
 
 def _feed_in_pieces(feed, data: bytes, cuts: list[int], stop=lambda: False) -> None:
@@ -721,76 +786,77 @@ def _requests(draw) -> tuple[bytes, int]:
 @fuzz(300)
 @given(reqs=st.lists(_requests(), min_size=1, max_size=4), limit=st.integers(40, 400),
        cuts=st.lists(st.integers(1, 1500), max_size=10), answer_each=st.booleans())
-def test_slow_client_guard_pipelined_requests(reqs, limit, cuts, answer_each):
-    """However pipelined requests are split into packets, the guard passes every byte on
-    untouched and counts each request exactly when every head is within `limit` bytes; the
-    first head over it is refused (431, JSON) - at once when aiohttp has answered everything
-    before it, otherwise only after those answers (request_done), never before."""
-    RUNS["slow_clients.SlowClientGuard/pipelined"] += 1
-    guard = _guard(limit)
+def test_client_connection_pipelined_requests(reqs, limit, cuts, answer_each):
+    """However pipelined requests are split into packets, the connection hands aiohttp each
+    request whole (same method, target, headers and body; framing may change), one at a time,
+    when every head is within `limit` bytes; the first head over it is refused (431, JSON) - at
+    once when everything before it was answered, otherwise only after those answers."""
+    RUNS["http_connection.ClientConnection/pipelined"] += 1
+    conn, inner = _connection(limit)
     data = b"".join(r for r, _ in reqs)
-    answered = []
 
     def feed(piece: bytes) -> None:
-        guard.data_received(piece)
-        while answer_each and guard._answered < guard._passed:  # aiohttp answering as it goes
-            guard.request_done()
-            answered.append(guard._answered)
+        conn.data_received(piece)
+        if answer_each:
+            _answer_all(conn)
 
-    _feed_in_pieces(feed, data, cuts, stop=lambda: guard.state >= guard.CLOSED)
+    _feed_in_pieces(feed, data, cuts, stop=lambda: conn.state >= conn.CLOSED)
     first_big = next((i for i, (_, n) in enumerate(reqs) if n > limit), None)
     if first_big is None:
-        assert guard.inner.fed == data and guard._passed == len(reqs) and guard.state == guard.IDLE
-        assert guard.transport.written == b""
+        assert len(_parse_all(inner.fed)) == (len(reqs) if answer_each else 1)  # one at a time
+        _answer_all(conn)
+        assert _parse_all(inner.fed) == _parse_all(data) and conn.transport.written == b""
         return
-    assert guard._passed == first_big  # the oversized head was never counted as a request
     if not answer_each and first_big > 0:  # earlier requests unanswered: nothing written yet
-        assert guard.state == guard.REFUSING and guard.transport.written == b""
-        while guard._answered < guard._passed:
-            guard.request_done()
-    for fn, args in guard.limits.loop.soon:  # what the loop runs after aiohttp wrote its answers
-        fn(*args)
-    assert guard.transport.closed and guard.transport.written.startswith(b"HTTP/1.1 431 ")
-    assert json.loads(guard.transport.written.partition(b"\r\n\r\n")[2])["error"]
-    assert data.startswith(guard.inner.fed)
+        assert conn.state == conn.REFUSING and conn.transport.written == b""
+    _answer_all(conn)
+    assert _parse_all(inner.fed) == _parse_all(data)[:first_big]  # the oversized head was never handed over
+    assert conn.transport.eof and conn.transport.written.startswith(b"HTTP/1.1 431 ")
+    assert json.loads(conn.transport.written.partition(b"\r\n\r\n")[2])["error"]
 
 
 @fuzz(300)
 @given(req=_requests(), limit=st.integers(40, 400), cut=st.integers(0, 600), cuts=st.lists(st.integers(1, 600),
                                                                                              max_size=6))
-def test_slow_client_guard_truncated_heads(req, limit, cut, cuts):
-    """A head cut short anywhere: refused (431) only once more than `limit` bytes of it arrived,
-    otherwise still waiting (HEAD, the sweep's to time out) or passed on when it was complete."""
-    RUNS["slow_clients.SlowClientGuard/truncated"] += 1
+def test_client_connection_truncated_requests(req, limit, cut, cuts):
+    """A request cut short anywhere: refused (431) only once more than `limit` bytes of its head
+    arrived; otherwise handed over when whole, or still waiting (the sweep's to time out)."""
+    RUNS["http_connection.ClientConnection/truncated"] += 1
     data, head_len = req
+    whole = len(data)
     data = data[:cut]
-    guard = _guard(limit)
-    _feed_in_pieces(guard.data_received, data, cuts, stop=lambda: guard.state >= guard.CLOSED)
-    if guard.transport.closed:
-        assert guard.transport.written.startswith(b"HTTP/1.1 431 ") and min(cut, head_len) > limit
-    elif cut >= head_len:
-        assert head_len <= limit and guard._passed == 1 and guard.inner.fed == data
+    conn, inner = _connection(limit)
+    _feed_in_pieces(conn.data_received, data, cuts, stop=lambda: conn.state >= conn.CLOSED)
+    if conn.transport.written:
+        assert conn.transport.written.startswith(b"HTTP/1.1 431 ") and min(cut, head_len) > limit
+    elif cut >= whole:
+        assert head_len <= limit and _parse_all(inner.fed) == _parse_all(data)
     else:
-        assert guard.state == guard.HEAD and guard._passed == 0 and guard.inner.fed == data
-        assert guard.expired(100.0)  # the sweep times it out
+        assert inner.fed == b"" and conn.overdue(100.0) is not None  # the sweep times it out
 
 
 @fuzz(500)
 @given(raw=st.binary(max_size=300), prefix=st.booleans(), cuts=st.lists(st.integers(1, 400), max_size=5))
-def test_slow_client_guard_random_bytes(raw, prefix, cuts):
-    """Any bytes: the guard raises nothing; it either passes them on (all of them, as received)
-    or answers one 400/431 with a JSON body and closes."""
-    RUNS["slow_clients.SlowClientGuard/bytes"] += 1
+def test_client_connection_random_bytes(raw, prefix, cuts):
+    """Any bytes: the connection raises nothing; what it hands aiohttp is well-formed HTTP/1.1,
+    and what it answers itself is a 400/413/431 with a JSON body, then the end of the connection."""
+    RUNS["http_connection.ClientConnection/bytes"] += 1
     data = (b"POST /v2/models/m/infer HTTP/1.1\r\n" if prefix else b"") + raw
-    guard = _guard(200)
-    _feed_in_pieces(guard.data_received, data, cuts, stop=lambda: guard.state >= guard.CLOSED)
-    if guard.transport.closed:
-        status = guard.transport.written[9:12]
-        assert status in (b"400", b"431"), guard.transport.written
-        assert json.loads(guard.transport.written.partition(b"\r\n\r\n")[2])["error"]
-        assert data.startswith(guard.inner.fed)
-    else:
-        assert guard.inner.fed == data and guard.transport.written == b""
+    conn, inner = _connection(200, max_body=100)
+
+    def feed(piece: bytes) -> None:
+        conn.data_received(piece)
+        if conn.state != conn.PASS:
+            _answer_all(conn)
+
+    _feed_in_pieces(feed, data, cuts, stop=lambda: conn.state >= conn.CLOSED)
+    written = conn.transport.written.replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+    if written:
+        assert written[9:12] in (b"400", b"413", b"431"), written
+        assert json.loads(written.partition(b"\r\n\r\n")[2])["error"]
+        assert conn.transport.eof or conn.transport.closed
+    if conn.state != conn.PASS:  # an upgrade hands aiohttp the raw rest
+        _parse_all(inner.fed)  # raises on malformed HTTP
 
 
 @st.composite
