@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from loadtests import perf_analyzer
-from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, ReplicaProc, write_config
+from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, ReplicaProc, get_json, write_config
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -24,6 +24,13 @@ TICK = os.sysconf("SC_CLK_TCK")
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def served(replica: ReplicaProc, model: str = "demo") -> int:
+    """Inferences the replica has answered (its statistics): requests of a whole perf_analyzer
+    run, its trials and warm-up included (its own count covers only the last window)."""
+    stats = get_json(f"http://{replica.http_address}/v2/models/{model}/stats")
+    return sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from replicas.demo.onnx_model import write_repository_entry
 
     work = Path(tempfile.mkdtemp(prefix="geogate-bench-ab-"))
+    # `python -m gateway` puts its working directory first on sys.path: started from a checkout,
+    # every gateway would run that checkout's code whatever PYTHONPATH says.
+    os.chdir(work)
     logs = work / "logs"
     write_repository_entry(work / "repo", 1, size="tiny")
     replica = ReplicaProc(work / "repo", name="replica", log_dir=logs, enable_test_faults=False).wait_ready()
@@ -55,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                     gw.wait_ready()
                     gw.wait_all_healthy()
                     for proto, url in (("http", gw.http_address), ("grpc", gw.grpc_address)):
-                        c0 = cpu_s(gw.pid)
+                        c0, n0 = cpu_s(gw.pid), served(replica)
                         r = perf_analyzer.run(url, protocol=proto, concurrency=args.concurrency, interval_ms=1500)
-                        cpu_us = 1e6 * (cpu_s(gw.pid) - c0) / r["requests"] if r.get("requests") else float("nan")
+                        n = served(replica) - n0
+                        cpu_us = 1e6 * (cpu_s(gw.pid) - c0) / n if n > 0 else float("nan")
                         rows.setdefault((tree, proto), []).append((r.get("throughput", float("nan")), cpu_us))
                         print(f"round {rnd} {tree} {proto}: {r.get('throughput')} infer/s, {cpu_us:.0f} µs gateway "
                               f"CPU per request", flush=True)

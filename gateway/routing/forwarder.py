@@ -137,6 +137,7 @@ class Forwarder:
         self.backoff_base_s = gw.retry_backoff_base_ms / MS_PER_S
         self.backoff_max_s = gw.retry_backoff_max_ms / MS_PER_S
         self.hedge_percentile = gw.hedge_after_percentile
+        self.grpc_scheme = gw.grpc_upstream  # the members gRPC unary calls go to first
         self._rng = random.Random()
 
     # ------------------------------------------------------------------ one attempt
@@ -187,7 +188,8 @@ class Forwarder:
 
     def _pick(self, call: InferCall, tried: list[Upstream], now_s: float) -> tuple[Upstream | None, str]:
         """(replica, "") or (None, why none); in panic routing the reason says so too."""
-        cands = self.pools.candidates(call.model, call.version, call.protocol, now_s)
+        scheme = call.protocol if call.protocol == PROTOCOL_HTTP else self.grpc_scheme
+        cands = self.pools.candidates(call.model, call.version, scheme, now_s)
         ups = cands.upstreams
         if tried:
             ups = [u for u in ups if u not in tried]
