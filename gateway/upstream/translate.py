@@ -354,6 +354,9 @@ def grpc_response_to_http(raw: bytes, binary_outputs: set[str], binary_all: bool
 # ------------------------------------------------------------------ gRPC client -> HTTP replica
 
 
+GRPC_CONTROL_PREFIX = "triton_"
+
+
 def grpc_request_to_http(raw: bytes) -> tuple[str, str, bytes, str]:
     """(model, version, HTTP body, Inference-Header-Content-Length) of a ModelInferRequest;
     every tensor travels as a binary blob."""
@@ -361,7 +364,9 @@ def grpc_request_to_http(raw: bytes) -> tuple[str, str, bytes, str]:
     head: dict = {}
     if req.id:
         head["id"] = req.id
-    params = {k: _param_value(v) for k, v in req.parameters.items()}
+    # "triton_*" request parameters are Triton's gRPC front-end controls (perf_analyzer sends
+    # triton_enable_empty_final_response on every call); its HTTP front-end refuses the prefix.
+    params = {k: _param_value(v) for k, v in req.parameters.items() if not k.startswith(GRPC_CONTROL_PREFIX)}
     blobs: list[bytes] = []
     inputs = []
     for i, t in enumerate(req.inputs):

@@ -379,3 +379,18 @@ def test_client_error_log_is_rate_limited(caplog):
     assert lines[:3] == ["bad request 0", "bad request 1", "bad request 2"]
     assert len(lines) == 4 and "97 more malformed requests" in lines[3]
     assert all(r.levelname == "WARNING" and r.exc_info is None for r in caplog.records)
+
+
+def test_grpc_to_http_drops_tritons_grpc_control_parameters():
+    """perf_analyzer sends triton_enable_empty_final_response on every gRPC call; Triton's HTTP
+    front-end refuses "triton_" parameters, so translation leaves them out (and keeps the rest)."""
+    import orjson
+
+    from gateway.upstream import translate
+
+    req = service_pb2.ModelInferRequest(model_name="s")
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+    req.parameters["sequence_id"].int64_param = 7
+    req.inputs.add(name="X", datatype="INT32", shape=[1]).contents.int_contents.append(5)
+    _, _, body, hl = translate.grpc_request_to_http(req.SerializeToString())
+    assert orjson.loads(body[:int(hl)])["parameters"] == {"sequence_id": 7, "binary_data_output": True}
