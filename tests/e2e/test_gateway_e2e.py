@@ -121,6 +121,43 @@ def test_grpc_same_answers_and_metadata(world):
     assert client.get_inference_statistics("demo").model_stats
 
 
+def test_grpc_clients_over_http_replicas_when_configured(world, tmp_path):
+    """[gateway] grpc_upstream = "http": a gRPC ModelInfer goes to the replicas' HTTP listeners,
+    translated (typed contents, raw contents, parameters; Triton's gRPC control parameters such
+    as perf_analyzer's left out), with the same answers as direct and the same metadata."""
+    _gw, reps = world
+    gw = GatewayProc(tmp_path, replicas=replica_urls(reps), gateway_extra='grpc_upstream = "http"', name="gw-h")
+    try:
+        gw.wait_ready()
+        direct = tgrpc.InferenceServerClient(reps[0].grpc_url)
+        client = tgrpc.InferenceServerClient(gw.grpc)
+        x = _x(2)
+        inp = tgrpc.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        for version in ("", "1"):
+            a = direct.infer("demo", [inp], model_version=version)
+            b = client.infer("demo", [inp], model_version=version, request_id="r-7")
+            np.testing.assert_allclose(b.as_numpy("OUTPUT0"), a.as_numpy("OUTPUT0"), rtol=1e-6)
+            assert b.get_response().model_version == (version or "2") and b.get_response().id == "r-7"
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(gw.grpc))
+        req = service_pb2.ModelInferRequest(model_name="demo", model_version="1")
+        req.parameters["triton_enable_empty_final_response"].bool_param = True
+        req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend(
+            _x(1).ravel().tolist())
+        resp, call = stub.ModelInfer.with_call(req, timeout=10)
+        md = dict(call.initial_metadata())
+        assert md["geogate-replica"].startswith("http://") and md["geogate-model-version"] == "1"
+        np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(1, 8),
+                                   reference_outputs("tiny", 1, _x(1)), atol=1e-4)
+        with pytest.raises(grpc.RpcError) as err:  # the replica's own refusal, as a gRPC status
+            bad = service_pb2.ModelInferRequest(model_name="demo")
+            bad.inputs.add(name="NOPE", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([0.0] * 16)
+            stub.ModelInfer(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        gw.stop()
+
+
 async def test_grpc_aio(world):
     gw, _ = world
     x = _x(4)
