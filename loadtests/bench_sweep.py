@@ -7,7 +7,9 @@ For each pool size (1 and 4 geogate replicas of the tiny demo model; quick: 1) a
 - haproxy:     Debian's HAProxy over the pool (HTTP mode for HTTP; `proto h2` on bind and
                servers for gRPC), nbthread = cores, round-robin;
 - geogate-1w:  a gateway with one worker over the pool;
-- geogate-Nw:  a gateway with --workers = cores.
+- geogate-Nw:  a gateway with --workers = cores;
+- geogate-Nw-h (gRPC only): the same with ``[gateway] grpc_upstream = "http"`` (gRPC calls
+               translated for the replicas' HTTP listeners instead of grpcio's client).
 Per cell: throughput, p50, p99, and whether perf_analyzer stopped (refusals or errors: it stops
 at the first failed request, so "errors" means the cell has no figures); ratios geogate/HAProxy
 and geogate/direct. Checks: zero failed cells on geogate wherever direct succeeds. Everything
@@ -28,7 +30,12 @@ from loadtests import perf_analyzer
 from loadtests.haproxy import HaproxyProc, require_haproxy
 from loadtests.procs import GatewayProc, PoolConfig, Proc, RegionConfig, ReplicaProc, write_config
 
-PATHS = ("direct", "haproxy", "geogate-1w", "geogate-Nw")
+PATHS = ("direct", "haproxy", "geogate-1w", "geogate-Nw", "geogate-Nw-h")
+GATEWAYS = ("geogate-1w", "geogate-Nw", "geogate-Nw-h")
+
+
+def paths_of(protocol: str) -> tuple[str, ...]:
+    return PATHS if protocol == "grpc" else PATHS[:-1]  # grpc_upstream only matters to gRPC clients
 
 
 def cores() -> int:
@@ -48,10 +55,12 @@ def start_pool(work: Path, n: int, logs: Path) -> tuple[list[Proc], dict[str, di
         r.wait_ready()
     urls: dict[str, dict[str, str]] = {"http": {"direct": replicas[0].http_address},
                                        "grpc": {"direct": replicas[0].grpc_address}}
-    for label, workers in (("geogate-1w", 1), ("geogate-Nw", cores())):
+    for label, workers, upstream in (("geogate-1w", 1, "grpc"), ("geogate-Nw", cores(), "grpc"),
+                                     ("geogate-Nw-h", cores(), "http")):
         region = RegionConfig("sweep", pools=[PoolConfig("p", [r.url(s) for r in replicas for s in ("http", "grpc")])])
         cfg = write_config(work / f"{label}-{n}.toml", [region], store_dir=str(work / "store"),
-                           sections={"gateway": {"access_log": False}, "health": {"interval_ms": 1000}})
+                           sections={"gateway": {"access_log": False, "grpc_upstream": upstream},
+                                     "health": {"interval_ms": 1000}})
         gw = GatewayProc(cfg, region, log_dir=logs, workers=workers, name=f"{label}-{n}")
         procs.append(gw)
         gw.wait_ready()
@@ -103,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
             for protocol in ("http", "grpc"):
                 for c in levels:
                     row = {"replicas": n, "protocol": protocol, "concurrency": c}
-                    for path in PATHS:
+                    for path in paths_of(protocol):
                         row[path] = perf_analyzer.run(urls[protocol][path], protocol=protocol, concurrency=c,
                                                       interval_ms=interval_ms)
-                    for path in ("geogate-1w", "geogate-Nw"):
+                    for path in GATEWAYS[:len(paths_of(protocol)) - 2]:
                         row[f"{path}/haproxy"] = ratio(row[path], row["haproxy"])
                         row[f"{path}/direct"] = ratio(row[path], row["direct"])
                     cells.append(row)
@@ -119,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"cores": cores(), "cells": cells}, indent=2))
     print(f"results: {out / 'results.json'}")
-    failed = [(c["replicas"], c["protocol"], c["concurrency"], p) for c in cells for p in ("geogate-1w", "geogate-Nw")
-              if "error" in c[p] and "error" not in c["direct"]]
+    failed = [(c["replicas"], c["protocol"], c["concurrency"], p) for c in cells for p in GATEWAYS
+              if p in c and "error" in c[p] and "error" not in c["direct"]]
     if failed:
         print(f"geogate failed where direct succeeded: {failed}", file=sys.stderr)
     return 1 if failed else 0
@@ -131,18 +140,21 @@ def report(cells: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"perf_analyzer sweep ({cores()} cores shared by everything): infer/s, p50/p99 ms")
-    for col in ("replicas", "proto", "c", *PATHS, "1w/haproxy", "Nw/haproxy", "Nw/direct"):
+    for col in ("replicas", "proto", "c", *PATHS, "1w/haproxy", "Nw/haproxy", "Nw-h/haproxy", "Nw/direct"):
         table.add_column(col, justify="right")
 
-    def cell(d: dict) -> str:
+    def cell(d: dict | None) -> str:
+        if d is None:
+            return "-"
         if "error" in d:
             return f"fails: {d['error'][:40]}"
         return f"{d['throughput']:.0f} ({d['p50_ms']:.2f}/{d['p99_ms']:.2f})"
 
     for c in cells:
-        table.add_row(str(c["replicas"]), c["protocol"], str(c["concurrency"]), *(cell(c[p]) for p in PATHS),
+        nwh = c.get("geogate-Nw-h/haproxy")
+        table.add_row(str(c["replicas"]), c["protocol"], str(c["concurrency"]), *(cell(c.get(p)) for p in PATHS),
                       f"{c['geogate-1w/haproxy']:.2f}x", f"{c['geogate-Nw/haproxy']:.2f}x",
-                      f"{c['geogate-Nw/direct']:.2f}x")
+                      f"{nwh:.2f}x" if nwh is not None else "-", f"{c['geogate-Nw/direct']:.2f}x")
     Console(width=200).print(table)
 
 
