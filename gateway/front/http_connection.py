@@ -102,10 +102,10 @@ class _Refused(Exception):
 class ClientConnection(asyncio.Protocol):
     HEAD, BODY, CLOSED, REFUSING, PASS = range(5)
 
-    __slots__ = ("_began", "_body", "_body_size", "_busy", "_continue", "_first", "_headers", "_inner", "_method",
-                 "_parser", "_paused_reading", "_pending", "_queue", "_raw", "_since", "_size", "_target", "_task",
-                 "_upgrade", "_url", "_write_paused", "conns", "door", "inner_factory", "limits", "peer", "state",
-                 "transport")
+    __slots__ = ("_began", "_body", "_body_size", "_busy", "_continue", "_first", "_half_closed", "_headers",
+                 "_inner", "_method", "_parser", "_paused_reading", "_pending", "_queue", "_raw", "_since", "_size",
+                 "_target", "_task", "_upgrade", "_url", "_write_paused", "conns", "door", "inner_factory", "limits",
+                 "peer", "state", "transport")
 
     def __init__(self, door: InferDoor | None, inner_factory: Callable[[], asyncio.Protocol], limits: GuardLimits,
                  conns: dict) -> None:
@@ -131,6 +131,7 @@ class ClientConnection(asyncio.Protocol):
         self._first = True
         self._task: asyncio.Task | None = None  # the request answered here (a reference keeps it alive)
         self._upgrade: ParsedRequest | None = None
+        self._half_closed = False  # the client shut down its side (eof) while requests were pending
         self._method = b""
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -170,7 +171,10 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self):
         if self._inner is not None and self.state == self.PASS:
             return self._inner.eof_received()
-        return None  # close the transport (a half-closed client gets no more answers)
+        if (self._busy or self._queue) and self.state != self.CLOSED:
+            self._half_closed = True  # the client sent all it will: answer what it asked, then close
+            return True
+        return None  # nothing left to answer: the transport closes
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -328,6 +332,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _next(self) -> None:
         if self._busy or self._write_paused or self.state == self.CLOSED:
+            return
+        if self._half_closed and not self._queue:
+            self.close()
             return
         if self._queue:
             req = self._queue.popleft()

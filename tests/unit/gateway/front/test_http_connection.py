@@ -333,3 +333,18 @@ async def test_answers_stay_in_order_on_a_real_aiohttp_server():
     finally:
         sweep.cancel()
         await runner.cleanup()
+
+
+async def test_a_half_closed_client_gets_its_answer_then_the_end():
+    """A client that shuts down its sending side right after its request (HTTP/1.0 tools,
+    `nc -N`) still reads the answer; then the connection closes."""
+    door = Door()
+    conn = make(door, asyncio.get_running_loop())
+    conn.data_received(request(body=b"1"))
+    await asyncio.sleep(0)
+    assert conn.eof_received() is True and not conn.transport.closed  # answering: keep the transport
+    door.answers[0].set_result((b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n", b"a"))
+    await asyncio.sleep(0)
+    assert conn.transport.written.endswith(b"a") and conn.transport.closed
+    idle = make(door, asyncio.get_running_loop())
+    assert not idle.eof_received()  # nothing pending: the transport closes itself
