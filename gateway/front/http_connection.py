@@ -408,10 +408,6 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    @property
-    def idle(self) -> bool:
-        return not self._busy and not self._queue and self.state == self.HEAD and not self._began
-
     def _pass_upgrade(self, rest: bytes) -> None:
         """Upgrade / CONNECT: what follows is not HTTP/1.1; aiohttp gets the head and the rest,
         and the connection from then on."""
