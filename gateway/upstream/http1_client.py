@@ -190,11 +190,20 @@ class _Conn(asyncio.Protocol):
         self._waiter = waiter
         self._head_only = head_only
         self._got_bytes = False
-        assert self.transport is not None
-        if isinstance(data, list):
-            self.transport.writelines(data)
-        else:
-            self.transport.write(data)
+        transport = self.transport
+        assert transport is not None
+        # The peer may have closed the connection with its connection_lost not yet delivered
+        # (uvloop then refuses the write with RuntimeError): a reset, which post() retries on a
+        # fresh connection when this one was reused and nothing was sent.
+        if transport.is_closing():
+            raise UpstreamReset("connection closed by the replica")
+        try:
+            if isinstance(data, list):
+                transport.writelines(data)
+            else:
+                transport.write(data)
+        except RuntimeError as exc:
+            raise UpstreamReset(f"connection closed by the replica: {exc}") from None
 
     def abort(self) -> None:
         self.keep_alive = False
@@ -260,7 +269,7 @@ class ConnectionPool:
         """(connection, reused?)."""
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and conn.keep_alive:
+            if not conn.closed and conn.keep_alive and not conn.transport.is_closing():
                 return conn, True
             self._open -= 1
             conn.abort()

@@ -61,6 +61,9 @@ HOME_TAIL_S = 2  # the last seconds of the main load must be served at home
 PROBES = 6
 READY_TIMEOUT_S = 60.0
 HOME_SHARE_MIN = 0.95  # at home, outside the faults: a CPU stall of the shared machine can fail a probe
+# ... and a quick run's window before the faults holds ~20 answers, where 2 such strays are 10%:
+# up to this many answers elsewhere pass whatever the share.
+HOME_STRAYS_ALLOWED = 2
 SECTIONS = {
     "health": {"interval_ms": 250, "timeout_ms": 500, "rise": 1, "fall": 2},
     # peers' gateways are probed with the [dns] check settings
@@ -357,10 +360,12 @@ class RegionOutage(Scenario):
     @staticmethod
     def _served_home(name: str, trace: list, start_s: float, end_s: float) -> Check:
         served = regions(between(trace, start_s, end_s))
-        home = served.get(HOME, 0) / max(1, sum(served.values()))
-        return Check(name, home >= HOME_SHARE_MIN,
+        total = sum(served.values())
+        home = served.get(HOME, 0) / max(1, total)
+        strays = total - served.get(HOME, 0)
+        return Check(name, served.get(HOME, 0) > 0 and (home >= HOME_SHARE_MIN or strays <= HOME_STRAYS_ALLOWED),
                      f"answers sent in [{start_s:.1f}, {end_s:.1f}) s by region: {served or 'none'} "
-                     f"({home:.1%} at home, need >= {HOME_SHARE_MIN:.0%})")
+                     f"({home:.1%} at home, need >= {HOME_SHARE_MIN:.0%} or at most {HOME_STRAYS_ALLOWED} elsewhere)")
 
     @staticmethod
     def _served_only(name: str, trace: list, start_s: float, end_s: float, allowed: set[str]) -> Check:

@@ -156,3 +156,46 @@ async def test_bytes_after_the_answer_make_the_connection_unusable():
             assert_whole(pool)
         finally:
             await pool.close()
+
+
+async def test_a_connection_closed_before_its_loss_is_delivered_is_retried_on_a_fresh_one():
+    """The peer (a replica, or a peer region's gateway) went away: its idle connection's
+    transport is closed but connection_lost has not run yet. Taking it from the pool, or writing
+    on it (uvloop: RuntimeError "the handler is closed"), must not fail the request: it is a
+    reset of a reused connection, retried on a new one."""
+    async with Script([OK, OK, OK]) as srv:
+        pool = ConnectionPool(srv.address, max_connections=2)
+        try:
+            assert (await pool.post("/a", b"", {}, 5.0)).body == b"ok"
+            (idle,) = pool._idle
+            real = idle.transport
+
+            class Closing:  # closed under the pool's feet, loss not yet delivered
+                def is_closing(self) -> bool:
+                    return True
+
+                def abort(self) -> None:
+                    real.abort()
+
+            idle.transport = Closing()
+            assert (await pool.post("/a", b"", {}, 5.0)).body == b"ok"  # skipped at acquire
+            (idle,) = pool._idle
+            real = idle.transport
+
+            class RefusesWrites:  # looks open, but uvloop refuses the write
+                def is_closing(self) -> bool:
+                    return False
+
+                def write(self, data) -> None:
+                    raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; "
+                                       "the handler is closed")
+
+                def abort(self) -> None:
+                    real.abort()
+
+            idle.transport = RefusesWrites()
+            assert (await pool.post("/a", b"", {}, 5.0)).body == b"ok"  # reset, retried fresh
+            assert srv.connections == 3
+            assert_whole(pool)
+        finally:
+            await pool.close()
