@@ -630,6 +630,9 @@ class _FakeTransport:
         self.written = b""
         self.closed = False
 
+    def is_closing(self):
+        return self.closed
+
     def write(self, data):
         self.written += data
 
@@ -678,9 +681,6 @@ class _Clock:
 
 class _ConnTransport(_FakeTransport):
     eof = False
-
-    def is_closing(self):
-        return self.closed
 
     def can_write_eof(self):
         return True
