@@ -169,10 +169,11 @@ class GatewaySection:
     max_body_bytes: int = _v(_positive, default=64 * 1024 * 1024)
     max_concurrent_requests: int = _v(_positive, default=4096)
     upstream_connections_per_replica: int = _v(_positive, default=64)
-    # Where gRPC ModelInfer calls go first when a pool lists replicas of both protocols: "grpc"
-    # (the request's bytes passed through) or "http" (translated to KServe binary HTTP: grpcio's
-    # client costs more per call than translating; README "Speed").
-    grpc_upstream: str = _v(_one_of("grpc", "http"), default="grpc")
+    # Where gRPC ModelInfer calls go first when a pool lists replicas of both protocols: "http"
+    # (translated to KServe binary HTTP: grpcio's client costs the gateway, and the geogate
+    # replica's gRPC listener costs the replica, more per call than translating; README "Speed")
+    # or "grpc" (the request's bytes passed through).
+    grpc_upstream: str = _v(_one_of("grpc", "http"), default="http")
     discovery_interval_ms: int = _v(_positive, default=5000)
     drain_timeout_ms: int = _v(_non_negative, default=15000)
     metrics: str = ""  # HOST:PORT for a separate /metrics listener; empty: only on admin

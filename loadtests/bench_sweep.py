@@ -6,10 +6,11 @@ For each pool size (1 and 4 geogate replicas of the tiny demo model; quick: 1) a
 - direct:      the first replica;
 - haproxy:     Debian's HAProxy over the pool (HTTP mode for HTTP; `proto h2` on bind and
                servers for gRPC), nbthread = cores, round-robin;
-- geogate-1w:  a gateway with one worker over the pool;
+- geogate-1w:  a gateway with one worker over the pool (default settings: gRPC calls are
+               translated for the replicas' HTTP listeners, ``[gateway] grpc_upstream = "http"``);
 - geogate-Nw:  a gateway with --workers = cores;
-- geogate-Nw-h (gRPC only): the same with ``[gateway] grpc_upstream = "http"`` (gRPC calls
-               translated for the replicas' HTTP listeners instead of grpcio's client).
+- geogate-Nw-g (gRPC only): the same with ``grpc_upstream = "grpc"`` (gRPC calls' bytes passed
+               through grpcio's client to the replicas' gRPC listeners).
 Per cell: throughput, p50, p99, and whether perf_analyzer stopped (refusals or errors: it stops
 at the first failed request, so "errors" means the cell has no figures); ratios geogate/HAProxy
 and geogate/direct. Checks: zero failed cells on geogate wherever direct succeeds. Everything
@@ -30,8 +31,8 @@ from loadtests import perf_analyzer
 from loadtests.haproxy import HaproxyProc, require_haproxy
 from loadtests.procs import GatewayProc, PoolConfig, Proc, RegionConfig, ReplicaProc, write_config
 
-PATHS = ("direct", "haproxy", "geogate-1w", "geogate-Nw", "geogate-Nw-h")
-GATEWAYS = ("geogate-1w", "geogate-Nw", "geogate-Nw-h")
+PATHS = ("direct", "haproxy", "geogate-1w", "geogate-Nw", "geogate-Nw-g")
+GATEWAYS = ("geogate-1w", "geogate-Nw", "geogate-Nw-g")
 
 
 def paths_of(protocol: str) -> tuple[str, ...]:
@@ -55,8 +56,8 @@ def start_pool(work: Path, n: int, logs: Path) -> tuple[list[Proc], dict[str, di
         r.wait_ready()
     urls: dict[str, dict[str, str]] = {"http": {"direct": replicas[0].http_address},
                                        "grpc": {"direct": replicas[0].grpc_address}}
-    for label, workers, upstream in (("geogate-1w", 1, "grpc"), ("geogate-Nw", cores(), "grpc"),
-                                     ("geogate-Nw-h", cores(), "http")):
+    for label, workers, upstream in (("geogate-1w", 1, "http"), ("geogate-Nw", cores(), "http"),
+                                     ("geogate-Nw-g", cores(), "grpc")):
         region = RegionConfig("sweep", pools=[PoolConfig("p", [r.url(s) for r in replicas for s in ("http", "grpc")])])
         cfg = write_config(work / f"{label}-{n}.toml", [region], store_dir=str(work / "store"),
                            sections={"gateway": {"access_log": False, "grpc_upstream": upstream},
@@ -140,7 +141,7 @@ def report(cells: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"perf_analyzer sweep ({cores()} cores shared by everything): infer/s, p50/p99 ms")
-    for col in ("replicas", "proto", "c", *PATHS, "1w/haproxy", "Nw/haproxy", "Nw-h/haproxy", "Nw/direct"):
+    for col in ("replicas", "proto", "c", *PATHS, "1w/haproxy", "Nw/haproxy", "Nw-g/haproxy", "Nw/direct"):
         table.add_column(col, justify="right")
 
     def cell(d: dict | None) -> str:
@@ -151,10 +152,10 @@ def report(cells: list[dict]) -> None:
         return f"{d['throughput']:.0f} ({d['p50_ms']:.2f}/{d['p99_ms']:.2f})"
 
     for c in cells:
-        nwh = c.get("geogate-Nw-h/haproxy")
+        nwg = c.get("geogate-Nw-g/haproxy")
         table.add_row(str(c["replicas"]), c["protocol"], str(c["concurrency"]), *(cell(c.get(p)) for p in PATHS),
                       f"{c['geogate-1w/haproxy']:.2f}x", f"{c['geogate-Nw/haproxy']:.2f}x",
-                      f"{nwh:.2f}x" if nwh is not None else "-", f"{c['geogate-Nw/direct']:.2f}x")
+                      f"{nwg:.2f}x" if nwg is not None else "-", f"{c['geogate-Nw/direct']:.2f}x")
     Console(width=200).print(table)
 
 

@@ -5,8 +5,8 @@ gRPC, perf_analyzer at concurrency 4 (issue goal: >= 0.8x direct on both).
 
 One Triton (python backend, the tiny demo model) and one geogate gateway whose pool lists the
 Triton's HTTP and gRPC listeners. gRPC is measured twice: with ``[gateway] grpc_upstream =
-"grpc"`` (the default: the request's bytes go to the Triton's gRPC listener) and ``"http"``
-(translated to KServe binary HTTP for its HTTP listener), each by its own gateway. Paths are
+"http"`` (the default: translated to KServe binary HTTP for its HTTP listener) and ``"grpc"``
+(the request's bytes go to the Triton's gRPC listener), each by its own gateway. Paths are
 alternated within each round so that a shared machine's drifts hit them alike; the gateway
 process's CPU per request is read from /proc.
 """

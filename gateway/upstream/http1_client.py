@@ -265,14 +265,21 @@ class ConnectionPool:
                                        ) from None
         return conn
 
-    async def _acquire(self, connect_timeout_s: float) -> tuple[_Conn, bool]:
-        """(connection, reused?)."""
+    def _take_idle(self) -> _Conn | None:
+        """An idle connection still fit to carry a request (the unfit ones are dropped), or None."""
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and conn.keep_alive and not conn.transport.is_closing():
-                return conn, True
+                return conn
             self._open -= 1
             conn.abort()
+        return None
+
+    async def _acquire(self, connect_timeout_s: float) -> tuple[_Conn, bool]:
+        """(connection, reused?)."""
+        conn = self._take_idle()
+        if conn is not None:
+            return conn, True
         if self._open >= self.max_connections:
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
@@ -367,7 +374,10 @@ class ConnectionPool:
         head_only = method == b"HEAD"
         deadline = loop.time() + timeout_s
         for _try in range(2):
-            conn, reused = await self._acquire_until(deadline)
+            # An idle connection is taken without a coroutine (the usual case under load).
+            conn, reused = self._take_idle(), True
+            if conn is None:
+                conn, reused = await self._acquire_until(deadline)
             try:
                 waiter = loop.create_future()
                 timer = _arm_timer(loop, deadline, waiter)

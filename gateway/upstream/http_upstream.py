@@ -103,10 +103,6 @@ class HttpUpstream:
         self.pool = ConnectionPool(address, max_connections=connections, connect_timeout_s=CONNECT_TIMEOUT_S,
                                    ssl_context=self.tls.ssl_context if self.tls is not None else None)
 
-    async def _post(self, path: str, body: bytes, headers: dict[str, str], timeout_s: float):
-        resp = await self.pool.post(path, body, headers, timeout_s)
-        return resp.status, resp.headers, resp.body
-
     async def infer_http(self, call: InferCall, timeout_s: float, extra_headers: dict[str, str]) -> Reply:
         headers = extra_headers
         if call.header_len is not None:
@@ -116,12 +112,12 @@ class HttpUpstream:
         if call.accept_encoding:
             headers["Accept-Encoding"] = call.accept_encoding
         try:
-            status, rh, data = await self._post(infer_path(call.model, call.version), call.body,
-                                                headers, timeout_s)
+            resp = await self.pool.post(infer_path(call.model, call.version), call.body, headers, timeout_s)
         except (ConnectionError, TimeoutError, OSError) as exc:
             return _failure(exc, self.address, timeout_s)
         except UnicodeEncodeError as exc:
             return _unsendable(exc)
+        status, rh, data = resp.status, resp.headers, resp.body
         outcome = classify_http_status(status)
         hl = rh.get(HEADER_LENGTH_LC)
         if outcome is Outcome.SUCCESS:
@@ -151,13 +147,14 @@ class HttpUpstream:
         headers = extra_headers
         headers[HEADER_LENGTH] = hl
         try:
-            status, rh, data = await self._post(infer_path(model, version or None), body, headers, timeout_s)
+            resp = await self.pool.post(infer_path(model, version or None), body, headers, timeout_s)
         except (ConnectionError, TimeoutError, OSError) as exc:
             r = _failure(exc, self.address, timeout_s)
             r.grpc_code = http_to_grpc(r.http_status)
             return r
         except UnicodeEncodeError as exc:
             return _unsendable(exc)
+        status, rh, data = resp.status, resp.headers, resp.body
         outcome = classify_http_status(status)
         if outcome is not Outcome.SUCCESS:
             return Reply(outcome, status, http_to_grpc(status), message=error_text(data, status))

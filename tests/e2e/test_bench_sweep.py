@@ -18,7 +18,7 @@ def test_sweep_smoke(tmp_path):
     cells = doc["cells"]
     assert {(c["protocol"], c["concurrency"]) for c in cells} == {("http", 1), ("http", 8), ("grpc", 1), ("grpc", 8)}
     for c in cells:
-        grpc_only = ("geogate-Nw-h",) if c["protocol"] == "grpc" else ()
+        grpc_only = ("geogate-Nw-g",) if c["protocol"] == "grpc" else ()
         paths = ("direct", "haproxy", "geogate-1w", "geogate-Nw", *grpc_only)
         for path in paths:
             assert "error" not in c[path] and c[path]["throughput"] > 0, (c["protocol"], c["concurrency"], path,

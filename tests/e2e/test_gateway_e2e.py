@@ -111,7 +111,7 @@ def test_grpc_same_answers_and_metadata(world):
     md = dict(call.initial_metadata())
     for name in GEOGATE_HEADERS:
         assert name in md, (name, md)
-    assert md["geogate-replica"].startswith("grpc://")
+    assert md["geogate-replica"].startswith("http://")  # default grpc_upstream: translated to HTTP
     assert md["geogate-model-version"] == "1" == resp.model_version
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("demo") and client.is_model_ready("demo", "2")
@@ -121,12 +121,15 @@ def test_grpc_same_answers_and_metadata(world):
     assert client.get_inference_statistics("demo").model_stats
 
 
-def test_grpc_clients_over_http_replicas_when_configured(world, tmp_path):
-    """[gateway] grpc_upstream = "http": a gRPC ModelInfer goes to the replicas' HTTP listeners,
-    translated (typed contents, raw contents, parameters; Triton's gRPC control parameters such
-    as perf_analyzer's left out), with the same answers as direct and the same metadata."""
+@pytest.mark.parametrize("upstream", ["http", "grpc"])
+def test_grpc_clients_over_either_replica_listener(world, tmp_path, upstream):
+    """[gateway] grpc_upstream = "http" (the default): a gRPC ModelInfer goes to the replicas'
+    HTTP listeners, translated (typed contents, raw contents, parameters; Triton's gRPC control
+    parameters such as perf_analyzer's left out); "grpc": its bytes go to their gRPC listeners.
+    Either way the same answers as direct, the same metadata and the replica's own refusals."""
     _gw, reps = world
-    gw = GatewayProc(tmp_path, replicas=replica_urls(reps), gateway_extra='grpc_upstream = "http"', name="gw-h")
+    gw = GatewayProc(tmp_path, replicas=replica_urls(reps), gateway_extra=f'grpc_upstream = "{upstream}"',
+                     name=f"gw-{upstream}")
     try:
         gw.wait_ready()
         direct = tgrpc.InferenceServerClient(reps[0].grpc_url)
@@ -146,7 +149,7 @@ def test_grpc_clients_over_http_replicas_when_configured(world, tmp_path):
             _x(1).ravel().tolist())
         resp, call = stub.ModelInfer.with_call(req, timeout=10)
         md = dict(call.initial_metadata())
-        assert md["geogate-replica"].startswith("http://") and md["geogate-model-version"] == "1"
+        assert md["geogate-replica"].startswith(f"{upstream}://") and md["geogate-model-version"] == "1"
         np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(1, 8),
                                    reference_outputs("tiny", 1, _x(1)), atol=1e-4)
         with pytest.raises(grpc.RpcError) as err:  # the replica's own refusal, as a gRPC status
