@@ -16,14 +16,7 @@ import tempfile
 from pathlib import Path
 
 from loadtests import perf_analyzer
-from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, ReplicaProc, get_json, write_config
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, ReplicaProc, cpu_s, get_json, write_config
 
 
 def served(replica: ReplicaProc, model: str = "demo") -> int:

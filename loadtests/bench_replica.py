@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.bench_replica_clients import CLIENTS, RPC_TIMEOUT_S, Window, make_input
+from loadtests.procs import cpu_s
 
 CONCURRENCIES = (1, 16, 64)
 GOAL_CONCURRENCY = 64
@@ -160,15 +161,6 @@ def _batch_totals(metrics_url: str, model: str) -> tuple[float, float]:
         m = re.search(pattern, text)
         return float(m.group(1)) if m else 0.0
     return grab("sum"), grab("count")
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class InProcessLimit:
@@ -327,9 +319,9 @@ def _measure_point(pid: int, metrics_url: str, limit: InProcessLimit, limits_cpu
         client.window(0.0, warmup_s)
         for _ in range(windows):
             s0, n0 = _batch_totals(metrics_url, model)
-            cpu0 = _cpu_s(pid)
+            cpu0 = cpu_s(pid)
             lats, errors, ccpu, seconds = client.window(WINDOW_RAMP_S, window_s)
-            cpu1 = _cpu_s(pid)
+            cpu1 = cpu_s(pid)
             s1, n1 = _batch_totals(metrics_url, model)
             batch = (s1 - s0) / (n1 - n0) if n1 > n0 else 1.0
             limit_rps, limit_cpu = limit.measure(max(1, round(batch)), limit_s)

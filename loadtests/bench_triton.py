@@ -1,7 +1,7 @@
 """A real Triton behind geogate: throughput through the gateway over throughput direct, HTTP and
 gRPC, perf_analyzer at concurrency 4 (issue goal: >= 0.8x direct on both).
 
-`python -m loadtests.bench_triton [--concurrency 4] [--rounds 2]`
+`python -m loadtests.bench_triton [--concurrency 4] [--rounds 2] [--workers N]`
 
 One Triton (python backend, the tiny demo model) and one geogate gateway whose pool lists the
 Triton's HTTP and gRPC listeners. gRPC is measured twice: with ``[gateway] grpc_upstream =
@@ -21,15 +21,8 @@ import tempfile
 from pathlib import Path
 
 from loadtests import perf_analyzer
-from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, get_json, write_config
+from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, cpu_s, get_json, write_config
 from loadtests.triton import TritonProc, triton_available
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def served(triton: TritonProc) -> int:
@@ -42,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench_triton", description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     args = parser.parse_args(argv)
     if not triton_available() or not perf_analyzer.available():
         print("tritonserver / perf_analyzer missing: run `make triton-env` first", file=sys.stderr)
@@ -55,18 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     triton = TritonProc(work / "repo", load=("demo",), log_dir=logs).wait_ready()
     gateways: dict[str, GatewayProc] = {}
     try:
-        for upstream in ("grpc", "http"):
+        for upstream in ("http", "grpc"):
             region = RegionConfig("t", pools=[PoolConfig("p", [f"http://{triton.http}", f"grpc://{triton.grpc}"])])
             cfg = write_config(work / f"{upstream}.toml", [region], store_dir=str(work / "store"),
                                sections={"gateway": {"access_log": False, "grpc_upstream": upstream}})
-            gw = gateways[upstream] = GatewayProc(cfg, region, log_dir=logs, name=f"gateway-{upstream}")
+            gw = gateways[upstream] = GatewayProc(cfg, region, log_dir=logs, name=f"gateway-{upstream}",
+                                                    workers=args.workers)
             gw.wait_ready()
             gw.wait_all_healthy()
-        paths = [("http", "direct", triton.http, None), ("http", "geogate", gateways["grpc"].http_address,
-                                                           gateways["grpc"]),
+        paths = [("http", "direct", triton.http, None), ("http", "geogate", gateways["http"].http_address,
+                                                           gateways["http"]),
                  ("grpc", "direct", triton.grpc, None),
-                 ("grpc", "geogate (grpc_upstream=grpc)", gateways["grpc"].grpc_address, gateways["grpc"]),
-                 ("grpc", "geogate (grpc_upstream=http)", gateways["http"].grpc_address, gateways["http"])]
+                 ("grpc", "geogate (grpc_upstream=http)", gateways["http"].grpc_address, gateways["http"]),
+                 ("grpc", "geogate (grpc_upstream=grpc)", gateways["grpc"].grpc_address, gateways["grpc"])]
         got: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for rnd in range(args.rounds):
             for proto, name, address, gw in paths:

@@ -135,6 +135,20 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds so far of `pid` and its descendants (a gateway's workers);
+    NaN when the process is gone."""
+    total = 0.0
+    try:
+        for p in proc_tree(pid):
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def pid_running(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie holds no memory, fds or ports)."""
     try:
