@@ -246,13 +246,17 @@ class ConnectionPool:
 
     async def _connect(self, timeout_s: float) -> _Conn:
         loop = asyncio.get_running_loop()
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the connection when a
+        # cancellation (a hedge that lost) lands just as the connection completes, and the
+        # cancelled attempt would then send its request and wait for an answer nobody reads.
         try:
-            if self.ssl_context is None:
-                _, conn = await asyncio.wait_for(loop.create_connection(_Conn, self.host, self.port), timeout_s)
-            else:
-                _, conn = await asyncio.wait_for(loop.create_connection(
-                    _Conn, self.host, self.port, ssl=self.ssl_context, server_hostname=self.host,
-                    ssl_handshake_timeout=timeout_s), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                if self.ssl_context is None:
+                    _, conn = await loop.create_connection(_Conn, self.host, self.port)
+                else:
+                    _, conn = await loop.create_connection(
+                        _Conn, self.host, self.port, ssl=self.ssl_context, server_hostname=self.host,
+                        ssl_handshake_timeout=timeout_s)
         except TimeoutError:
             if timeout_s < self.connect_timeout_s:  # the request's own time ran out, not the replica's chance
                 raise UpstreamTimeout(f"no connection to {self.host}:{self.port} within the {timeout_s * 1000:.2g} ms "
@@ -409,7 +413,8 @@ class ConnectionPool:
         if self._idle or self._open < self.max_connections:
             return await self._acquire(min(left, self.connect_timeout_s))
         try:
-            return await asyncio.wait_for(self._acquire(min(left, self.connect_timeout_s)), left)
+            async with asyncio.timeout(left):  # not wait_for: see _connect
+                return await self._acquire(min(left, self.connect_timeout_s))
         except TimeoutError:
             raise UpstreamTimeout(f"all {self.max_connections} connections to {self.host}:{self.port} "
                                   "stayed busy") from None

@@ -199,3 +199,43 @@ async def test_a_connection_closed_before_its_loss_is_delivered_is_retried_on_a_
             assert_whole(pool)
         finally:
             await pool.close()
+
+
+async def test_a_cancelled_attempt_sends_nothing_even_when_its_connection_just_completed(monkeypatch):
+    """A hedge that lost is cancelled; when the cancellation lands just as its new connection
+    completes, it must still end there (Python 3.11's wait_for returned the connection instead,
+    and the cancelled attempt sent its request and waited for the answer until its deadline,
+    holding up the hedged request's cleanup: seen in CI as a 10 s answer)."""
+    async with Script([OK, OK]) as srv:
+        pool = ConnectionPool(srv.address, max_connections=2)
+        loop = asyncio.get_running_loop()
+        real = loop.create_connection
+        gate = loop.create_future()
+
+        async def connected_then_gated(*args, **kwargs):
+            transport, protocol = await real(*args, **kwargs)
+            try:
+                await gate
+            except asyncio.CancelledError:
+                transport.close()
+                raise
+            return transport, protocol
+
+        monkeypatch.setattr(loop, "create_connection", connected_then_gated)
+        try:
+            task = asyncio.ensure_future(pool.post("/a", b"", {}, 2.0))
+            while not srv.connections:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.01)  # the attempt now waits at the gate, connected
+            gate.set_result(None)
+            task.cancel()  # in the same step: the connection is complete when the cancel lands
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.05)
+            assert srv.requests == []
+            assert_whole(pool)
+            assert pool.stats()["open"] == 0
+            monkeypatch.undo()
+            assert (await pool.post("/a", b"", {}, 2.0)).body == b"ok"  # the pool still serves
+        finally:
+            await pool.close()
