@@ -211,9 +211,11 @@ async def test_a_cancelled_attempt_sends_nothing_even_when_its_connection_just_c
         loop = asyncio.get_running_loop()
         real = loop.create_connection
         gate = loop.create_future()
+        at_gate = asyncio.Event()
 
         async def connected_then_gated(*args, **kwargs):
             transport, protocol = await real(*args, **kwargs)
+            at_gate.set()
             try:
                 await gate
             except asyncio.CancelledError:
@@ -224,9 +226,7 @@ async def test_a_cancelled_attempt_sends_nothing_even_when_its_connection_just_c
         monkeypatch.setattr(loop, "create_connection", connected_then_gated)
         try:
             task = asyncio.ensure_future(pool.post("/a", b"", {}, 2.0))
-            while not srv.connections:
-                await asyncio.sleep(0.001)
-            await asyncio.sleep(0.01)  # the attempt now waits at the gate, connected
+            await at_gate.wait()  # connected; the attempt waits at the gate
             gate.set_result(None)
             task.cancel()  # in the same step: the connection is complete when the cancel lands
             with pytest.raises(asyncio.CancelledError):
