@@ -18,13 +18,13 @@ import uvloop
 HEADER_LENGTH = b"inference-header-content-length"
 
 
-class _Upstream(asyncio.Protocol):
-    """One keep-alive connection to the replica; one request at a time."""
+class _Messages(asyncio.Protocol):
+    """A connection read by llhttp: each message's headers and body, collected."""
 
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+    def __init__(self, parser_class: type) -> None:
+        self.parser = parser_class(self)
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future | None = None
+        self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
 
@@ -35,13 +35,21 @@ class _Upstream(asyncio.Protocol):
         self.parser.feed_data(data)
 
     def on_message_begin(self) -> None:
-        self.headers, self.body = [], []
+        self.url, self.headers, self.body = b"", [], []
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
+
+
+class _Upstream(_Messages):
+    """One keep-alive connection to the replica; one request at a time."""
+
+    def __init__(self) -> None:
+        super().__init__(httptools.HttpResponseParser)
+        self.waiter: asyncio.Future | None = None
 
     def on_message_complete(self) -> None:
         waiter, self.waiter = self.waiter, None
@@ -71,32 +79,13 @@ class _Pool:
         return answer
 
 
-class _Client(asyncio.Protocol):
+class _Client(_Messages):
     def __init__(self, pool: _Pool) -> None:
+        super().__init__(httptools.HttpRequestParser)
         self.pool = pool
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_message_begin(self) -> None:
-        self.url, self.headers, self.body = b"", [], []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
 
     def on_message_complete(self) -> None:
         asyncio.get_running_loop().create_task(self._answer(self.parser.get_method(), self.url, self.headers,
