@@ -16,14 +16,7 @@ import tempfile
 from pathlib import Path
 
 from loadtests import perf_analyzer
-from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, ReplicaProc, cpu_s, get_json, write_config
-
-
-def served(replica: ReplicaProc, model: str = "demo") -> int:
-    """Inferences the replica has answered (its statistics): requests of a whole perf_analyzer
-    run, its trials and warm-up included (its own count covers only the last window)."""
-    stats = get_json(f"http://{replica.http_address}/v2/models/{model}/stats")
-    return sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
+from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, ReplicaProc, cpu_s, inferences_served, write_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                     gw.wait_ready()
                     gw.wait_all_healthy()
                     for proto, url in (("http", gw.http_address), ("grpc", gw.grpc_address)):
-                        c0, n0 = cpu_s(gw.pid), served(replica)
+                        c0, n0 = cpu_s(gw.pid), inferences_served(replica.http_address)
                         r = perf_analyzer.run(url, protocol=proto, concurrency=args.concurrency, interval_ms=1500)
-                        n = served(replica) - n0
+                        n = inferences_served(replica.http_address) - n0
                         cpu_us = 1e6 * (cpu_s(gw.pid) - c0) / n if n > 0 else float("nan")
                         rows.setdefault((tree, proto), []).append((r.get("throughput", float("nan")), cpu_us))
                         print(f"round {rnd} {tree} {proto}: {r.get('throughput')} infer/s, {cpu_us:.0f} µs gateway "

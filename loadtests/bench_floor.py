@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 from loadtests import perf_analyzer
-from loadtests.bench_ab import served
 from loadtests.bench_sweep import cores
 from loadtests.haproxy import HaproxyProc, require_haproxy
 from loadtests.procs import (
@@ -33,6 +32,7 @@ from loadtests.procs import (
     ReplicaProc,
     cpu_s,
     free_port,
+    inferences_served,
     port_open,
     write_config,
 )
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.concurrency:
             for rnd in range(args.rounds):
                 for name, (owners, address) in paths.items():
-                    c0, n0 = sum(cpu_s(p.pid) for p in owners), served(replica)
+                    c0, n0 = sum(cpu_s(p.pid) for p in owners), inferences_served(replica.http_address)
                     r = perf_analyzer.run(address, protocol="http", concurrency=c, interval_ms=1500)
-                    answered = served(replica) - n0
+                    answered = inferences_served(replica.http_address) - n0
                     cpu_us = 1e6 * (sum(cpu_s(p.pid) for p in owners) - c0) / answered if answered else float("nan")
                     tput = r.get("throughput", float("nan"))
                     got.setdefault((c, name), []).append((tput, r.get("p50_ms", float("nan")), cpu_us))

@@ -21,14 +21,8 @@ import tempfile
 from pathlib import Path
 
 from loadtests import perf_analyzer
-from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, cpu_s, get_json, write_config
+from loadtests.procs import GatewayProc, PoolConfig, RegionConfig, cpu_s, inferences_served, write_config
 from loadtests.triton import TritonProc, triton_available
-
-
-def served(triton: TritonProc) -> int:
-    """Inferences the Triton has answered (its statistics: whole perf_analyzer runs, warm-up included)."""
-    stats = get_json(f"http://{triton.http}/v2/models/demo/stats")
-    return sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         got: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for rnd in range(args.rounds):
             for proto, name, address, gw in paths:
-                c0, n0 = (cpu_s(gw.pid) if gw else 0.0), served(triton)
+                c0, n0 = (cpu_s(gw.pid) if gw else 0.0), inferences_served(triton.http)
                 r = perf_analyzer.run(address, protocol=proto, concurrency=args.concurrency, interval_ms=2000)
                 tput = r.get("throughput", float("nan"))
-                n = served(triton) - n0
+                n = inferences_served(triton.http) - n0
                 cpu = f", gateway CPU {1e6 * (cpu_s(gw.pid) - c0) / n:.0f} µs/request" if gw and n > 0 else ""
                 got.setdefault((proto, name), []).append((tput, r.get("p50_ms", float("nan"))))
                 print(f"round {rnd} {proto} {name}: {tput:.0f} infer/s, p50 {r.get('p50_ms')} ms{cpu}"

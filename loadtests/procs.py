@@ -149,6 +149,14 @@ def cpu_s(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def inferences_served(http_address: str, model: str = "demo") -> int:
+    """Inferences a KServe v2 server (geogate replica or Triton) has answered for `model`, from
+    its statistics: whole load-generator runs, warm-up included (perf_analyzer's own count
+    covers only its last window)."""
+    stats = get_json(f"http://{http_address}/v2/models/{model}/stats")
+    return sum(int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"])
+
+
 def pid_running(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie holds no memory, fds or ports)."""
     try:
